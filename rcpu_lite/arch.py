@@ -1,0 +1,159 @@
+"""Everything rcpu-lite knows about model architectures lives here.
+
+Supported: decoder layers of the form RMSNorm -> attention (q, k, v, o) -> RMSNorm -> gated MLP
+(gate, up, down), as in transformers' Llama, Mistral and Qwen2 classes. One decoder layer is
+built at a time from its tensors with transformers' own layer class; the rotary tables and the
+attention masks are computed once and passed to it explicitly.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+# model_type -> the class-name prefix used in transformers.models.<model_type>.modeling_<model_type>
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+
+EMBED = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+def check_supported(config: PretrainedConfig) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UnsupportedModel(
+            f"model_type {model_type!r} is not supported; rcpu-lite prunes {', '.join(sorted(FAMILIES))} models"
+        )
+
+
+def layer_prefix(index: int) -> str:
+    return f"model.layers.{index}."
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+
+
+def layer_shape(config: PretrainedConfig) -> LayerShape:
+    heads = config.num_attention_heads
+    return LayerShape(
+        hidden_size=config.hidden_size,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        intermediate_size=config.intermediate_size,
+    )
+
+
+def layer_tensor_names(config: PretrainedConfig) -> list[str]:
+    """Names, relative to the layer prefix, of every tensor one decoder layer owns."""
+    names = [f"self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    names += [f"mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
+    names += ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    if has_qkv_bias(config):
+        names += [f"self_attn.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")]
+    if getattr(config, "attention_bias", False):
+        names.append("self_attn.o_proj.bias")
+    if getattr(config, "mlp_bias", False):
+        names += [f"mlp.{p}.bias" for p in ("gate_proj", "up_proj", "down_proj")]
+    return names
+
+
+def has_qkv_bias(config: PretrainedConfig) -> bool:
+    # Qwen2 always has q/k/v biases; Llama and Mistral only with attention_bias.
+    return config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+
+
+def _modeling(config: PretrainedConfig, name: str):
+    module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    return getattr(module, FAMILIES[config.model_type] + name)
+
+
+def compute_config(config: PretrainedConfig) -> PretrainedConfig:
+    """A copy of the config set up for layer-by-layer calibration: sdpa attention, no KV cache."""
+    config = copy.deepcopy(config)
+    config._attn_implementation = "sdpa"
+    config.use_cache = False
+    return config
+
+
+def pruned_config(config: PretrainedConfig, heads: int, kv_heads: int, intermediate: int) -> PretrainedConfig:
+    """The config of a layer with the given widths (head_dim stays explicit)."""
+    shape = layer_shape(config)
+    config = copy.deepcopy(config)
+    config.head_dim = shape.head_dim
+    config.num_attention_heads = heads
+    config.num_key_value_heads = kv_heads
+    config.intermediate_size = intermediate
+    return config
+
+
+def build_layer(config: PretrainedConfig, index: int, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """transformers' own decoder layer for `config`, holding exactly `tensors` (no copies)."""
+    with torch.device("meta"):
+        layer = _modeling(config, "DecoderLayer")(config, index)
+    layer.load_state_dict(tensors, strict=True, assign=True)
+    return layer.eval().requires_grad_(False)
+
+
+@dataclass
+class LayerInputs:
+    """What every decoder layer needs besides the hidden states, computed once per batch size."""
+
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    masks: dict[str, torch.Tensor | None]
+
+    def kwargs(self, config: PretrainedConfig, index: int, batch: int) -> dict:
+        cos, sin = self.position_embeddings
+        return {
+            "position_embeddings": (cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)),
+            "attention_mask": self.masks[attention_type(config, index)],
+        }
+
+
+def attention_type(config: PretrainedConfig, index: int) -> str:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return layer_types[index]
+    return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+
+
+def layer_inputs(config: PretrainedConfig, seqlen: int, device: torch.device, dtype: torch.dtype) -> LayerInputs:
+    """Rotary tables and causal masks for windows of `seqlen` tokens starting at position 0."""
+    rotary = _modeling(config, "RotaryEmbedding")(config).to(device)
+    dummy = torch.zeros(1, seqlen, config.hidden_size, device=device, dtype=dtype)
+    positions = torch.arange(seqlen, device=device).unsqueeze(0)
+    cos, sin = rotary(dummy, positions)
+    args = dict(config=config, inputs_embeds=dummy, attention_mask=None, past_key_values=None, position_ids=positions)
+    masks = {"full_attention": create_causal_mask(**args)}
+    if getattr(config, "sliding_window", None):
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**args)
+    return LayerInputs((cos, sin), masks)
+
+
+def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, inputs: LayerInputs, config, index: int) -> torch.Tensor:
+    out = layer(hidden, **inputs.kwargs(config, index, hidden.shape[0]))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def final_logits(config: PretrainedConfig, hidden: torch.Tensor, norm_weight: torch.Tensor,
+                 head_weight: torch.Tensor) -> torch.Tensor:
+    """The model's final RMSNorm followed by the LM head."""
+    with torch.device("meta"):
+        norm = _modeling(config, "RMSNorm")(config.hidden_size, eps=config.rms_norm_eps)
+    norm.load_state_dict({"weight": norm_weight}, assign=True)
+    return norm(hidden) @ head_weight.T

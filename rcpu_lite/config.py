@@ -1,0 +1,71 @@
+"""The settings of one prune run: defaults (the paper's), validation, and TOML presets."""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .calibration import DEFAULT_CALIBRATION
+from .compensation import METHODS
+from .scoring import SCORES
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass
+class PruneSettings:
+    ratio: float = 0.2
+    score: str = "rcpu"
+    compensate: str = "rotation"
+    calib: str = DEFAULT_CALIBRATION
+    nsamples: int = 128
+    seqlen: int = 128
+    seed: int = 0
+    device: str = "auto"
+    micro_batch: int = 16
+
+    def validate(self) -> "PruneSettings":
+        if not 0 <= self.ratio < 1:
+            raise SettingsError(f"--ratio must be in [0, 1), got {self.ratio}")
+        if self.score not in SCORES:
+            raise SettingsError(f"--score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.compensate not in METHODS:
+            raise SettingsError(f"--compensate must be one of {', '.join(METHODS)}, got {self.compensate!r}")
+        for name in ("nsamples", "seqlen", "micro_batch"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise SettingsError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        return self
+
+    @classmethod
+    def merged(cls, toml_file: str | Path | None = None, **overrides) -> "PruneSettings":
+        """Defaults, then the TOML file, then every override that is not None."""
+        values = read_toml(toml_file) if toml_file else {}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SettingsError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values).validate()
+
+
+def read_toml(path: str | Path) -> dict:
+    """A preset: keys at the top level or under [prune], named like the options (dashes allowed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SettingsError(f"{path} is not valid TOML: {e}") from None
+    data = data.get("prune", data)
+    return {k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}

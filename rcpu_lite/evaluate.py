@@ -1,0 +1,78 @@
+"""Perplexity computed layer by layer, so a model larger than memory can be evaluated too."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoTokenizer
+
+from . import arch, calibration
+from .checkpoint import CheckpointReader
+from .models import resolve_model
+from .runtime import peak_rss_bytes, pick_device, run_layer_batched
+
+
+@torch.inference_mode()
+def perplexity(
+    model: str | os.PathLike,
+    text_file: str | os.PathLike,
+    seqlen: int = 128,
+    max_windows: int | None = None,
+    device: str = "auto",
+    micro_batch: int = 16,
+    max_hidden_gb: float = 1.0,
+) -> dict:
+    """WikiText-style perplexity: the text in non-overlapping windows of `seqlen` tokens.
+
+    The hidden states of at most `max_hidden_gb` worth of windows are held at once; larger texts
+    are done in chunks, each streaming every layer from disk again.
+    """
+    started = time.perf_counter()
+    model_dir = resolve_model(model)
+    reader = CheckpointReader(model_dir)
+    config = arch.compute_config(AutoConfig.from_pretrained(model_dir))
+    arch.check_supported(config)
+    dev = pick_device(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    windows = calibration.consecutive_windows(
+        calibration.tokenize(tokenizer, calibration.evaluation_text(text_file)), seqlen, max_windows
+    )
+    inputs = arch.layer_inputs(config, seqlen, dev, torch.float32)
+    names = arch.layer_tensor_names(config)
+    per_window = seqlen * config.hidden_size * 4
+    chunk = max(1, int(max_hidden_gb * 2**30 // per_window))
+
+    nll, count = 0.0, 0
+    for start in range(0, windows.shape[0], chunk):
+        ids = windows[start:start + chunk]
+        hidden = reader.get(arch.EMBED)[ids].to(device=dev, dtype=torch.float32)
+        for i in range(config.num_hidden_layers):
+            tensors = {k: v.to(device=dev, dtype=torch.float32) for k, v in
+                       reader.get_many(names, arch.layer_prefix(i)).items()}
+            layer = arch.build_layer(config, i, tensors)
+            run_layer_batched(layer, hidden, inputs, config, i, micro_batch)
+            del layer, tensors
+        norm = reader.get(arch.FINAL_NORM).to(dev, torch.float32)
+        head = reader.get(arch.LM_HEAD if arch.LM_HEAD in reader else arch.EMBED).to(dev, torch.float32)
+        for b in range(0, ids.shape[0], micro_batch):
+            logits = arch.final_logits(config, hidden[b:b + micro_batch], norm, head)
+            target = ids[b:b + micro_batch, 1:].to(dev)
+            nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="sum"))
+            count += target.numel()
+        del hidden, norm, head
+    reader.close()
+    return {
+        "ppl": math.exp(nll / count),
+        "nll": nll / count,
+        "tokens": count,
+        "windows": int(windows.shape[0]),
+        "seqlen": seqlen,
+        "model": str(model),
+        "text": str(text_file),
+        "seconds": round(time.perf_counter() - started, 3),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }

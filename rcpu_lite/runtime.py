@@ -1,0 +1,49 @@
+"""Small runtime helpers shared by pruning and evaluation: device choice, memory, batched layer runs."""
+from __future__ import annotations
+
+import sys
+
+import psutil
+import torch
+
+from . import arch
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but this torch has no CUDA device; use --device cpu")
+    return torch.device(device)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far, as the operating system reports it."""
+    if sys.platform == "win32":
+        return int(psutil.Process().memory_info().peak_wset)
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def current_rss_bytes() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
+@torch.inference_mode()
+def run_layer_batched(
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    inputs: arch.LayerInputs,
+    config,
+    index: int,
+    micro_batch: int,
+    update: bool = True,
+) -> None:
+    """Run `layer` over `hidden` (windows x seqlen x hidden) in micro-batches, in place if `update`."""
+    for start in range(0, hidden.shape[0], micro_batch):
+        chunk = hidden[start:start + micro_batch]
+        out = arch.run_layer(layer, chunk, inputs, config, index)
+        if update:
+            chunk.copy_(out)
