@@ -190,6 +190,8 @@ def prune(
         "shape_after": {k: new_config[k] for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")},
         "wall_seconds": round(time.perf_counter() - started, 3),
         "peak_rss_bytes": peak_rss_bytes(),
+        # Most bytes of checkpoint tensors alive at once (tracked by the reader), independent of depth.
+        "peak_weight_bytes": reader.peak_live_bytes,
         "layers": layers,
     }
     (work / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,90 @@
+"""The rcpu-lite command line: each command is a thin call into the Python API."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .config import PruneSettings
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Structured pruning of Llama-family models, one decoder layer at a time, with RCPU compensation.",
+)
+
+MODEL_HELP = "A local Hugging Face checkpoint directory (safetensors), or the built-in name smollm2-135m."
+
+
+def _fail(err: Exception, debug: bool) -> None:
+    if debug:
+        raise err
+    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(2)
+
+
+def _logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+@app.command()
+def prune(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
+    ratio: Optional[float] = typer.Option(None, help="Fraction of attention heads and MLP channels removed in every layer, in [0, 1). (default: 0.2)"),
+    score: Optional[str] = typer.Option(None, help="Importance score: rcpu (variance-aware), rcpu-l2, wanda-sp or magnitude. (default: rcpu)"),
+    compensate: Optional[str] = typer.Option(None, help="Repair of o_proj/down_proj: rotation, rotation-scale or none. (default: rotation)"),
+    calib: Optional[str] = typer.Option(None, help="Calibration text: a UTF-8 file, a .jsonl file with a \"text\" field, or c4 (bundled sample). (default: c4)"),
+    nsamples: Optional[int] = typer.Option(None, help="Number of calibration windows. (default: 128)"),
+    seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window. (default: 128)"),
+    seed: Optional[int] = typer.Option(None, help="Seed for choosing the calibration windows. (default: 0)"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N]. (default: auto)"),
+    micro_batch: Optional[int] = typer.Option(None, help="Windows per forward pass. (default: 16)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML preset (see configs/); flags given here override it."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print errors."),
+    debug: bool = typer.Option(False, help="Show the full traceback on errors."),
+) -> None:
+    """Prune MODEL into a smaller dense checkpoint at --out (plus rcpu_report.json)."""
+    from .pipeline import prune as run_prune
+
+    _logging(quiet)
+    try:
+        settings = PruneSettings.merged(config, ratio=ratio, score=score, compensate=compensate, calib=calib,
+                                        nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
+                                        micro_batch=micro_batch)
+        run_prune(model, out, settings, overwrite=overwrite)
+    except (ValueError, OSError) as e:
+        _fail(e, debug)
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    ppl: Path = typer.Option(..., "--ppl", help="Text to score, e.g. wikitext-2-raw/wiki.test.raw (lines joined by blank lines)."),
+    seqlen: int = typer.Option(128, help="Tokens per window (RCPU and FLAP use 128; SparseGPT/Wanda 2048)."),
+    max_windows: Optional[int] = typer.Option(None, help="Score only the first K windows."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    micro_batch: int = typer.Option(16, help="Windows per forward pass."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (with \"ppl\") instead of a sentence."),
+    debug: bool = typer.Option(False, help="Show the full traceback on errors."),
+) -> None:
+    """Perplexity of MODEL on a text file, streamed one layer at a time."""
+    from .evaluate import perplexity
+
+    try:
+        result = perplexity(model, ppl, seqlen=seqlen, max_windows=max_windows, device=device, micro_batch=micro_batch)
+    except (ValueError, OSError) as e:
+        _fail(e, debug)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(f"perplexity {result['ppl']:.3f} over {result['tokens']} tokens ({result['windows']} windows of {seqlen})")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,100 @@
+"""Run a grid of prune + perplexity jobs from a TOML file and print a Markdown table.
+
+    python tools/sweep.py configs/table-smollm2.toml [--max-windows K] [--only NAME]
+
+Each job runs the real command line in a subprocess (so peak RSS is per job) and leaves
+RESULTS/<job>.json; finished jobs are skipped on the next call, so the sweep can be resumed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+
+def run(cmd: list[str]) -> str:
+    print("$", shlex.join(cmd), flush=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if proc.returncode:
+        sys.exit(f"command failed with exit code {proc.returncode}: {shlex.join(cmd)}")
+    return proc.stdout
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def jobs(sweep: dict) -> list[dict]:
+    out = [{"name": "dense", "ratio": 0.0, "method": None}]
+    for ratio in sweep["ratios"]:
+        for method in sweep["method"]:
+            out.append({"name": f"{slug(method['name'])}-{int(round(ratio * 100))}", "ratio": ratio, "method": method})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", type=Path)
+    ap.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows (quick look)")
+    ap.add_argument("--only", default=None, help="run only jobs whose name contains this")
+    ap.add_argument("--keep-checkpoints", action="store_true", help="keep the pruned checkpoints")
+    args = ap.parse_args()
+    sweep = tomllib.loads(args.config.read_text())["sweep"]
+    results = Path(sweep["results"])
+    results.mkdir(parents=True, exist_ok=True)
+    exe = [sys.executable, "-m", "rcpu_lite.cli"]
+    rows = []
+    for job in jobs(sweep):
+        if args.only and args.only not in job["name"]:
+            continue
+        record_path = results / f"{job['name']}.json"
+        if record_path.exists():
+            rows.append(json.loads(record_path.read_text()))
+            continue
+        record = {"job": job["name"], "ratio": job["ratio"], "method": job["method"]["name"] if job["method"] else "dense"}
+        model = sweep["model"]
+        if job["method"]:
+            ckpt = results / "checkpoints" / job["name"]
+            prune_cmd = ["rcpu-lite", "prune", sweep["model"], "--out", str(ckpt), "--ratio", str(job["ratio"]),
+                         "--score", job["method"]["score"], "--compensate", job["method"]["compensate"],
+                         "--calib", sweep["calib"], "--nsamples", str(sweep["nsamples"]),
+                         "--seqlen", str(sweep["seqlen"]), "--overwrite", "--quiet"]
+            run(exe + prune_cmd[1:])
+            report = json.loads((ckpt / "rcpu_report.json").read_text())
+            record.update(prune_command=shlex.join(prune_cmd), prune_seconds=report["wall_seconds"],
+                          prune_peak_rss_bytes=report["peak_rss_bytes"], params=report["params_after"],
+                          param_reduction=report["param_reduction"], shape_after=report["shape_after"])
+            model = str(ckpt)
+        eval_cmd = ["rcpu-lite", "eval", model, "--ppl", sweep["eval"], "--seqlen", str(sweep["seqlen"]), "--json"]
+        if args.max_windows:
+            eval_cmd += ["--max-windows", str(args.max_windows)]
+        result = json.loads(run(exe + eval_cmd[1:]).strip().splitlines()[-1])
+        record.update(eval_command=shlex.join(eval_cmd), ppl=result["ppl"], eval_tokens=result["tokens"],
+                      eval_seconds=result["seconds"])
+        if job["method"] and not args.keep_checkpoints:
+            shutil.rmtree(model)
+        if not args.max_windows:  # quick looks are not recorded as results
+            record_path.write_text(json.dumps(record, indent=2) + "\n")
+        rows.append(record)
+        print(json.dumps({k: record[k] for k in ("job", "ppl")}), flush=True)
+    print(table(rows))
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | ratio | params | PPL | prune time | prune peak RSS |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        params = f"{r['params'] / 1e6:.1f} M ({100 * r['param_reduction']:.1f} % fewer)" if "params" in r else "dense"
+        prune_time = f"{r['prune_seconds']:.0f} s" if "prune_seconds" in r else ""
+        rss = f"{r['prune_peak_rss_bytes'] / 2**30:.2f} GiB" if "prune_peak_rss_bytes" in r else ""
+        lines.append(f"| {r['method']} | {int(round(100 * r['ratio']))} % | {params} | {r['ppl']:.2f} | {prune_time} | {rss} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
