@@ -71,11 +71,13 @@ def evaluate(
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     micro_batch: int = typer.Option(16, help="Windows per forward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (with \"ppl\") instead of a sentence."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
     debug: bool = typer.Option(False, help="Show the full traceback on errors."),
 ) -> None:
     """Perplexity of MODEL on a text file, streamed one layer at a time."""
     from .evaluate import perplexity
 
+    _logging(quiet)
     try:
         result = perplexity(model, ppl, seqlen=seqlen, max_windows=max_windows, device=device, micro_batch=micro_batch)
     except (ValueError, OSError) as e:

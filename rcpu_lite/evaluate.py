@@ -1,6 +1,7 @@
 """Perplexity computed layer by layer, so a model larger than memory can be evaluated too."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -14,6 +15,8 @@ from . import arch, calibration
 from .checkpoint import CheckpointReader
 from .models import resolve_model
 from .runtime import peak_rss_bytes, pick_device, run_layer_batched
+
+log = logging.getLogger("rcpu_lite")
 
 
 @torch.inference_mode()
@@ -56,6 +59,8 @@ def perplexity(
             layer = arch.build_layer(config, i, tensors)
             run_layer_batched(layer, hidden, inputs, config, i, micro_batch)
             del layer, tensors
+            log.info("windows %d-%d of %d: layer %d/%d", start + 1, start + ids.shape[0], windows.shape[0], i + 1,
+                     config.num_hidden_layers)
         norm = reader.get(arch.FINAL_NORM).to(dev, torch.float32)
         head = reader.get(arch.LM_HEAD if arch.LM_HEAD in reader else arch.EMBED).to(dev, torch.float32)
         for b in range(0, ids.shape[0], micro_batch):

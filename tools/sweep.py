@@ -71,7 +71,7 @@ def main() -> None:
                           prune_peak_rss_bytes=report["peak_rss_bytes"], params=report["params_after"],
                           param_reduction=report["param_reduction"], shape_after=report["shape_after"])
             model = str(ckpt)
-        eval_cmd = ["rcpu-lite", "eval", model, "--ppl", sweep["eval"], "--seqlen", str(sweep["seqlen"]), "--json"]
+        eval_cmd = ["rcpu-lite", "eval", model, "--ppl", sweep["eval"], "--seqlen", str(sweep["seqlen"]), "--json", "--quiet"]
         if args.max_windows:
             eval_cmd += ["--max-windows", str(args.max_windows)]
         result = json.loads(run(exe + eval_cmd[1:]).strip().splitlines()[-1])

