@@ -1,0 +1,209 @@
+"""Tiny random Llama-family checkpoints built on disk for tests, with no network access.
+
+`build_checkpoint(root, spec)` writes a Hugging Face checkpoint directory (fp32 safetensors,
+config.json, a tiny BPE tokenizer trained on the calibration text) and returns its path.
+`write_calibration(path)` writes the calibration text the tokenizer is trained on.
+
+The specs in SPECS cover multi-head and grouped-query attention, tied and untied embeddings,
+q/k/v biases (Qwen2) and an explicit head_dim that differs from hidden_size / num_heads
+(Mistral); where head_dim is hidden_size / num_heads, config.json leaves it out, as Llama-1/2
+checkpoints do. Weights are drawn from a fixed seed and scaled up (std 0.15) so that pruning
+changes the outputs noticeably.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# The repository's shared data folder sits beside the checkout (CI: ../shared).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "valid.txt"
+
+CALIB_CHARS = 24_000
+TOKENIZER_VOCAB = 300  # <= every spec's vocab_size
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    model_type: str = "llama"  # llama | mistral | qwen2
+    num_hidden_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    head_dim: int = 16
+    intermediate_size: int = 96
+    vocab_size: int = 320
+    tie_word_embeddings: bool = False
+    seed: int = 0
+    std: float = 0.15
+
+    def replace(self, **changes) -> "TinySpec":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def name(self) -> str:
+        tie = "tied" if self.tie_word_embeddings else "untied"
+        return (f"{self.model_type}-h{self.num_attention_heads}kv{self.num_key_value_heads}d{self.head_dim}"
+                f"-ff{self.intermediate_size}-L{self.num_hidden_layers}-{tie}-s{self.seed}")
+
+
+SPECS = {
+    # multi-head attention, untied embeddings
+    "llama_mha": TinySpec("llama"),
+    "llama_mha_tied": TinySpec("llama", tie_word_embeddings=True),
+    # grouped-query attention: 8 query heads in 2 KV groups, head_dim 8
+    "llama_gqa": TinySpec("llama", num_attention_heads=8, num_key_value_heads=2, head_dim=8),
+    "llama_gqa_tied": TinySpec("llama", num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+                               tie_word_embeddings=True),
+    # GQA with an explicit head_dim: 8 heads x 16 = 128 != hidden 64
+    "mistral_gqa": TinySpec("mistral", num_attention_heads=8, num_key_value_heads=2, head_dim=16),
+    # GQA with q/k/v biases
+    "qwen2_gqa": TinySpec("qwen2", num_attention_heads=8, num_key_value_heads=2, head_dim=8),
+}
+
+
+def _generated_text(n_chars: int, seed: int = 1234) -> str:
+    """Deterministic English-ish text, used when the shared WikiText file is not available."""
+    rng = random.Random(seed)
+    subjects = ["the lobster", "a small model", "the river", "every student", "the old castle", "our team",
+                "the committee", "a quiet village", "the ship", "this species", "the first album", "the army"]
+    verbs = ["grows", "moves", "reaches", "describes", "follows", "builds", "carries", "returns to", "protects",
+             "replaces", "records", "visits"]
+    objects = ["the northern coast", "a new song", "the summer season", "several large stones", "the city walls",
+               "its own young", "the long road", "a famous painting", "the eastern islands", "the winter camp",
+               "an early version", "the main station"]
+    tails = ["in 1998", "after the war", "during the night", "for many years", "with great care", "near the sea",
+             "before the storm", "in the south", "at the end of the day", "without any help"]
+    parts = []
+    while sum(len(p) for p in parts) < n_chars:
+        sentence = f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} {rng.choice(tails)} ."
+        parts.append(sentence[0].upper() + sentence[1:] + (" \n" if rng.random() < 0.2 else " "))
+    return "".join(parts)
+
+
+def calibration_text(n_chars: int = CALIB_CHARS) -> str:
+    """A slice of WikiText-2 validation when ../shared/data is present, else generated text."""
+    if WIKITEXT_VALID.is_file():
+        text = WIKITEXT_VALID.read_text(encoding="utf-8")[:n_chars]
+        return text[: text.rfind("\n") + 1]
+    return _generated_text(n_chars)
+
+
+def write_calibration(path: Path, n_chars: int = CALIB_CHARS) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(calibration_text(n_chars), encoding="utf-8")
+    return path
+
+
+def build_tokenizer(text: str, vocab_size: int = TOKENIZER_VOCAB):
+    """A tiny BPE tokenizer trained on `text`, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.BPEDecoder()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tok.train_from_iterator(text.splitlines(), trainer=trainer)
+    assert tok.get_vocab_size() <= vocab_size
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def make_config(spec: TinySpec):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=256,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    )
+    if spec.model_type == "llama":
+        return LlamaConfig(**common)
+    if spec.model_type == "mistral":
+        return MistralConfig(sliding_window=None, **common)
+    if spec.model_type == "qwen2":
+        return Qwen2Config(use_sliding_window=False, **common)
+    raise ValueError(f"no tiny builder for model_type {spec.model_type!r}")
+
+
+def _randomise(model: torch.nn.Module, seed: int, std: float) -> None:
+    """Fixed-seed weights: norms near 1, everything else N(0, std^2) (embeddings a bit larger)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            elif "embed_tokens" in name:
+                p.copy_(4 * std * noise)
+            else:
+                p.copy_(std * noise)
+
+
+def build_model(spec: TinySpec):
+    """The tiny random model in memory (fp32, eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(spec.seed)
+    model = AutoModelForCausalLM.from_config(make_config(spec), dtype=torch.float32)
+    _randomise(model, spec.seed, spec.std)
+    if spec.tie_word_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return model.eval()
+
+
+def build_checkpoint(out_dir: Path, spec: TinySpec, calib_text: str | None = None) -> Path:
+    """Write the tiny checkpoint (safetensors + config + tokenizer) into out_dir and return it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(spec)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if spec.head_dim * spec.num_attention_heads == spec.hidden_size:
+        # Like Llama-1/2 checkpoints: no head_dim in config.json, it is hidden_size / num_attention_heads.
+        config_file = out_dir / "config.json"
+        config = json.loads(config_file.read_text())
+        del config["head_dim"]
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer = build_tokenizer(calib_text if calib_text is not None else calibration_text())
+    assert len(tokenizer) <= spec.vocab_size
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def save_unsupported(out_dir: Path, model_type: str) -> Path:
+    """A tiny random checkpoint of an architecture rcpu-lite does not prune (gpt2, gemma, phi3)."""
+    from transformers import AutoModelForCausalLM, GemmaConfig, GPT2Config, Phi3Config
+
+    ids = dict(bos_token_id=1, eos_token_id=2)
+    if model_type == "gpt2":
+        config = GPT2Config(vocab_size=320, n_positions=64, n_embd=32, n_layer=1, n_head=2, **ids)
+    elif model_type == "gemma":
+        config = GemmaConfig(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=2, head_dim=16, pad_token_id=0, **ids)
+    elif model_type == "phi3":
+        config = Phi3Config(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, **ids)
+    else:
+        raise ValueError(model_type)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    build_tokenizer(calibration_text()).save_pretrained(out_dir)
+    return out_dir
