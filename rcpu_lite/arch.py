@@ -78,6 +78,25 @@ def has_qkv_bias(config: PretrainedConfig) -> bool:
     return config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
 
 
+def saved_model_type(config: PretrainedConfig, heads: int) -> str:
+    """The model_type to write for a pruned layer stack with `heads` query heads.
+
+    transformers 5.x's LlamaConfig refuses hidden_size % num_attention_heads != 0 even when head_dim
+    is explicit (Llama-7B at 20 % keeps 26 of 32 heads). MistralConfig has no such check, and a
+    Mistral without a sliding window computes exactly what a Llama without biases does, so such a
+    Llama is written as a Mistral. A Llama with biases has no such twin and is refused up front.
+    """
+    if config.model_type != "llama" or config.hidden_size % heads == 0:
+        return config.model_type
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise UnsupportedModel(
+            f"keeping {heads} heads with hidden_size {config.hidden_size} gives a Llama config that transformers "
+            f"refuses to load (it needs hidden_size % num_attention_heads == 0); choose a ratio that keeps a "
+            f"divisor of {config.hidden_size} heads"
+        )
+    return "mistral"
+
+
 def _modeling(config: PretrainedConfig, name: str):
     module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
     return getattr(module, FAMILIES[config.model_type] + name)

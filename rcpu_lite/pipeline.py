@@ -122,6 +122,9 @@ def prune(
 
     cfg = arch.compute_config(config)
     shape = arch.layer_shape(cfg)
+    heads_after = scoring.kept_heads(torch.zeros(shape.num_attention_heads), shape.num_key_value_heads,
+                                     settings.ratio)[0].numel()
+    model_type_after = arch.saved_model_type(cfg, heads_after)  # refuses early what could not be loaded
     inputs = arch.layer_inputs(cfg, settings.seqlen, device, torch.float32)
     n_layers = cfg.num_hidden_layers
     names = arch.layer_tensor_names(cfg)
@@ -173,7 +176,7 @@ def prune(
     writer.finish()
     reader.close()
 
-    new_config = _pruned_config_json(model_dir, layers, shape)
+    new_config = _pruned_config_json(model_dir, layers, shape, model_type_after)
     (work / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
     copy_side_files(model_dir, work)
     report = {
@@ -188,6 +191,7 @@ def prune(
         "param_reduction": 1 - writer.total_params / params_before,
         "shape_before": vars(shape),
         "shape_after": {k: new_config[k] for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")},
+        "model_type_after": new_config["model_type"],
         "wall_seconds": round(time.perf_counter() - started, 3),
         "peak_rss_bytes": peak_rss_bytes(),
         # Most bytes of checkpoint tensors alive at once (tracked by the reader), independent of depth.
@@ -203,8 +207,9 @@ def prune(
     return report
 
 
-def _pruned_config_json(model_dir: Path, layers: list[dict], shape: arch.LayerShape) -> dict:
-    """The input's config.json with the new (uniform) widths and an explicit head_dim."""
+def _pruned_config_json(model_dir: Path, layers: list[dict], shape: arch.LayerShape, model_type: str) -> dict:
+    """The input's config.json with the new (uniform) widths, an explicit head_dim, and the model_type
+    chosen by arch.saved_model_type."""
     config = json.loads((model_dir / "config.json").read_text())
     widths = {(len(r["kept_heads"]), len(r["kept_kv_heads"]), len(r["kept_channels"])) for r in layers}
     if len(widths) != 1:
@@ -213,4 +218,12 @@ def _pruned_config_json(model_dir: Path, layers: list[dict], shape: arch.LayerSh
     config.pop("quantization_config", None)
     config.update(num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=channels,
                   head_dim=shape.head_dim)
+    if model_type != config["model_type"]:
+        log.warning("writing this pruned %s as model_type %r: %d heads do not divide hidden_size %d, which "
+                    "transformers' LlamaConfig refuses; the computation is identical", config["model_type"],
+                    model_type, heads, shape.hidden_size)
+        for llama_only in ("attention_bias", "mlp_bias", "pretraining_tp"):
+            config.pop(llama_only, None)
+        config.update(model_type=model_type, architectures=[arch.FAMILIES[model_type] + "ForCausalLM"],
+                      sliding_window=None)
     return config
