@@ -129,6 +129,13 @@ def build_layer(config: PretrainedConfig, index: int, tensors: dict[str, torch.T
     return layer.eval().requires_grad_(False)
 
 
+def layer_tensor_shapes(config: PretrainedConfig) -> dict[str, torch.Size]:
+    """Shapes of one decoder layer's tensors for `config` (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        layer = _modeling(config, "DecoderLayer")(config, 0)
+    return {k: v.shape for k, v in layer.state_dict().items()}
+
+
 @dataclass
 class LayerInputs:
     """What every decoder layer needs besides the hidden states, computed once per batch size."""

@@ -1,14 +1,16 @@
 """Reading a safetensors checkpoint one layer at a time, and writing compact shards as layers finish."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 import shutil
 import weakref
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -32,16 +34,15 @@ class CheckpointReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._handles: dict[str, object] = {}
         if not (self.path / "config.json").is_file():
             raise CheckpointError(f"{self.path} has no config.json; pass a Hugging Face checkpoint directory")
         if (self.path / INDEX_NAME).is_file():
             self.weight_map: dict[str, str] = json.loads((self.path / INDEX_NAME).read_text())["weight_map"]
         elif (self.path / SINGLE_NAME).is_file():
-            with safe_open(self.path / SINGLE_NAME, framework="pt") as f:
-                self.weight_map = {k: SINGLE_NAME for k in f.keys()}
+            self.weight_map = {k: SINGLE_NAME for k in self._open(SINGLE_NAME).keys()}
         else:
             raise CheckpointError(f"{self.path} has no {SINGLE_NAME} or {INDEX_NAME}")
-        self._handles: dict[str, object] = {}
         self.live_bytes = 0
         self.peak_live_bytes = 0
 
@@ -51,16 +52,40 @@ class CheckpointReader:
     def _file(self, name: str):
         if name not in self.weight_map:
             raise CheckpointError(f"tensor {name} is missing from the checkpoint in {self.path}")
-        fname = self.weight_map[name]
+        return self._open(self.weight_map[name])
+
+    def _open(self, fname: str):
         if fname not in self._handles:
-            self._handles[fname] = safe_open(self.path / fname, framework="pt")
+            path = self.path / fname
+            if not path.is_file():
+                raise CheckpointError(f"{path} is listed in the index but does not exist")
+            try:
+                self._handles[fname] = safe_open(path, framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{path} is truncated or corrupted ({e}); download or convert it again") from None
         return self._handles[fname]
+
+    def require(self, names: list[str]) -> None:
+        """Fail before any work if a tensor the run will need is missing."""
+        missing = [n for n in names if n not in self.weight_map]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise CheckpointError(f"tensor {missing[0]}{more} is missing from the checkpoint in {self.path}")
+        for fname in sorted(set(self.weight_map[n] for n in names)):
+            self._open(fname)
 
     def shape(self, name: str) -> list[int]:
         return list(self._file(name).get_slice(name).get_shape())
 
+    def dtype_bytes(self, name: str) -> int:
+        return _DTYPE_BYTES[self._file(name).get_slice(name).get_dtype()]
+
     def get(self, name: str) -> torch.Tensor:
-        tensor = self._file(name).get_tensor(name)
+        try:
+            tensor = self._file(name).get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"cannot read {name} from {self.path / self.weight_map[name]} ({e}); "
+                                  f"the file is truncated or corrupted") from None
         self._track(tensor)
         return tensor
 
@@ -85,35 +110,72 @@ def shard_name(index: int, total: int) -> str:
 
 
 class ShardWriter:
-    """Writes one shard per call, fsynced, and the index at the end."""
+    """Writes numbered shards atomically (temporary name, fsync, rename), then the index from the files."""
 
     def __init__(self, out_dir: Path, n_shards: int):
         self.out_dir = out_dir
         self.n_shards = n_shards
-        self.weight_map: dict[str, str] = {}
-        self.total_bytes = 0
-        self.total_params = 0
-        self._written = 0
 
-    def write(self, tensors: dict[str, torch.Tensor]) -> Path:
-        name = shard_name(self._written, self.n_shards)
-        path = self.out_dir / name
+    def path(self, index: int) -> Path:
+        return self.out_dir / shard_name(index, self.n_shards)
+
+    def write(self, index: int, tensors: dict[str, torch.Tensor]) -> int:
+        """Write shard `index` and return its size in bytes; a crash leaves no half-written shard."""
+        path = self.path(index)
+        tmp = path.with_name(path.name + ".tmp")
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(cpu, str(path), metadata={"format": "pt"})
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-        for k, v in cpu.items():
-            self.weight_map[k] = name
-            self.total_bytes += v.numel() * v.element_size()
-            self.total_params += v.numel()
-        self._written += 1
-        return path
+        _fault_hook("before_shard", index)
+        try:
+            save_file(cpu, str(tmp), metadata={"format": "pt"})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, path)
+        return path.stat().st_size
 
-    def finish(self) -> None:
-        if self._written != self.n_shards:
-            raise RuntimeError(f"wrote {self._written} of {self.n_shards} shards")
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(self.weight_map.items()))}
+    def read(self, index: int) -> dict[str, torch.Tensor]:
+        """A finished shard's tensors (used to replay finished layers on resume)."""
+        with safe_open(self.path(index), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    def finish(self) -> tuple[int, int]:
+        """Write the index from the shard files themselves; return (parameters, bytes of tensors)."""
+        weight_map, total_bytes, total_params = {}, 0, 0
+        for index in range(self.n_shards):
+            path = self.path(index)
+            if not path.is_file():
+                raise RuntimeError(f"shard {path.name} is missing")
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    numel = torch.Size(sl.get_shape()).numel()
+                    weight_map[name] = path.name
+                    total_params += numel
+                    total_bytes += numel * _DTYPE_BYTES[sl.get_dtype()]
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return total_params, total_bytes
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _fault_hook(point: str, index: int) -> None:
+    """Test-only fault injection: RCPU_LITE_FAULT="before_shard:3:kill" SIGKILLs this process just
+    before shard 3 is written ("...:enospc" raises a full-disk error instead)."""
+    spec = os.environ.get("RCPU_LITE_FAULT")
+    if not spec:
+        return
+    where, at, what = spec.split(":")
+    if where != point or int(at) != index:
+        return
+    if what == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if what == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:

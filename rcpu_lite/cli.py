@@ -27,6 +27,23 @@ def _fail(err: Exception, debug: bool) -> None:
     raise typer.Exit(2)
 
 
+def _fail_prune(err: Exception, debug: bool, settings: PruneSettings | None) -> None:
+    import torch
+
+    from .pipeline import Interrupted
+
+    if isinstance(err, Interrupted):
+        typer.secho(str(err), err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(Interrupted.exit_code)
+    if isinstance(err, torch.OutOfMemoryError) and not debug:
+        batch = settings.micro_batch if settings else "?"
+        err = MemoryError(f"the GPU ran out of memory; use a smaller --micro-batch (now {batch}) or --device cpu, "
+                          f"then rerun with --resume")
+    elif not isinstance(err, (ValueError, OSError)):
+        raise err
+    _fail(err, debug)
+
+
 def _logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
 
@@ -45,7 +62,8 @@ def prune(
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N]. (default: auto)"),
     micro_batch: Optional[int] = typer.Option(None, help="Windows per forward pass. (default: 16)"),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML preset (see configs/); flags given here override it."),
-    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    overwrite: bool = typer.Option(False, help="Replace --out (and an interrupted run's OUT.partial) if it exists."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run from its last finished layer (same settings)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print errors."),
     debug: bool = typer.Option(False, help="Show the full traceback on errors."),
 ) -> None:
@@ -57,9 +75,9 @@ def prune(
         settings = PruneSettings.merged(config, ratio=ratio, score=score, compensate=compensate, calib=calib,
                                         nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                                         micro_batch=micro_batch)
-        run_prune(model, out, settings, overwrite=overwrite)
-    except (ValueError, OSError) as e:
-        _fail(e, debug)
+        run_prune(model, out, settings, overwrite=overwrite, resume=resume)
+    except Exception as e:
+        _fail_prune(e, debug, settings if "settings" in locals() else None)
 
 
 @app.command("eval")

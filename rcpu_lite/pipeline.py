@@ -6,10 +6,13 @@ calibration hidden states, whatever the number of layers.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from . import __version__, arch, calibration, compensation, scoring, surgery
 from .checkpoint import CheckpointReader, ShardWriter, copy_side_files
 from .config import PruneSettings
 from .models import resolve_model
+from .progress import MANIFEST_NAME, Manifest, differences, fingerprint
 from .runtime import current_rss_bytes, peak_rss_bytes, pick_device, run_layer_batched
 from .stats import InputStats
 
@@ -31,14 +35,35 @@ class OutputError(ValueError):
     pass
 
 
-def prepare_output(out: Path, model_dir: Path, overwrite: bool) -> Path:
+class Interrupted(RuntimeError):
+    """The run stopped at a layer boundary on SIGINT/SIGTERM; its finished work is kept."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again (with --resume)
+
+
+class DiskFull(OSError):
+    pass
+
+
+def working_dir(out: Path) -> Path:
+    return out.parent / (out.name + ".partial")
+
+
+def prepare_output(out: Path, model_dir: Path, overwrite: bool, resume: bool) -> Path:
     """Check --out and return the sibling working directory the run writes into."""
     if out.resolve() == model_dir.resolve():
         raise OutputError(f"--out {out} is the input checkpoint; choose another directory")
     if out.exists() and not overwrite:
         raise OutputError(f"{out} already exists; pass --overwrite to replace it")
-    work = out.parent / (out.name + ".partial")
+    work = working_dir(out)
+    if resume:
+        if not (work / MANIFEST_NAME).is_file():
+            raise OutputError(f"there is no interrupted run to resume in {work}; run without --resume")
+        return work
     if work.exists():
+        if not overwrite:
+            raise OutputError(f"{work} holds an interrupted run; pass --resume to continue it or --overwrite to "
+                              f"start over")
         shutil.rmtree(work)
     work.mkdir(parents=True)
     return work
@@ -98,85 +123,134 @@ def prune_layer(
     return compact, report
 
 
+class _StopFlag:
+    """SIGINT/SIGTERM ask the run to stop after the current layer; a second signal aborts at once."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        log.warning("%s received: finishing the current layer, then stopping (send it again to abort now)",
+                    self.signal)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def prune(
     model: str | os.PathLike,
     out: str | os.PathLike,
     settings: PruneSettings | None = None,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> dict:
-    """Prune MODEL into the checkpoint directory OUT and return the run report (also written there)."""
+    """Prune MODEL into the checkpoint directory OUT and return the run report (also written there).
+
+    The run writes into OUT.partial and renames it to OUT when everything is written. After a
+    crash or an interruption, the same call with resume=True continues from the last finished layer.
+    """
     settings = (settings or PruneSettings()).validate()
     started = time.perf_counter()
     model_dir = resolve_model(model)
     reader = CheckpointReader(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     arch.check_supported(config)
+    cfg = arch.compute_config(config)
+    shape = arch.layer_shape(cfg)
+    n_layers = cfg.num_hidden_layers
+    names = arch.layer_tensor_names(cfg)
+    final_names = [arch.FINAL_NORM] + ([arch.LM_HEAD] if arch.LM_HEAD in reader else [])
+    reader.require([arch.EMBED, *final_names,
+                    *(arch.layer_prefix(i) + n for i in range(n_layers) for n in names)])
+    heads_after, kv_after = (t.numel() for t in scoring.kept_heads(
+        torch.zeros(shape.num_attention_heads), shape.num_key_value_heads, settings.ratio))
+    channels_after = shape.intermediate_size - scoring.n_removed(settings.ratio, shape.intermediate_size)
+    model_type_after = arch.saved_model_type(cfg, heads_after)  # refuses early what could not be loaded
     out = Path(out)
-    work = prepare_output(out, model_dir, overwrite)
+    work = prepare_output(out, model_dir, overwrite, resume)
     device = pick_device(settings.device)
-    torch.manual_seed(settings.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokens = calibration.tokenize(tokenizer, calibration.read_text(settings.calib))
     windows = calibration.random_windows(tokens, settings.nsamples, settings.seqlen, settings.seed)
-
-    cfg = arch.compute_config(config)
-    shape = arch.layer_shape(cfg)
-    heads_after = scoring.kept_heads(torch.zeros(shape.num_attention_heads), shape.num_key_value_heads,
-                                     settings.ratio)[0].numel()
-    model_type_after = arch.saved_model_type(cfg, heads_after)  # refuses early what could not be loaded
-    inputs = arch.layer_inputs(cfg, settings.seqlen, device, torch.float32)
-    n_layers = cfg.num_hidden_layers
-    names = arch.layer_tensor_names(cfg)
+    manifest = _open_manifest(work, fingerprint(model_dir, settings, windows), resume)
     writer = ShardWriter(work, n_layers + 2)
-    params_before = sum(torch.Size(reader.shape(n)).numel() for n in reader.weight_map)
+    shard_bytes = _expected_shard_bytes(reader, cfg, names, final_names, heads_after, kv_after, channels_after)
+    _check_free_space(work, sum(b for i, b in enumerate(shard_bytes) if not manifest.done(i)))
 
+    def write(index: int, tensors: dict[str, torch.Tensor], layer_report: dict | None = None) -> None:
+        try:
+            size = writer.write(index, tensors)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            needed = sum(b for i, b in enumerate(shard_bytes) if i >= index)
+            raise DiskFull(errno.ENOSPC, f"the disk holding {work} filled up while writing "
+                           f"{writer.path(index).name}; about {needed / 2**30:.2f} GiB more are needed: free "
+                           f"space and rerun the same command with --resume") from None
+        manifest.record(index, size, layer_report)
+
+    params_before = sum(torch.Size(reader.shape(n)).numel() for n in reader.weight_map)
+    inputs = arch.layer_inputs(cfg, settings.seqlen, device, torch.float32)
     embed = reader.get(arch.EMBED)
     _check_finite("embeddings", {arch.EMBED: embed})
     hidden = embed[windows].to(device=device, dtype=torch.float32)
-    writer.write({arch.EMBED: embed})
+    if not manifest.done(0):
+        write(0, {arch.EMBED: embed})
     del embed
 
-    layers = []
-    for i in range(n_layers):
-        t0 = time.perf_counter()
-        prefix = arch.layer_prefix(i)
-        stored = reader.get_many(names, prefix)
-        _check_finite(f"layer {i}", stored)
-        out_dtype = stored["self_attn.q_proj.weight"].dtype
-        tensors = {k: v.to(device=device, dtype=torch.float32) for k, v in stored.items()}
-        del stored
-        compact, report = prune_layer(cfg, i, tensors, hidden, inputs, settings)
-        del tensors
-        # Propagate through the weights exactly as written, so layer i+1 sees what the saved model computes.
-        written = {k: v.to(out_dtype) for k, v in compact.items()}
-        del compact
-        writer.write({prefix + k: v for k, v in written.items()})
-        pruned_cfg = arch.pruned_config(cfg, len(report["kept_heads"]), len(report["kept_kv_heads"]),
-                                        len(report["kept_channels"]))
-        layer = arch.build_layer(pruned_cfg, i, {k: v.float() for k, v in written.items()})
-        run_layer_batched(layer, hidden, inputs, pruned_cfg, i, settings.micro_batch)
-        del layer, written
-        report["seconds"] = round(time.perf_counter() - t0, 3)
-        report["rss_bytes"] = current_rss_bytes()
-        layers.append(report)
-        log.info(
-            "layer %d/%d  heads %d->%d  channels %d->%d  o_proj err %.4f->%.4f  down_proj err %.4f->%.4f  %.1fs",
-            i + 1, n_layers, shape.num_attention_heads, len(report["kept_heads"]), shape.intermediate_size,
-            len(report["kept_channels"]), report["o_proj_error_pruned"], report["o_proj_error_compensated"],
-            report["down_proj_error_pruned"], report["down_proj_error_compensated"], report["seconds"],
-        )
+    first_todo = next((i for i in range(n_layers) if not manifest.done(i + 1)), n_layers)
+    if first_todo:
+        log.info("resuming: %d of %d layers were finished", first_todo, n_layers)
+    with _StopFlag() as stop:
+        for i in range(n_layers):
+            t0 = time.perf_counter()
+            prefix = arch.layer_prefix(i)
+            if i < first_todo:
+                if first_todo < n_layers:  # rebuild the hidden states by replaying the finished compact layer
+                    written = {k[len(prefix):]: v for k, v in writer.read(i + 1).items()}
+                    _propagate(cfg, i, written, manifest.layers[i], hidden, inputs, settings.micro_batch)
+                continue
+            stored = reader.get_many(names, prefix)
+            _check_finite(f"layer {i}", stored)
+            out_dtype = stored["self_attn.q_proj.weight"].dtype
+            tensors = {k: v.to(device=device, dtype=torch.float32) for k, v in stored.items()}
+            del stored
+            compact, report = prune_layer(cfg, i, tensors, hidden, inputs, settings)
+            del tensors
+            # Propagate through the weights exactly as written, so layer i+1 sees what the saved model computes.
+            written = {k: v.to(out_dtype) for k, v in compact.items()}
+            del compact
+            _propagate(cfg, i, written, report, hidden, inputs, settings.micro_batch)
+            report["seconds"] = round(time.perf_counter() - t0, 3)
+            report["rss_bytes"] = current_rss_bytes()
+            write(i + 1, {prefix + k: v for k, v in written.items()}, report)
+            del written
+            _log_layer(report, n_layers, shape)
+            if stop.signal:
+                raise Interrupted(f"stopped by {stop.signal} after layer {i + 1} of {n_layers}; the finished layers "
+                                  f"are kept in {work}: rerun the same command with --resume to continue")
 
-    final = {arch.FINAL_NORM: reader.get(arch.FINAL_NORM)}
-    if arch.LM_HEAD in reader:
-        final[arch.LM_HEAD] = reader.get(arch.LM_HEAD)
-    _check_finite("final norm / lm_head", final)
-    writer.write(final)
-    del final
-    writer.finish()
+    if not manifest.done(n_layers + 1):
+        final = {n: reader.get(n) for n in final_names}
+        _check_finite("final norm / lm_head", final)
+        write(n_layers + 1, final)
+        del final
+    params_after, _ = writer.finish()
     reader.close()
 
-    new_config = _pruned_config_json(model_dir, layers, shape, model_type_after)
+    new_config = _pruned_config_json(model_dir, manifest.layers, shape, model_type_after)
     (work / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
     copy_side_files(model_dir, work)
     report = {
@@ -187,24 +261,80 @@ def prune(
         "device": str(device),
         "calibration_tokens": int(windows.numel()),
         "params_before": params_before,
-        "params_after": writer.total_params,
-        "param_reduction": 1 - writer.total_params / params_before,
+        "params_after": params_after,
+        "param_reduction": 1 - params_after / params_before,
         "shape_before": vars(shape),
         "shape_after": {k: new_config[k] for k in ("num_attention_heads", "num_key_value_heads", "intermediate_size")},
         "model_type_after": new_config["model_type"],
+        "resumed_at_layer": first_todo if resume else None,
         "wall_seconds": round(time.perf_counter() - started, 3),
         "peak_rss_bytes": peak_rss_bytes(),
         # Most bytes of checkpoint tensors alive at once (tracked by the reader), independent of depth.
         "peak_weight_bytes": reader.peak_live_bytes,
-        "layers": layers,
+        "layers": manifest.layers,
     }
     (work / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    (work / MANIFEST_NAME).unlink()
     if out.exists():
         shutil.rmtree(out)
     work.rename(out)
-    log.info("wrote %s: %d -> %d parameters (%.1f%% fewer) in %.0fs", out, params_before, writer.total_params,
+    log.info("wrote %s: %d -> %d parameters (%.1f%% fewer) in %.0fs", out, params_before, params_after,
              100 * report["param_reduction"], report["wall_seconds"])
     return report
+
+
+def _propagate(cfg, index: int, written: dict[str, torch.Tensor], report: dict, hidden: torch.Tensor,
+               inputs: arch.LayerInputs, micro_batch: int) -> None:
+    """Run the compact layer (widths from its report) over the hidden states, in place."""
+    pruned_cfg = arch.pruned_config(cfg, len(report["kept_heads"]), len(report["kept_kv_heads"]),
+                                    len(report["kept_channels"]))
+    layer = arch.build_layer(pruned_cfg, index, {k: v.to(hidden.device, torch.float32) for k, v in written.items()})
+    run_layer_batched(layer, hidden, inputs, pruned_cfg, index, micro_batch)
+
+
+def _log_layer(report: dict, n_layers: int, shape: arch.LayerShape) -> None:
+    log.info(
+        "layer %d/%d  heads %d->%d  channels %d->%d  o_proj err %.4f->%.4f  down_proj err %.4f->%.4f  %.1fs",
+        report["layer"] + 1, n_layers, shape.num_attention_heads, len(report["kept_heads"]),
+        shape.intermediate_size, len(report["kept_channels"]), report["o_proj_error_pruned"],
+        report["o_proj_error_compensated"], report["down_proj_error_pruned"], report["down_proj_error_compensated"],
+        report["seconds"],
+    )
+
+
+def _open_manifest(work: Path, fp: dict, resume: bool) -> Manifest:
+    if not resume:
+        manifest = Manifest(work, fp)
+        manifest.save()
+        return manifest
+    manifest = Manifest.load(work)
+    diff = differences(manifest.fingerprint, fp)
+    if diff:
+        raise OutputError(f"cannot resume the run in {work}: {'; '.join(diff)}; rerun without --resume and with "
+                          f"--overwrite to start over")
+    return manifest
+
+
+def _expected_shard_bytes(reader: CheckpointReader, cfg, names: list[str], final_names: list[str], heads: int,
+                          kv_heads: int, channels: int) -> list[int]:
+    """Bytes of every output shard, from the compact shapes (known before any work)."""
+    pruned = arch.pruned_config(cfg, heads, kv_heads, channels)
+    shapes = arch.layer_tensor_shapes(pruned)
+    def size(name: str, shape=None) -> int:
+        return torch.Size(shape or reader.shape(name)).numel() * reader.dtype_bytes(name)
+    out = [size(arch.EMBED)]
+    for i in range(cfg.num_hidden_layers):
+        prefix = arch.layer_prefix(i)
+        out.append(sum(size(prefix + n, shapes[n]) for n in names))
+    out.append(sum(size(n) for n in final_names))
+    return out
+
+
+def _check_free_space(work: Path, needed: int) -> None:
+    free = shutil.disk_usage(work).free
+    if needed > free:
+        raise DiskFull(errno.ENOSPC, f"the output needs about {needed / 2**30:.2f} GiB but only {free / 2**30:.2f} "
+                       f"GiB are free in {work.parent}; free space or choose another --out")
 
 
 def _pruned_config_json(model_dir: Path, layers: list[dict], shape: arch.LayerShape, model_type: str) -> dict:

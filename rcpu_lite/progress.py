@@ -1,0 +1,105 @@
+"""What makes a prune run resumable: its fingerprint and the manifest of finished shards.
+
+The manifest lives in the working directory (OUT.partial) and is replaced atomically after every
+shard, so after a crash at any moment it lists exactly the shards that are complete and fsynced.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import __version__
+
+MANIFEST_NAME = "rcpu_progress.json"
+
+
+def fingerprint(model_dir: Path, settings, windows: torch.Tensor) -> dict:
+    """Everything a resumed run must share with the run it continues."""
+    inputs = {}
+    for item in sorted(model_dir.iterdir()):
+        if item.is_file():
+            stat = item.stat()
+            inputs[item.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {
+        "rcpu_lite_version": __version__,
+        "model_dir": str(model_dir.resolve()),
+        "input_files": inputs,
+        "settings": dataclasses.asdict(settings),
+        "calibration_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+    }
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """Readable list of what differs between two fingerprints."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key == "settings" and isinstance(a, dict) and isinstance(b, dict):
+            out += [f"setting {k}: {a.get(k)!r} then, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
+                    if a.get(k) != b.get(k)]
+        elif key == "input_files" and isinstance(a, dict) and isinstance(b, dict):
+            changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            out.append(f"input files changed since: {', '.join(changed)}")
+        elif key == "calibration_sha256":
+            out.append("the calibration tokens differ (calibration text or tokenizer changed)")
+        else:
+            out.append(f"{key}: {a!r} then, {b!r} now")
+    return out
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Manifest:
+    """Finished shards and the per-layer reports of a run, persisted after every shard."""
+
+    def __init__(self, work: Path, fp: dict, shards: dict[str, int] | None = None, layers: list[dict] | None = None):
+        self.path = work / MANIFEST_NAME
+        self.fingerprint = fp
+        self.shards: dict[str, int] = shards or {}  # shard index (as str) -> bytes
+        self.layers: list[dict] = layers or []
+
+    @classmethod
+    def load(cls, work: Path) -> "Manifest":
+        data = json.loads((work / MANIFEST_NAME).read_text())
+        return cls(work, data["fingerprint"], data["shards"], data["layers"])
+
+    def done(self, shard: int) -> bool:
+        return str(shard) in self.shards
+
+    def record(self, shard: int, size: int, layer_report: dict | None = None) -> None:
+        self.shards[str(shard)] = size
+        if layer_report is not None:
+            self.layers.append(layer_report)
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.path, {"fingerprint": self.fingerprint, "shards": self.shards, "layers": self.layers})
