@@ -165,7 +165,8 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 def _fault_hook(point: str, index: int) -> None:
     """Test-only fault injection: RCPU_LITE_FAULT="before_shard:3:kill" SIGKILLs this process just
-    before shard 3 is written ("...:enospc" raises a full-disk error instead)."""
+    before shard 3 is written; "enospc" raises a full-disk error instead, "sigint"/"sigterm" send
+    that signal to this process (the run then stops after this shard)."""
     spec = os.environ.get("RCPU_LITE_FAULT")
     if not spec:
         return
@@ -174,6 +175,8 @@ def _fault_hook(point: str, index: int) -> None:
         return
     if what == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if what in ("sigint", "sigterm"):
+        os.kill(os.getpid(), signal.SIGINT if what == "sigint" else signal.SIGTERM)
     if what == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

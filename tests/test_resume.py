@@ -1,0 +1,132 @@
+"""Never lose work: atomic output, resume after SIGKILL, graceful SIGINT/SIGTERM, determinism."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rcpu_lite.cli import app
+from rcpu_lite.pipeline import REPORT_NAME, prune
+from rcpu_lite.progress import MANIFEST_NAME
+
+from test_pipeline import make_settings
+
+# Timings and memory legitimately differ between runs; everything else in the report must not.
+VOLATILE = {"wall_seconds", "peak_rss_bytes", "peak_weight_bytes", "resumed_at_layer", "seconds", "rss_bytes"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def digests(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def stable_report(directory: Path) -> dict:
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in VOLATILE}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return strip(json.loads((directory / REPORT_NAME).read_text()))
+
+
+def assert_same_output(a: Path, b: Path) -> None:
+    da, db = digests(a), digests(b)
+    da.pop(REPORT_NAME), db.pop(REPORT_NAME)
+    assert da == db
+    assert stable_report(a) == stable_report(b)
+
+
+def cli_args(src: Path, out: Path, calib: Path) -> list[str]:
+    s = make_settings(calib)
+    return ["prune", str(src), "--out", str(out), "--ratio", str(s.ratio), "--calib", str(calib), "--nsamples",
+            str(s.nsamples), "--seqlen", str(s.seqlen), "--micro-batch", str(s.micro_batch), "--device", "cpu",
+            "--seed", str(s.seed)]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return tiny_checkpoint("llama_gqa", num_hidden_layers=5)
+
+
+@pytest.fixture(scope="module")
+def reference(model, calib_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "out"
+    prune(model, out, make_settings(calib_file))
+    return out
+
+
+def test_same_input_and_seed_give_byte_identical_output(model, calib_file, reference, tmp_path):
+    before = digests(model)
+    prune(model, tmp_path / "again", make_settings(calib_file))
+    assert_same_output(reference, tmp_path / "again")
+    assert digests(model) == before  # the input checkpoint is never written to
+
+
+def test_sigkill_at_three_layers_then_resume_matches_uninterrupted_run(model, calib_file, reference, tmp_path):
+    out = tmp_path / "out"
+    args = cli_args(model, out, calib_file)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # Shard k holds layer k-1: the run dies before writing layers 1, 2 and 4, resuming each time.
+    for shard, resume in ((2, False), (3, True), (5, True)):
+        env["RCPU_LITE_FAULT"] = f"before_shard:{shard}:kill"
+        proc = subprocess.run([sys.executable, "-m", "rcpu_lite.cli", *args, *(["--resume"] if resume else [])],
+                              env=env, capture_output=True, text=True)
+        assert proc.returncode == -9, proc.stderr
+        manifest = json.loads((out.parent / "out.partial" / MANIFEST_NAME).read_text())
+        assert sorted(map(int, manifest["shards"])) == list(range(shard))  # every finished shard, nothing more
+        assert not out.exists()  # nothing that looks complete
+    env.pop("RCPU_LITE_FAULT")
+    proc = subprocess.run([sys.executable, "-m", "rcpu_lite.cli", *args, "--resume"], env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming: 4 of 5 layers were finished" in proc.stderr
+    assert json.loads((out / REPORT_NAME).read_text())["resumed_at_layer"] == 4
+    assert not (out.parent / "out.partial").exists() and not (out / MANIFEST_NAME).exists()
+    assert_same_output(reference, out)
+
+
+@pytest.mark.parametrize("sig", ["sigint", "sigterm"])
+def test_signal_stops_after_the_layer_with_distinct_exit_code_and_resumes(model, calib_file, reference, tmp_path,
+                                                                          monkeypatch, sig):
+    out = tmp_path / "out"
+    monkeypatch.setenv("RCPU_LITE_FAULT", f"before_shard:2:{sig}")
+    result = CliRunner().invoke(app, cli_args(model, out, calib_file))
+    assert result.exit_code == 75, result.output
+    assert "--resume" in result.stderr and sig.upper() in result.stderr
+    manifest = json.loads((out.parent / "out.partial" / MANIFEST_NAME).read_text())
+    assert sorted(map(int, manifest["shards"])) == [0, 1, 2]  # the layer in flight was finished, then it stopped
+    monkeypatch.delenv("RCPU_LITE_FAULT")
+    result = CliRunner().invoke(app, cli_args(model, out, calib_file) + ["--resume"])
+    assert result.exit_code == 0, result.output
+    assert_same_output(reference, out)
+
+
+def test_resume_refuses_a_changed_input(model, calib_file, tmp_path, monkeypatch):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(model, src)
+    out = tmp_path / "out"
+    monkeypatch.setenv("RCPU_LITE_FAULT", "before_shard:2:enospc")
+    assert CliRunner().invoke(app, cli_args(src, out, calib_file)).exit_code == 2
+    monkeypatch.delenv("RCPU_LITE_FAULT")
+    os.utime(src / "model.safetensors", ns=(1, 1))
+    result = CliRunner().invoke(app, cli_args(src, out, calib_file) + ["--resume"])
+    assert result.exit_code == 2
+    assert "model.safetensors" in result.stderr and "input files changed" in result.stderr
