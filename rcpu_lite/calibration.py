@@ -55,9 +55,10 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """nsamples windows of seqlen tokens at seeded random offsets (nsamples x seqlen)."""
-    if tokens.numel() <= seqlen:
+    if tokens.numel() - seqlen < nsamples:  # fewer distinct window starts than windows asked for
         raise CalibrationError(
-            f"calibration text has {tokens.numel()} tokens, fewer than one window of {seqlen}; give more text"
+            f"calibration text has {tokens.numel()} tokens, too few for {nsamples} windows of {seqlen} (at least "
+            f"{nsamples + seqlen} needed); give more text or lower --nsamples / --seqlen"
         )
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=g)
