@@ -51,7 +51,8 @@ class CheckpointReader:
 
     def _file(self, name: str):
         if name not in self.weight_map:
-            raise CheckpointError(f"tensor {name} is missing from the checkpoint in {self.path}")
+            raise CheckpointError(f"tensor {name} is missing from the checkpoint in {self.path}; it is incomplete: "
+                                  f"download or convert it again")
         return self._open(self.weight_map[name])
 
     def _open(self, fname: str):
@@ -70,7 +71,8 @@ class CheckpointReader:
         missing = [n for n in names if n not in self.weight_map]
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            raise CheckpointError(f"tensor {missing[0]}{more} is missing from the checkpoint in {self.path}")
+            raise CheckpointError(f"tensor {missing[0]}{more} is missing from the checkpoint in {self.path}; it is "
+                                  f"incomplete: download or convert it again")
         for fname in sorted(set(self.weight_map[n] for n in names)):
             self._open(fname)
 

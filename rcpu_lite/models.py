@@ -74,7 +74,9 @@ def resolve_model(model: str | os.PathLike) -> Path:
         try:
             return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
         except Exception as e:  # offline, unknown repo, gated...
-            raise ModelNotFound(f"{name} is not a local directory and could not be fetched from the hub ({e})") from None
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ModelNotFound(f"{name} is not a local directory, and fetching it as a hub id failed ({reason}); "
+                                f"give the path of a checkpoint directory") from None
     raise ModelNotFound(
         f"{name} does not exist; give a checkpoint directory or one of the built-in names: {', '.join(BUILTIN)}"
     )

@@ -42,37 +42,34 @@ class Interrupted(RuntimeError):
 
 
 class DiskFull(OSError):
-    pass
+    def __str__(self) -> str:  # the message alone, without "[Errno 28]"
+        return self.strerror
 
 
 def working_dir(out: Path) -> Path:
     return out.parent / (out.name + ".partial")
 
 
-def prepare_output(out: Path, model_dir: Path, overwrite: bool, resume: bool) -> Path:
-    """Check --out and return the sibling working directory the run writes into."""
+def check_output(out: Path, model_dir: Path, overwrite: bool, resume: bool) -> Path:
+    """Refuse a bad --out before any work, and return the sibling working directory (not created yet)."""
     if out.resolve() == model_dir.resolve():
         raise OutputError(f"--out {out} is the input checkpoint; choose another directory")
     if out.exists() and not overwrite:
         raise OutputError(f"{out} already exists; pass --overwrite to replace it")
     work = working_dir(out)
-    if resume:
-        if not (work / MANIFEST_NAME).is_file():
-            raise OutputError(f"there is no interrupted run to resume in {work}; run without --resume")
-        return work
-    if work.exists():
-        if not overwrite:
-            raise OutputError(f"{work} holds an interrupted run; pass --resume to continue it or --overwrite to "
-                              f"start over")
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    if resume and not (work / MANIFEST_NAME).is_file():
+        raise OutputError(f"there is no interrupted run to resume in {work}; run without --resume")
+    if not resume and work.exists() and not overwrite:
+        raise OutputError(f"{work} holds an interrupted run; pass --resume to continue it or --overwrite to "
+                          f"start over")
     return work
 
 
 def _check_finite(what: str, tensors: dict[str, torch.Tensor]) -> None:
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"{what}: {name} contains NaN or Inf")
+            raise ValueError(f"{what}: {name} contains NaN or Inf; the checkpoint is damaged or comes from a "
+                             f"diverged model: use an intact copy")
 
 
 def prune_layer(
@@ -178,16 +175,23 @@ def prune(
     channels_after = shape.intermediate_size - scoring.n_removed(settings.ratio, shape.intermediate_size)
     model_type_after = arch.saved_model_type(cfg, heads_after)  # refuses early what could not be loaded
     out = Path(out)
-    work = prepare_output(out, model_dir, overwrite, resume)
+    work = check_output(out, model_dir, overwrite, resume)
     device = pick_device(settings.device)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokens = calibration.tokenize(tokenizer, calibration.read_text(settings.calib))
     windows = calibration.random_windows(tokens, settings.nsamples, settings.seqlen, settings.seed)
-    manifest = _open_manifest(work, fingerprint(model_dir, settings, windows), resume)
-    writer = ShardWriter(work, n_layers + 2)
+    fp = fingerprint(model_dir, settings, windows)
+    manifest = _resumed_manifest(work, fp) if resume else None
     shard_bytes = _expected_shard_bytes(reader, cfg, names, final_names, heads_after, kv_after, channels_after)
-    _check_free_space(work, sum(b for i, b in enumerate(shard_bytes) if not manifest.done(i)))
+    _check_free_space(work, sum(b for i, b in enumerate(shard_bytes) if not (manifest and manifest.done(i))))
+    if manifest is None:  # every check passed: only now is anything created
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        manifest = Manifest(work, fp)
+        manifest.save()
+    writer = ShardWriter(work, n_layers + 2)
 
     def write(index: int, tensors: dict[str, torch.Tensor], layer_report: dict | None = None) -> None:
         try:
@@ -197,7 +201,7 @@ def prune(
                 raise
             needed = sum(b for i, b in enumerate(shard_bytes) if i >= index)
             raise DiskFull(errno.ENOSPC, f"the disk holding {work} filled up while writing "
-                           f"{writer.path(index).name}; about {needed / 2**30:.2f} GiB more are needed: free "
+                           f"{writer.path(index).name}; about {human_bytes(needed)} more are needed: free "
                            f"space and rerun the same command with --resume") from None
         manifest.record(index, size, layer_report)
 
@@ -302,11 +306,7 @@ def _log_layer(report: dict, n_layers: int, shape: arch.LayerShape) -> None:
     )
 
 
-def _open_manifest(work: Path, fp: dict, resume: bool) -> Manifest:
-    if not resume:
-        manifest = Manifest(work, fp)
-        manifest.save()
-        return manifest
+def _resumed_manifest(work: Path, fp: dict) -> Manifest:
     manifest = Manifest.load(work)
     diff = differences(manifest.fingerprint, fp)
     if diff:
@@ -331,10 +331,21 @@ def _expected_shard_bytes(reader: CheckpointReader, cfg, names: list[str], final
 
 
 def _check_free_space(work: Path, needed: int) -> None:
-    free = shutil.disk_usage(work).free
+    where = work
+    while not where.exists():  # the nearest existing folder is on the disk the output will go to
+        where = where.parent
+    free = shutil.disk_usage(where).free
     if needed > free:
-        raise DiskFull(errno.ENOSPC, f"the output needs about {needed / 2**30:.2f} GiB but only {free / 2**30:.2f} "
-                       f"GiB are free in {work.parent}; free space or choose another --out")
+        raise DiskFull(errno.ENOSPC, f"the output needs about {human_bytes(needed)} but only {human_bytes(free)} "
+                       f"are free in {where}; free space or choose another --out")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
 
 
 def _pruned_config_json(model_dir: Path, layers: list[dict], shape: arch.LayerShape, model_type: str) -> dict:
