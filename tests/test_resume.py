@@ -130,3 +130,56 @@ def test_resume_refuses_a_changed_input(model, calib_file, tmp_path, monkeypatch
     result = CliRunner().invoke(app, cli_args(src, out, calib_file) + ["--resume"])
     assert result.exit_code == 2
     assert "model.safetensors" in result.stderr and "input files changed" in result.stderr
+
+
+def test_every_shard_is_fsynced_before_the_manifest_declares_it(model, calib_file, tmp_path, monkeypatch):
+    import rcpu_lite.checkpoint as checkpoint
+    from rcpu_lite.progress import Manifest
+
+    synced: list[str] = []
+    real_fsync = checkpoint.os.fsync
+
+    def recording_fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    declared: list[int] = []
+    real_record = Manifest.record
+
+    def checking_record(self, shard, size, layer_report=None):
+        name = checkpoint.shard_name(shard, 5 + 2)
+        assert name + ".tmp" in synced, f"{name} declared finished before it was fsynced"
+        declared.append(shard)
+        real_record(self, shard, size, layer_report)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", recording_fsync)
+    monkeypatch.setattr(Manifest, "record", checking_record)
+    prune(model, tmp_path / "out", make_settings(calib_file))
+    assert declared == list(range(7))
+
+
+@pytest.mark.parametrize(
+    "key, old, new, words",
+    [
+        ("rcpu_lite_version", "0.0.9", "0.1.0", "rcpu_lite_version"),
+        ("calibration_sha256", "aa", "bb", "calibration tokens differ"),
+        ("settings", {"ratio": 0.2, "seed": 0}, {"ratio": 0.2, "seed": 1}, "setting seed"),
+        ("input_files", {"a.safetensors": {"size": 1}}, {"a.safetensors": {"size": 2}}, "a.safetensors"),
+    ],
+)
+def test_fingerprint_differences_say_what_changed(key, old, new, words):
+    from rcpu_lite.progress import differences
+
+    assert differences({key: old}, {key: old}) == []
+    diff = differences({key: old}, {key: new})
+    assert len(diff) == 1 and words in diff[0]
+
+
+def test_device_and_micro_batch_do_not_block_resume(model, calib_file):
+    from rcpu_lite.progress import fingerprint
+
+    windows = torch.zeros(2, 4, dtype=torch.long)
+    a = fingerprint(model, make_settings(calib_file, micro_batch=3, device="cpu"), windows)
+    b = fingerprint(model, make_settings(calib_file, micro_batch=1, device="auto"), windows)
+    c = fingerprint(model, make_settings(calib_file, seed=5), windows)
+    assert a == b and a != c
