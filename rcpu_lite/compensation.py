@@ -38,12 +38,17 @@ def compensate(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, met
 
 
 def relative_error(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, new_weight: torch.Tensor) -> float:
-    """||Y - Z'||_F / ||Y||_F with Z' = new_weight X_K, computed from the Gram in fp64.
+    """||Y - Z'||_F / ||Y||_F with Z' = new_weight X_K, from the Gram, in the inputs' dtype.
 
+    Y - Z' = D X with D = W less new_weight in the kept columns, so ||Y - Z'||^2 = tr(D C D^T): one
+    quadratic form, with none of the cancellation of expanding ||Y||^2 - 2<Y, Z'> + ||Z'||^2.
     A bias, unchanged by pruning, cancels in Y - Z'.
     """
-    w, c, n = weight.double(), gram.double(), new_weight.double()
-    yy = ((w @ c) * w).sum()
-    yz = ((w @ c[:, kept]) * n).sum()
-    zz = ((n @ c[kept][:, kept]) * n).sum()
-    return float(((yy - 2 * yz + zz).clamp_min(0) / yy).sqrt())
+    diff = weight.clone()
+    diff[:, kept] -= new_weight
+    return float((_energy(diff, gram) / _energy(weight, gram)).clamp_min(0).sqrt())
+
+
+def _energy(a: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """tr(A C A^T) = ||A X||_F^2."""
+    return ((a @ gram) * a).sum()
