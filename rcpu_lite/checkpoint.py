@@ -6,7 +6,10 @@ import json
 import os
 import signal
 import shutil
+import threading
 import weakref
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -35,6 +38,7 @@ class CheckpointReader:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._handles: dict[str, object] = {}
+        self._lock = threading.Lock()  # the prefetch thread loads while the main thread frees
         if not (self.path / "config.json").is_file():
             raise CheckpointError(f"{self.path} has no config.json; pass a Hugging Face checkpoint directory")
         if (self.path / INDEX_NAME).is_file():
@@ -94,14 +98,35 @@ class CheckpointReader:
     def get_many(self, names: list[str], prefix: str = "") -> dict[str, torch.Tensor]:
         return {n: self.get(prefix + n) for n in names}
 
+    def prefetching(self, names: list[str], prefixes: list[str], pin: bool = False
+                    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield get_many(names, prefix) for each prefix, reading the next one in a background thread
+        while the caller works on the current one (so at most two layers are resident).
+
+        pin=True puts the tensors in page-locked memory, for asynchronous copies to a GPU.
+        """
+        def load(prefix: str) -> dict[str, torch.Tensor]:
+            tensors = self.get_many(names, prefix)
+            return {k: v.pin_memory() for k, v in tensors.items()} if pin else tensors
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rcpu-prefetch") as pool:
+            pending = pool.submit(load, prefixes[0]) if prefixes else None
+            for k in range(len(prefixes)):
+                current = pending.result()
+                pending = pool.submit(load, prefixes[k + 1]) if k + 1 < len(prefixes) else None
+                yield current
+                del current
+
     def _track(self, tensor: torch.Tensor) -> None:
         size = tensor.untyped_storage().nbytes()
-        self.live_bytes += size
-        self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+        with self._lock:
+            self.live_bytes += size
+            self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
         weakref.finalize(tensor.untyped_storage(), self._release, size)
 
     def _release(self, size: int) -> None:
-        self.live_bytes -= size
+        with self._lock:
+            self.live_bytes -= size
 
     def close(self) -> None:
         self._handles.clear()

@@ -53,9 +53,12 @@ def perplexity(
     for start in range(0, windows.shape[0], chunk):
         ids = windows[start:start + chunk]
         hidden = reader.get(arch.EMBED)[ids].to(device=dev, dtype=torch.float32)
+        prefixes = [arch.layer_prefix(i) for i in range(config.num_hidden_layers)]
+        layer_reads = reader.prefetching(names, prefixes, pin=dev.type == "cuda")
         for i in range(config.num_hidden_layers):
-            tensors = {k: v.to(device=dev, dtype=torch.float32) for k, v in
-                       reader.get_many(names, arch.layer_prefix(i)).items()}
+            stored = next(layer_reads)  # not enumerate(): it would keep the previous layer alive
+            tensors = {k: v.to(device=dev, dtype=torch.float32, non_blocking=True) for k, v in stored.items()}
+            del stored
             layer = arch.build_layer(config, i, tensors)
             run_layer_batched(layer, hidden, inputs, config, i, micro_batch)
             del layer, tensors

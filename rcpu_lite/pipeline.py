@@ -217,19 +217,22 @@ def prune(
     first_todo = next((i for i in range(n_layers) if not manifest.done(i + 1)), n_layers)
     if first_todo:
         log.info("resuming: %d of %d layers were finished", first_todo, n_layers)
-    with _StopFlag() as stop:
-        for i in range(n_layers):
-            t0 = time.perf_counter()
+    if first_todo < n_layers:  # rebuild the hidden states by replaying the finished compact layers
+        for i in range(first_todo):
             prefix = arch.layer_prefix(i)
-            if i < first_todo:
-                if first_todo < n_layers:  # rebuild the hidden states by replaying the finished compact layer
-                    written = {k[len(prefix):]: v for k, v in writer.read(i + 1).items()}
-                    _propagate(cfg, i, written, manifest.layers[i], hidden, inputs, settings.micro_batch)
-                continue
-            stored = reader.get_many(names, prefix)
+            written = {k[len(prefix):]: v for k, v in writer.read(i + 1).items()}
+            _propagate(cfg, i, written, manifest.layers[i], hidden, inputs, settings.micro_batch)
+    todo = list(range(first_todo, n_layers))
+    layer_reads = reader.prefetching(names, [arch.layer_prefix(i) for i in todo], pin=device.type == "cuda")
+    with _StopFlag() as stop:
+        for i in todo:
+            t0 = time.perf_counter()
+            # next() rather than zip/enumerate: those keep the previous item alive while the next is read
+            stored = next(layer_reads)
+            prefix = arch.layer_prefix(i)
             _check_finite(f"layer {i}", stored)
             out_dtype = stored["self_attn.q_proj.weight"].dtype
-            tensors = {k: v.to(device=device, dtype=torch.float32) for k, v in stored.items()}
+            tensors = {k: v.to(device=device, dtype=torch.float32, non_blocking=True) for k, v in stored.items()}
             del stored
             compact, report = prune_layer(cfg, i, tensors, hidden, inputs, settings)
             del tensors
