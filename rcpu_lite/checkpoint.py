@@ -98,16 +98,22 @@ class CheckpointReader:
     def get_many(self, names: list[str], prefix: str = "") -> dict[str, torch.Tensor]:
         return {n: self.get(prefix + n) for n in names}
 
-    def prefetching(self, names: list[str], prefixes: list[str], pin: bool = False
-                    ) -> Iterator[dict[str, torch.Tensor]]:
-        """Yield get_many(names, prefix) for each prefix, reading the next one in a background thread
-        while the caller works on the current one (so at most two layers are resident).
+    def layers(self, names: list[str], prefixes: list[str], background: bool = False
+               ) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield get_many(names, prefix) for each prefix, one layer at a time.
 
-        pin=True puts the tensors in page-locked memory, for asynchronous copies to a GPU.
+        background=True (the GPU path) reads the next layer in a thread, into page-locked memory for
+        asynchronous copies, while the caller works on the current one: two layers are resident then.
+        Take items with next(): zip/enumerate keep the previous item alive while the next is read.
         """
+        if not background:
+            for prefix in prefixes:
+                yield self.get_many(names, prefix)
+            return
+
         def load(prefix: str) -> dict[str, torch.Tensor]:
             tensors = self.get_many(names, prefix)
-            return {k: v.pin_memory() for k, v in tensors.items()} if pin else tensors
+            return {k: v.pin_memory() for k, v in tensors.items()} if torch.cuda.is_available() else tensors
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rcpu-prefetch") as pool:
             pending = pool.submit(load, prefixes[0]) if prefixes else None

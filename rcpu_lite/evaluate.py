@@ -54,7 +54,7 @@ def perplexity(
         ids = windows[start:start + chunk]
         hidden = reader.get(arch.EMBED)[ids].to(device=dev, dtype=torch.float32)
         prefixes = [arch.layer_prefix(i) for i in range(config.num_hidden_layers)]
-        layer_reads = reader.prefetching(names, prefixes, pin=dev.type == "cuda")
+        layer_reads = reader.layers(names, prefixes, background=dev.type == "cuda")
         for i in range(config.num_hidden_layers):
             stored = next(layer_reads)  # not enumerate(): it would keep the previous layer alive
             tensors = {k: v.to(device=dev, dtype=torch.float32, non_blocking=True) for k, v in stored.items()}

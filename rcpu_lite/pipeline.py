@@ -223,7 +223,7 @@ def prune(
             written = {k[len(prefix):]: v for k, v in writer.read(i + 1).items()}
             _propagate(cfg, i, written, manifest.layers[i], hidden, inputs, settings.micro_batch)
     todo = list(range(first_todo, n_layers))
-    layer_reads = reader.prefetching(names, [arch.layer_prefix(i) for i in todo], pin=device.type == "cuda")
+    layer_reads = reader.layers(names, [arch.layer_prefix(i) for i in todo], background=device.type == "cuda")
     with _StopFlag() as stop:
         for i in todo:
             t0 = time.perf_counter()

@@ -1,0 +1,26 @@
+"""checkpoint: layer reads, with and without the background thread of the GPU path."""
+from __future__ import annotations
+
+import torch
+
+from rcpu_lite import arch
+from rcpu_lite.checkpoint import CheckpointReader
+
+
+def test_background_reads_give_the_same_tensors_and_at_most_two_layers(tiny_checkpoint):
+    src = tiny_checkpoint("llama_gqa", num_hidden_layers=6)
+    from transformers import AutoConfig
+
+    names = arch.layer_tensor_names(AutoConfig.from_pretrained(src))
+    prefixes = [arch.layer_prefix(i) for i in range(6)]
+    plain, background = CheckpointReader(src), CheckpointReader(src)
+    one_layer = sum(t.untyped_storage().nbytes() for t in CheckpointReader(src).get_many(names, prefixes[0]).values())
+    direct = plain.layers(names, prefixes)
+    ahead = background.layers(names, prefixes, background=True)
+    for _ in prefixes:
+        a, b = next(direct), next(ahead)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        del a, b
+    assert plain.peak_live_bytes == one_layer
+    assert background.peak_live_bytes == 2 * one_layer  # the layer in use and the one being read
+    assert plain.live_bytes == 0
