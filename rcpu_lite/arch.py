@@ -35,6 +35,16 @@ def check_supported(config: PretrainedConfig) -> None:
         )
 
 
+def head_weight_name(config: PretrainedConfig) -> str:
+    """The output projection: lm_head, or the input embeddings when they are tied."""
+    return EMBED if getattr(config, "tie_word_embeddings", False) else LM_HEAD
+
+
+def final_tensor_names(config: PretrainedConfig) -> list[str]:
+    """Tensors after the last decoder layer (a tied lm_head is not stored, as transformers saves it)."""
+    return [FINAL_NORM] + ([] if head_weight_name(config) == EMBED else [LM_HEAD])
+
+
 def layer_prefix(index: int) -> str:
     return f"model.layers.{index}."
 
@@ -176,10 +186,9 @@ def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, inputs: LayerInputs,
     return out[0] if isinstance(out, tuple) else out
 
 
-def final_logits(config: PretrainedConfig, hidden: torch.Tensor, norm_weight: torch.Tensor,
-                 head_weight: torch.Tensor) -> torch.Tensor:
-    """The model's final RMSNorm followed by the LM head."""
+def final_norm(config: PretrainedConfig, weight: torch.Tensor) -> torch.nn.Module:
+    """The model's final RMSNorm holding `weight`; the LM head is then a plain matmul."""
     with torch.device("meta"):
         norm = _modeling(config, "RMSNorm")(config.hidden_size, eps=config.rms_norm_eps)
-    norm.load_state_dict({"weight": norm_weight}, assign=True)
-    return norm(hidden) @ head_weight.T
+    norm.load_state_dict({"weight": weight}, assign=True)
+    return norm.eval().requires_grad_(False)

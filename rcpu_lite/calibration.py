@@ -20,7 +20,9 @@ def read_text(source: str | Path) -> str:
 
     `source` may also name a bundled set ("c4": 920 documents of C4 English validation, ODC-BY).
     """
-    path = BUNDLED.get(str(source), Path(source))
+    path = Path(source)
+    if not path.exists() and str(source) in BUNDLED:
+        path = BUNDLED[str(source)]
     if not path.is_file():
         raise CalibrationError(f"text file {path} does not exist")
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
@@ -36,9 +38,12 @@ def read_text(source: str | Path) -> str:
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    docs.append(json.loads(line)["text"])
+                    doc = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise CalibrationError(f"{path}:{n} is not a JSON object with a \"text\" field") from None
+                    doc = None
+                if not isinstance(doc, str):
+                    raise CalibrationError(f"{path}:{n} is not a JSON object with a \"text\" string")
+                docs.append(doc)
         text = "\n\n".join(docs)
     return text
 

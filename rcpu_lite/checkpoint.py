@@ -113,7 +113,12 @@ class CheckpointReader:
 
         def load(prefix: str) -> dict[str, torch.Tensor]:
             tensors = self.get_many(names, prefix)
-            return {k: v.pin_memory() for k, v in tensors.items()} if torch.cuda.is_available() else tensors
+            if not torch.cuda.is_available():
+                return tensors
+            pinned = {k: v.pin_memory() for k, v in tensors.items()}
+            for t in pinned.values():
+                self._track(t)  # the pinned copy is what stays resident
+            return pinned
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rcpu-prefetch") as pool:
             pending = pool.submit(load, prefixes[0]) if prefixes else None

@@ -20,14 +20,8 @@ app = typer.Typer(
 MODEL_HELP = "A local Hugging Face checkpoint directory (safetensors), or the built-in name smollm2-135m."
 
 
-def _fail(err: Exception, debug: bool) -> None:
-    if debug:
-        raise err
-    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(2)
-
-
-def _fail_prune(err: Exception, debug: bool, settings: PruneSettings | None) -> None:
+def _fail(err: BaseException, debug: bool, micro_batch: object = "?", resumable: bool = False) -> None:
+    """One line on stderr and a distinct exit code; the traceback only with --debug."""
     import torch
 
     from .pipeline import Interrupted
@@ -35,13 +29,20 @@ def _fail_prune(err: Exception, debug: bool, settings: PruneSettings | None) -> 
     if isinstance(err, Interrupted):
         typer.secho(str(err), err=True, fg=typer.colors.YELLOW)
         raise typer.Exit(Interrupted.exit_code)
-    if isinstance(err, torch.OutOfMemoryError) and not debug:
-        batch = settings.micro_batch if settings else "?"
-        err = MemoryError(f"the GPU ran out of memory; use a smaller --micro-batch (now {batch}) or --device cpu, "
-                          f"then rerun with --resume")
+    if debug:
+        raise err
+    if isinstance(err, KeyboardInterrupt):
+        hint = "; finished layers are kept: rerun the same command with --resume" if resumable else ""
+        typer.secho(f"aborted{hint}", err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(130)
+    if isinstance(err, torch.OutOfMemoryError):
+        then = ", then rerun with --resume" if resumable else ""
+        err = MemoryError(f"the GPU ran out of memory; use a smaller --micro-batch (now {micro_batch}) or "
+                          f"--device cpu{then}")
     elif not isinstance(err, (ValueError, OSError)):
         raise err
-    _fail(err, debug)
+    typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(2)
 
 
 def _logging(quiet: bool) -> None:
@@ -76,8 +77,8 @@ def prune(
                                         nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                                         micro_batch=micro_batch)
         run_prune(model, out, settings, overwrite=overwrite, resume=resume)
-    except Exception as e:
-        _fail_prune(e, debug, settings if "settings" in locals() else None)
+    except (Exception, KeyboardInterrupt) as e:
+        _fail(e, debug, settings.micro_batch if "settings" in locals() else "?", resumable=True)
 
 
 @app.command("eval")
@@ -98,8 +99,8 @@ def evaluate(
     _logging(quiet)
     try:
         result = perplexity(model, ppl, seqlen=seqlen, max_windows=max_windows, device=device, micro_batch=micro_batch)
-    except (ValueError, OSError) as e:
-        _fail(e, debug)
+    except (Exception, KeyboardInterrupt) as e:
+        _fail(e, debug, micro_batch)
     if as_json:
         typer.echo(json.dumps(result))
     else:

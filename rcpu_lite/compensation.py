@@ -17,9 +17,12 @@ def cross_product(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor) 
 
 
 def procrustes(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The orthogonal Q maximising tr(Q^T M) (reflections allowed), and M's singular values."""
-    u, s, vh = torch.linalg.svd(m.double())
-    return (u @ vh).to(m.dtype), s.to(m.dtype)
+    """The orthogonal Q maximising tr(Q^T M) (reflections allowed), and M's singular values.
+
+    The SVD runs in fp64 on the CPU: consumer GPUs are slow at fp64, and M is only d_out x d_out.
+    """
+    u, s, vh = torch.linalg.svd(m.detach().to("cpu", torch.float64))
+    return (u @ vh).to(m.device, m.dtype), s.to(m.device, m.dtype)
 
 
 def compensate(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, method: str) -> torch.Tensor:

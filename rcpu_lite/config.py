@@ -51,10 +51,14 @@ class PruneSettings:
         """Defaults, then the TOML file, then every override that is not None."""
         values = read_toml(toml_file) if toml_file else {}
         values.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise SettingsError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise SettingsError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
+        for name, value in values.items():
+            expected = {"float": (int, float), "int": int, "str": str}[fields[name].type]
+            if isinstance(value, bool) or not isinstance(value, expected):
+                raise SettingsError(f"setting {name} must be a {fields[name].type}, got {value!r}")
         return cls(**values).validate()
 
 
@@ -67,5 +71,9 @@ def read_toml(path: str | Path) -> dict:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SettingsError(f"{path} is not valid TOML: {e}") from None
+    tables = sorted(k for k, v in data.items() if isinstance(v, dict))
+    if tables and tables != ["prune"]:
+        raise SettingsError(f"{path} has table(s) [{'], ['.join(tables)}]; put the settings at the top level or "
+                            f"under [prune]")
     data = data.get("prune", data)
-    return {k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
+    return {k.replace("-", "_"): v for k, v in data.items()}

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from . import arch, calibration
 from .checkpoint import CheckpointReader
-from .models import resolve_model
-from .runtime import peak_rss_bytes, pick_device, run_layer_batched
+from .models import load_tokenizer, resolve_model
+from .runtime import peak_rss_bytes, pick_device, run_layer_batched, to_compute
 
 log = logging.getLogger("rcpu_lite")
 
@@ -34,13 +34,19 @@ def perplexity(
     The hidden states of at most `max_hidden_gb` worth of windows are held at once; larger texts
     are done in chunks, each streaming every layer from disk again.
     """
+    if seqlen < 2:
+        raise ValueError(f"--seqlen must be at least 2 (a window predicts its tokens after the first), got {seqlen}")
+    if micro_batch < 1:
+        raise ValueError(f"--micro-batch must be at least 1, got {micro_batch}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"--max-windows must be at least 1, got {max_windows}")
     started = time.perf_counter()
     model_dir = resolve_model(model)
     reader = CheckpointReader(model_dir)
     config = arch.compute_config(AutoConfig.from_pretrained(model_dir))
     arch.check_supported(config)
     dev = pick_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     windows = calibration.consecutive_windows(
         calibration.tokenize(tokenizer, calibration.evaluation_text(text_file)), seqlen, max_windows
     )
@@ -57,19 +63,19 @@ def perplexity(
         layer_reads = reader.layers(names, prefixes, background=dev.type == "cuda")
         for i in range(config.num_hidden_layers):
             stored = next(layer_reads)  # not enumerate(): it would keep the previous layer alive
-            tensors = {k: v.to(device=dev, dtype=torch.float32, non_blocking=True) for k, v in stored.items()}
+            tensors = to_compute(stored, dev)
             del stored
             layer = arch.build_layer(config, i, tensors)
             run_layer_batched(layer, hidden, inputs, config, i, micro_batch)
             del layer, tensors
             log.info("windows %d-%d of %d: layer %d/%d", start + 1, start + ids.shape[0], windows.shape[0], i + 1,
                      config.num_hidden_layers)
-        norm = reader.get(arch.FINAL_NORM).to(dev, torch.float32)
-        head = reader.get(arch.LM_HEAD if arch.LM_HEAD in reader else arch.EMBED).to(dev, torch.float32)
-        for b in range(0, ids.shape[0], micro_batch):
-            logits = arch.final_logits(config, hidden[b:b + micro_batch], norm, head)
-            target = ids[b:b + micro_batch, 1:].to(dev)
-            nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), reduction="sum"))
+        norm = arch.final_norm(config, reader.get(arch.FINAL_NORM).to(dev, torch.float32))
+        head = reader.get(arch.head_weight_name(config)).to(dev, torch.float32)
+        for w in range(ids.shape[0]):  # one window at a time: seqlen x vocab logits, not micro_batch times that
+            logits = norm(hidden[w, :-1]) @ head.T
+            target = ids[w, 1:].to(dev)
+            nll += float(F.cross_entropy(logits, target, reduction="sum"))
             count += target.numel()
         del hidden, norm, head
     reader.close()

@@ -80,3 +80,15 @@ def resolve_model(model: str | os.PathLike) -> Path:
     raise ModelNotFound(
         f"{name} does not exist; give a checkpoint directory or one of the built-in names: {', '.join(BUILTIN)}"
     )
+
+
+def load_tokenizer(model_dir: Path):
+    """The checkpoint's tokenizer, or one clear error when it has none that loads."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ModelNotFound(f"{model_dir} has no tokenizer that loads ({reason}); copy the original model's "
+                            f"tokenizer files (tokenizer.json, tokenizer_config.json) into it") from None

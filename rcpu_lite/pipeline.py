@@ -17,14 +17,14 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from . import __version__, arch, calibration, compensation, scoring, surgery
 from .checkpoint import CheckpointReader, ShardWriter, copy_side_files
 from .config import PruneSettings
-from .models import resolve_model
-from .progress import MANIFEST_NAME, Manifest, differences, fingerprint
-from .runtime import current_rss_bytes, peak_rss_bytes, pick_device, run_layer_batched
+from .models import load_tokenizer, resolve_model
+from .progress import MANIFEST_NAME, Manifest, differences, fingerprint, fsync_dir
+from .runtime import current_rss_bytes, peak_rss_bytes, pick_device, run_layer_batched, to_compute
 from .stats import InputStats
 
 log = logging.getLogger("rcpu_lite")
@@ -51,18 +51,48 @@ def working_dir(out: Path) -> Path:
 
 
 def check_output(out: Path, model_dir: Path, overwrite: bool, resume: bool) -> Path:
-    """Refuse a bad --out before any work, and return the sibling working directory (not created yet)."""
-    if out.resolve() == model_dir.resolve():
+    """Refuse a bad --out before any work, and return the sibling working directory (not created yet).
+
+    --overwrite deletes --out at the end, so --out may not hold the input or the current directory.
+    """
+    target, src, cwd = out.resolve(), model_dir.resolve(), Path.cwd().resolve()
+    if target == src:
         raise OutputError(f"--out {out} is the input checkpoint; choose another directory")
-    if out.exists() and not overwrite:
+    if target.name in ("", "..") or target == Path(target.anchor):
+        raise OutputError(f"--out {out} is not a usable directory name; give a new directory such as {out}/pruned")
+    if src.is_relative_to(target):
+        raise OutputError(f"--out {out} contains the input checkpoint; choose a directory beside it")
+    if target.is_relative_to(src):
+        raise OutputError(f"--out {out} is inside the input checkpoint, which is only ever read; choose a "
+                          f"directory outside it")
+    if cwd.is_relative_to(target):
+        raise OutputError(f"--out {out} contains the current directory; choose another directory")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"--out {out} is a file; give a directory path")
+    if target.exists() and not overwrite:
         raise OutputError(f"{out} already exists; pass --overwrite to replace it")
-    work = working_dir(out)
+    work = working_dir(target)
     if resume and not (work / MANIFEST_NAME).is_file():
         raise OutputError(f"there is no interrupted run to resume in {work}; run without --resume")
     if not resume and work.exists() and not overwrite:
         raise OutputError(f"{work} holds an interrupted run; pass --resume to continue it or --overwrite to "
                           f"start over")
     return work
+
+
+def publish(work: Path, out: Path) -> None:
+    """Make every file durable, then replace --out by the working directory in one rename."""
+    for item in work.iterdir():
+        if item.is_file():
+            with open(item, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(work)
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    # The manifest goes last: a crash before this point leaves a complete OUT.partial that --resume finishes.
+    (out / MANIFEST_NAME).unlink()
+    fsync_dir(out.parent)
 
 
 def _check_finite(what: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -167,18 +197,23 @@ def prune(
     shape = arch.layer_shape(cfg)
     n_layers = cfg.num_hidden_layers
     names = arch.layer_tensor_names(cfg)
-    final_names = [arch.FINAL_NORM] + ([arch.LM_HEAD] if arch.LM_HEAD in reader else [])
+    final_names = arch.final_tensor_names(cfg)
     reader.require([arch.EMBED, *final_names,
                     *(arch.layer_prefix(i) + n for i in range(n_layers) for n in names)])
     heads_after, kv_after = (t.numel() for t in scoring.kept_heads(
         torch.zeros(shape.num_attention_heads), shape.num_key_value_heads, settings.ratio))
     channels_after = shape.intermediate_size - scoring.n_removed(settings.ratio, shape.intermediate_size)
     model_type_after = arch.saved_model_type(cfg, heads_after)  # refuses early what could not be loaded
+    if settings.ratio > 0 and heads_after == shape.num_attention_heads:
+        per_group = shape.num_attention_heads // shape.num_key_value_heads
+        log.warning("ratio %.2f removes no attention heads: with %d query heads per key/value group, a group "
+                    "loses a head only from ratio %.3f up; only MLP channels are pruned", settings.ratio, per_group,
+                    shape.num_key_value_heads / shape.num_attention_heads)
     out = Path(out)
     work = check_output(out, model_dir, overwrite, resume)
     device = pick_device(settings.device)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     tokens = calibration.tokenize(tokenizer, calibration.read_text(settings.calib))
     windows = calibration.random_windows(tokens, settings.nsamples, settings.seqlen, settings.seed)
     fp = fingerprint(model_dir, settings, windows)
@@ -231,13 +266,13 @@ def prune(
             stored = next(layer_reads)
             prefix = arch.layer_prefix(i)
             _check_finite(f"layer {i}", stored)
-            out_dtype = stored["self_attn.q_proj.weight"].dtype
-            tensors = {k: v.to(device=device, dtype=torch.float32, non_blocking=True) for k, v in stored.items()}
+            dtypes = {k: v.dtype for k, v in stored.items()}  # each tensor is written back in its own dtype
+            tensors = to_compute(stored, device)
             del stored
             compact, report = prune_layer(cfg, i, tensors, hidden, inputs, settings)
             del tensors
             # Propagate through the weights exactly as written, so layer i+1 sees what the saved model computes.
-            written = {k: v.to(out_dtype) for k, v in compact.items()}
+            written = {k: v.to(dtypes[k]) for k, v in compact.items()}
             del compact
             _propagate(cfg, i, written, report, hidden, inputs, settings.micro_batch)
             report["seconds"] = round(time.perf_counter() - t0, 3)
@@ -281,10 +316,7 @@ def prune(
         "layers": manifest.layers,
     }
     (work / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
-    (work / MANIFEST_NAME).unlink()
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
+    publish(work, out.resolve())
     log.info("wrote %s: %d -> %d parameters (%.1f%% fewer) in %.0fs", out, params_before, params_after,
              100 * report["param_reduction"], report["wall_seconds"])
     return report
@@ -295,7 +327,7 @@ def _propagate(cfg, index: int, written: dict[str, torch.Tensor], report: dict, 
     """Run the compact layer (widths from its report) over the hidden states, in place."""
     pruned_cfg = arch.pruned_config(cfg, len(report["kept_heads"]), len(report["kept_kv_heads"]),
                                     len(report["kept_channels"]))
-    layer = arch.build_layer(pruned_cfg, index, {k: v.to(hidden.device, torch.float32) for k, v in written.items()})
+    layer = arch.build_layer(pruned_cfg, index, to_compute(written, hidden.device))
     run_layer_batched(layer, hidden, inputs, pruned_cfg, index, micro_batch)
 
 

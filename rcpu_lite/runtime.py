@@ -12,9 +12,19 @@ from . import arch
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but this torch has no CUDA device; use --device cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu or cuda[:N], got {device!r}") from None
+
+
+def to_compute(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """fp32 copies on the compute device; the copy goes first so that pinned memory is copied asynchronously."""
+    return {k: v.to(device, non_blocking=True).float() for k, v in tensors.items()}
 
 
 def peak_rss_bytes() -> int:

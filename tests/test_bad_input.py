@@ -423,3 +423,83 @@ def test_resume_with_different_settings(model, tmp_path, calib_file, monkeypatch
                           ["--overwrite to start over"])
     assert snapshot(model) == before and snapshot(partial) == partial_before
     assert not out.exists()
+
+
+# --- found in review: --out that would destroy something, an untied model without lm_head, eval options ---
+
+@pytest.mark.parametrize("where", ["parent_of_input", "inside_input", "cwd", "dot"])
+def test_output_that_overwrite_would_destroy_is_refused(model_copy, tmp_path, calib_file, monkeypatch, where):
+    before = snapshot(model_copy)
+    monkeypatch.chdir(tmp_path)
+    out = {"parent_of_input": tmp_path, "inside_input": model_copy / "pruned", "cwd": tmp_path,
+           "dot": Path(".")}[where]
+    result = prune(model_copy, out, calib_file, "--overwrite")
+    assert_one_line_error(result, f"--out {where} with --overwrite", ["--out"],
+                          ["choose a directory", "choose another directory", "give a new directory"])
+    assert snapshot(model_copy) == before
+    assert not (model_copy / "pruned").exists()
+
+
+def test_output_that_is_a_file_is_refused(model, tmp_path, calib_file):
+    (tmp_path / "out").write_text("not a directory")
+    result = prune(model, tmp_path / "out", calib_file, "--overwrite")
+    assert_one_line_error(result, "--out is a file", ["is a file"], ["give a directory path"])
+    assert (tmp_path / "out").read_text() == "not a directory"
+
+
+def test_untied_model_without_lm_head_is_refused(model_copy, tmp_path, calib_file):
+    tensors = load_file(model_copy / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(model_copy / "model.safetensors"), metadata={"format": "pt"})
+    result = prune(model_copy, tmp_path / "out", calib_file)
+    assert_one_line_error(result, "untied model without lm_head", ["lm_head.weight", "missing"],
+                          ["download or convert it again"])
+    result = runner.invoke(app, ["eval", str(model_copy), "--ppl", str(calib_file), "--seqlen", "16", "--quiet"])
+    assert_one_line_error(result, "eval: untied model without lm_head", ["lm_head.weight"], ["again"])
+
+
+def test_checkpoint_without_tokenizer(model_copy, tmp_path, calib_file):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (model_copy / name).unlink(missing_ok=True)
+    result = prune(model_copy, tmp_path / "out", calib_file)
+    assert_one_line_error(result, "no tokenizer", ["tokenizer"], ["copy the original model's tokenizer files"])
+    assert_no_output(tmp_path / "out")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--device", "gpu"], "--device"), (["--seqlen", "1"], "--seqlen"), (["--micro-batch", "0"], "--micro-batch"),
+    (["--max-windows", "0"], "--max-windows"),
+])
+def test_eval_bad_options(model, calib_file, args, words):
+    result = runner.invoke(app, ["eval", str(model), "--ppl", str(calib_file), "--quiet", *args])
+    assert_one_line_error(result, f"eval {' '.join(args)}", [words], ["must be"])
+
+
+@pytest.mark.parametrize("text, words", [
+    ('ratio = "0.2"\n', "setting ratio must be a float"),
+    ('[prun]\nratio = 0.3\n', "[prun]"),
+    ('ratio = 0.3\nbogus = 1\n', "unknown setting"),
+])
+def test_bad_preset(model, tmp_path, calib_file, text, words):
+    preset = tmp_path / "preset.toml"
+    preset.write_text(text)
+    result = prune(model, tmp_path / "out", calib_file, "--config", preset)
+    assert_one_line_error(result, f"preset {text.strip()!r}", [words], ["must be", "under [prune]", "known:"])
+
+
+def test_jsonl_with_a_non_string_text(model, tmp_path):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text('{"text": "fine"}\n{"text": null}\n')
+    result = prune(model, tmp_path / "out", calib)
+    assert_one_line_error(result, "jsonl text null", ["calib.jsonl:2"], ['"text" string'])
+
+
+def test_second_interrupt_aborts_with_130_and_says_resume(model, tmp_path, calib_file, monkeypatch):
+    def abort(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "prune_layer", abort)
+    result = prune(model, tmp_path / "out", calib_file)
+    assert result.exit_code == 130
+    assert result.stderr.strip().startswith("aborted") and "--resume" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,6 +1,8 @@
 """checkpoint: layer reads, with and without the background thread of the GPU path."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from rcpu_lite import arch
@@ -17,9 +19,14 @@ def test_background_reads_give_the_same_tensors_and_at_most_two_layers(tiny_chec
     one_layer = sum(t.untyped_storage().nbytes() for t in CheckpointReader(src).get_many(names, prefixes[0]).values())
     direct = plain.layers(names, prefixes)
     ahead = background.layers(names, prefixes, background=True)
-    for _ in prefixes:
+    for k in range(len(prefixes)):
         a, b = next(direct), next(ahead)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        if k + 1 < len(prefixes):  # the next layer is being read meanwhile: wait until it is in memory
+            deadline = time.monotonic() + 30
+            while background.live_bytes < 2 * one_layer and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert background.live_bytes == 2 * one_layer
         del a, b
     assert plain.peak_live_bytes == one_layer
     assert background.peak_live_bytes == 2 * one_layer  # the layer in use and the one being read

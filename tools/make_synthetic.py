@@ -91,7 +91,7 @@ def make_synthetic(shape_name: str, layers: int, out: Path, seed: int = 0, dtype
     (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     config = dict(shape, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
                   rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                  torch_dtype=str(dtype).removeprefix("torch."), attention_bias=False, mlp_bias=False)
+                  dtype=str(dtype).removeprefix("torch."), attention_bias=False, mlp_bias=False)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is None:
         from rcpu_lite.models import resolve_model

@@ -14,8 +14,10 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rcpu_lite.config import tomllib  # noqa: E402  (tomli on Python 3.10)
 
 
 def run(cmd: list[str]) -> str:
@@ -38,6 +40,23 @@ def jobs(sweep: dict) -> list[dict]:
     return out
 
 
+def commands(sweep: dict, job: dict, max_windows: int | None) -> tuple[list[str] | None, list[str], Path | None]:
+    """The prune command (None for the dense row), the eval command, and the pruned checkpoint's path."""
+    prune_cmd, ckpt, model = None, None, sweep["model"]
+    if job["method"]:
+        ckpt = Path(sweep["results"]) / "checkpoints" / job["name"]
+        prune_cmd = ["rcpu-lite", "prune", sweep["model"], "--out", str(ckpt), "--ratio", str(job["ratio"]),
+                     "--score", job["method"]["score"], "--compensate", job["method"]["compensate"],
+                     "--calib", sweep["calib"], "--nsamples", str(sweep["nsamples"]),
+                     "--seqlen", str(sweep["seqlen"]), "--overwrite", "--quiet"]
+        model = str(ckpt)
+    eval_cmd = ["rcpu-lite", "eval", model, "--ppl", sweep["eval"], "--seqlen", str(sweep["seqlen"]), "--json",
+                "--quiet"]
+    if max_windows:
+        eval_cmd += ["--max-windows", str(max_windows)]
+    return prune_cmd, eval_cmd, ckpt
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", type=Path)
@@ -53,32 +72,27 @@ def main() -> None:
     for job in jobs(sweep):
         if args.only and args.only not in job["name"]:
             continue
+        prune_cmd, eval_cmd, ckpt = commands(sweep, job, args.max_windows)
         record_path = results / f"{job['name']}.json"
         if record_path.exists():
-            rows.append(json.loads(record_path.read_text()))
-            continue
+            old = json.loads(record_path.read_text())
+            # Reuse a result only if it was made by exactly these commands (settings live in them).
+            if old.get("prune_command") == (shlex.join(prune_cmd) if prune_cmd else None) \
+                    and old.get("eval_command") == shlex.join(eval_cmd):
+                rows.append(old)
+                continue
         record = {"job": job["name"], "ratio": job["ratio"], "method": job["method"]["name"] if job["method"] else "dense"}
-        model = sweep["model"]
-        if job["method"]:
-            ckpt = results / "checkpoints" / job["name"]
-            prune_cmd = ["rcpu-lite", "prune", sweep["model"], "--out", str(ckpt), "--ratio", str(job["ratio"]),
-                         "--score", job["method"]["score"], "--compensate", job["method"]["compensate"],
-                         "--calib", sweep["calib"], "--nsamples", str(sweep["nsamples"]),
-                         "--seqlen", str(sweep["seqlen"]), "--overwrite", "--quiet"]
+        if prune_cmd:
             run(exe + prune_cmd[1:])
             report = json.loads((ckpt / "rcpu_report.json").read_text())
             record.update(prune_command=shlex.join(prune_cmd), prune_seconds=report["wall_seconds"],
                           prune_peak_rss_bytes=report["peak_rss_bytes"], params=report["params_after"],
                           param_reduction=report["param_reduction"], shape_after=report["shape_after"])
-            model = str(ckpt)
-        eval_cmd = ["rcpu-lite", "eval", model, "--ppl", sweep["eval"], "--seqlen", str(sweep["seqlen"]), "--json", "--quiet"]
-        if args.max_windows:
-            eval_cmd += ["--max-windows", str(args.max_windows)]
         result = json.loads(run(exe + eval_cmd[1:]).strip().splitlines()[-1])
         record.update(eval_command=shlex.join(eval_cmd), ppl=result["ppl"], eval_tokens=result["tokens"],
                       eval_seconds=result["seconds"])
-        if job["method"] and not args.keep_checkpoints:
-            shutil.rmtree(model)
+        if ckpt and not args.keep_checkpoints:
+            shutil.rmtree(ckpt)
         if not args.max_windows:  # quick looks are not recorded as results
             record_path.write_text(json.dumps(record, indent=2) + "\n")
         rows.append(record)
