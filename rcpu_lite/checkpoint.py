@@ -178,8 +178,8 @@ class ShardWriter:
         with safe_open(self.path(index), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
 
-    def finish(self) -> tuple[int, int]:
-        """Write the index from the shard files themselves; return (parameters, bytes of tensors)."""
+    def finish(self) -> int:
+        """Write the index from the shard files themselves; return the number of parameters."""
         weight_map, total_bytes, total_params = {}, 0, 0
         for index in range(self.n_shards):
             path = self.path(index)
@@ -194,7 +194,7 @@ class ShardWriter:
                     total_bytes += numel * _DTYPE_BYTES[sl.get_dtype()]
         index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        return total_params, total_bytes
+        return total_params
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,

@@ -198,8 +198,8 @@ def prune(
     n_layers = cfg.num_hidden_layers
     names = arch.layer_tensor_names(cfg)
     final_names = arch.final_tensor_names(cfg)
-    reader.require([arch.EMBED, *final_names,
-                    *(arch.layer_prefix(i) + n for i in range(n_layers) for n in names)])
+    needed = [arch.EMBED, *final_names, *(arch.layer_prefix(i) + n for i in range(n_layers) for n in names)]
+    reader.require(needed)
     heads_after, kv_after = (t.numel() for t in scoring.kept_heads(
         torch.zeros(shape.num_attention_heads), shape.num_key_value_heads, settings.ratio))
     channels_after = shape.intermediate_size - scoring.n_removed(settings.ratio, shape.intermediate_size)
@@ -240,7 +240,8 @@ def prune(
                            f"space and rerun the same command with --resume") from None
         manifest.record(index, size, layer_report)
 
-    params_before = sum(torch.Size(reader.shape(n)).numel() for n in reader.weight_map)
+    # What the output stores too (a tied lm_head some checkpoints also store counts on neither side).
+    params_before = sum(torch.Size(reader.shape(n)).numel() for n in needed)
     inputs = arch.layer_inputs(cfg, settings.seqlen, device, torch.float32)
     embed = reader.get(arch.EMBED)
     _check_finite("embeddings", {arch.EMBED: embed})
@@ -289,7 +290,7 @@ def prune(
         _check_finite("final norm / lm_head", final)
         write(n_layers + 1, final)
         del final
-    params_after, _ = writer.finish()
+    params_after = writer.finish()
     reader.close()
 
     new_config = _pruned_config_json(model_dir, manifest.layers, shape, model_type_after)
