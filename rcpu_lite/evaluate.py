@@ -5,7 +5,6 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

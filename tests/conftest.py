@@ -41,3 +41,20 @@ def tiny_checkpoint(tmp_path_factory, calib_file):
         return cache[spec]
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread(request):
+    """Tiny models gain nothing from threads, and OpenMP spinning costs 10x on a busy CPU.
+
+    Modules marked slow (the real model) keep torch's threads.
+    """
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -32,15 +32,6 @@ SEQLEN = 32
 EVAL_WINDOWS = 12  # of SEQLEN tokens: enough to see the masks matter, cheap on a busy CPU
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny matrices here gain nothing from threads, and OpenMP spinning costs 10x on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, max_position_embeddings=256,
               bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import traceback
 from pathlib import Path
@@ -26,14 +25,6 @@ from rcpu_lite.progress import MANIFEST_NAME
 runner = CliRunner()
 MESSAGES: list[tuple[str, str, int]] = []  # (bad input, stderr, exit code), printed at the end with -s
 ENOSPC_AT_SHARD_2 = "before_shard:2:enospc"  # shard 0 = embeddings, 1 = layer 0, 2 = layer 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", autouse=True)

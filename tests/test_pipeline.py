@@ -24,15 +24,6 @@ import tiny
 INDEX_NAME = "model.safetensors.index.json"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny matrices here gain nothing from threads, and OpenMP spinning costs 10x on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_settings(calib: Path, **overrides) -> PruneSettings:
     values = dict(ratio=0.25, score="rcpu", compensate="rotation", calib=str(calib), nsamples=8, seqlen=32,
                   seed=0, device="cpu", micro_batch=3)  # 3 does not divide 8: the last micro-batch is short

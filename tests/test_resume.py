@@ -22,14 +22,6 @@ from test_pipeline import make_settings
 VOLATILE = {"wall_seconds", "peak_rss_bytes", "peak_weight_bytes", "resumed_at_layer", "seconds", "rss_bytes"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def digests(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
 
