@@ -421,8 +421,10 @@ def test_resume_with_different_settings(model, tmp_path, calib_file, monkeypatch
 @pytest.mark.parametrize("where", ["parent_of_input", "inside_input", "cwd", "dot"])
 def test_output_that_overwrite_would_destroy_is_refused(model_copy, tmp_path, calib_file, monkeypatch, where):
     before = snapshot(model_copy)
-    monkeypatch.chdir(tmp_path)
-    out = {"parent_of_input": tmp_path, "inside_input": model_copy / "pruned", "cwd": tmp_path,
+    elsewhere = tmp_path / "elsewhere" / "deeper"  # the current directory, away from the input
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    out = {"parent_of_input": tmp_path, "inside_input": model_copy / "pruned", "cwd": elsewhere.parent,
            "dot": Path(".")}[where]
     result = prune(model_copy, out, calib_file, "--overwrite")
     assert_one_line_error(result, f"--out {where} with --overwrite", ["--out"],
