@@ -24,7 +24,7 @@ from .checkpoint import CheckpointReader, ShardWriter, copy_side_files
 from .config import PruneSettings
 from .models import load_tokenizer, resolve_model
 from .progress import MANIFEST_NAME, Manifest, differences, fingerprint, fsync_dir
-from .runtime import current_rss_bytes, peak_rss_bytes, pick_device, run_layer_batched, to_compute
+from .runtime import Stopwatch, current_rss_bytes, peak_rss_bytes, pick_device, run_layer_batched, to_compute
 from .stats import InputStats
 
 log = logging.getLogger("rcpu_lite")
@@ -109,6 +109,7 @@ def prune_layer(
     hidden: torch.Tensor,
     inputs: arch.LayerInputs,
     settings: PruneSettings,
+    watch: Stopwatch | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Prune one decoder layer in fp32 on hidden's device; return its compact fp32 tensors and a report.
 
@@ -126,6 +127,8 @@ def prune_layer(
     run_layer_batched(layer, hidden, inputs, cfg, index, settings.micro_batch, update=False)
     for h in hooks:
         h.remove()
+    if watch:
+        watch.lap("statistics")
     for what, stats in (("o_proj", o_stats), ("down_proj", d_stats)):
         if not stats.is_finite():
             raise ValueError(f"layer {index}: the {what} input statistics contain NaN or Inf")
@@ -147,6 +150,8 @@ def prune_layer(
     compact = surgery.slice_layer(tensors, shape, heads.to(w_o.device), kv_heads.to(w_o.device), channels_dev,
                                   new["o_proj"], new["down_proj"])
     report.update(kept_heads=heads.tolist(), kept_kv_heads=kv_heads.tolist(), kept_channels=channels.tolist())
+    if watch:
+        watch.lap("scores_and_compensation")
     return compact, report
 
 
@@ -229,6 +234,7 @@ def prune(
     writer = ShardWriter(work, n_layers + 2)
 
     def write(index: int, tensors: dict[str, torch.Tensor], layer_report: dict | None = None) -> None:
+        started_write = time.perf_counter()
         try:
             size = writer.write(index, tensors)
         except OSError as e:
@@ -238,6 +244,10 @@ def prune(
             raise DiskFull(errno.ENOSPC, f"the disk holding {work} filled up while writing "
                            f"{writer.path(index).name}; about {human_bytes(needed)} more are needed: free "
                            f"space and rerun the same command with --resume") from None
+        if layer_report is not None:
+            seconds = time.perf_counter() - started_write
+            layer_report["seconds_by_stage"]["write"] = round(seconds, 4)
+            layer_report["seconds"] = round(layer_report["seconds"] + seconds, 3)
         manifest.record(index, size, layer_report)
 
     # What the output stores too (a tied lm_head some checkpoints also store counts on neither side).
@@ -263,6 +273,7 @@ def prune(
     with _StopFlag() as stop:
         for i in todo:
             t0 = time.perf_counter()
+            watch = Stopwatch(device)
             # next() rather than zip/enumerate: those keep the previous item alive while the next is read
             stored = next(layer_reads)
             prefix = arch.layer_prefix(i)
@@ -270,13 +281,16 @@ def prune(
             dtypes = {k: v.dtype for k, v in stored.items()}  # each tensor is written back in its own dtype
             tensors = to_compute(stored, device)
             del stored
-            compact, report = prune_layer(cfg, i, tensors, hidden, inputs, settings)
+            watch.lap("read")
+            compact, report = prune_layer(cfg, i, tensors, hidden, inputs, settings, watch)
             del tensors
             # Propagate through the weights exactly as written, so layer i+1 sees what the saved model computes.
             written = {k: v.to(dtypes[k]) for k, v in compact.items()}
             del compact
             _propagate(cfg, i, written, report, hidden, inputs, settings.micro_batch)
+            watch.lap("propagate")
             report["seconds"] = round(time.perf_counter() - t0, 3)
+            report["seconds_by_stage"] = watch.seconds  # write() adds "write"
             report["rss_bytes"] = current_rss_bytes()
             write(i + 1, {prefix + k: v for k, v in written.items()}, report)
             del written

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import psutil
 import torch
@@ -57,3 +58,19 @@ def run_layer_batched(
         out = arch.run_layer(layer, chunk, inputs, config, index)
         if update:
             chunk.copy_(out)
+
+
+class Stopwatch:
+    """Seconds per stage of one layer (waiting for the GPU first, so the time lands where it is spent)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._last, 4)
+        self._last = now

@@ -418,3 +418,12 @@ def test_unsupported_model_type(tmp_path, calib_file, model_type):
     with pytest.raises(UnsupportedModel, match=model_type):
         prune(src, out, make_settings(calib_file))
     assert not out.exists()
+
+
+def test_report_splits_each_layer_time_by_stage(tiny_checkpoint, calib_file, tmp_path):
+    report = prune(tiny_checkpoint("llama_gqa", num_hidden_layers=2), tmp_path / "out", make_settings(calib_file))
+    for layer in report["layers"]:
+        stages = layer["seconds_by_stage"]
+        assert set(stages) == {"read", "statistics", "scores_and_compensation", "propagate", "write"}
+        assert all(v >= 0 for v in stages.values())
+        assert sum(stages.values()) <= layer["seconds"] + 1e-3

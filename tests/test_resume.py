@@ -19,7 +19,8 @@ from rcpu_lite.progress import MANIFEST_NAME
 from test_pipeline import make_settings
 
 # Timings and memory legitimately differ between runs; everything else in the report must not.
-VOLATILE = {"wall_seconds", "peak_rss_bytes", "peak_weight_bytes", "resumed_at_layer", "seconds", "rss_bytes"}
+VOLATILE = {"wall_seconds", "peak_rss_bytes", "peak_weight_bytes", "resumed_at_layer", "seconds", "rss_bytes",
+            "seconds_by_stage"}
 
 
 def digests(directory: Path) -> dict[str, str]:
