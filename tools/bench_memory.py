@@ -1,0 +1,66 @@
+"""Peak memory of pruning a Llama-7B-shaped checkpoint on the CPU, and where the time goes.
+
+    python tools/bench_memory.py --shape llama-7b --layers 4 32 --dir /data/synthetic [--repeats 3]
+
+Writes synthetic checkpoints with tools/make_synthetic.py (once; reused afterwards), prunes each
+with `rcpu-lite prune --device cpu` in a fresh process (so the peak RSS the operating system
+reports belongs to that run alone), and prints the peak, the growth from the fewest to the most
+layers (the streaming promise: <= 10 %), and the time split by stage, summed over layers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_synthetic import make_synthetic  # noqa: E402
+
+STAGES = ("read", "statistics", "scores_and_compensation", "propagate", "write")
+
+
+def prune_once(model: Path, out: Path, args) -> dict:
+    cmd = [sys.executable, "-m", "rcpu_lite.cli", "prune", str(model), "--out", str(out), "--ratio", str(args.ratio),
+           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu", "--overwrite", "--quiet"]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+    report = json.loads((out / "rcpu_report.json").read_text())
+    shutil.rmtree(out)
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-7b")
+    ap.add_argument("--layers", type=int, nargs="+", default=[4, 32])
+    ap.add_argument("--dir", type=Path, required=True, help="where the synthetic checkpoints live")
+    ap.add_argument("--ratio", type=float, default=0.2)
+    ap.add_argument("--nsamples", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=1)
+    args = ap.parse_args()
+
+    peaks = {}
+    for layers in args.layers:
+        model = args.dir / f"{args.shape}-{layers}l"
+        if not (model / "model.safetensors.index.json").is_file():
+            make_synthetic(args.shape, layers, model)
+        runs = [prune_once(model, args.dir / f"{args.shape}-{layers}l-pruned", args) for _ in range(args.repeats)]
+        peaks[layers] = statistics.median(r["peak_rss_bytes"] for r in runs)
+        walls = statistics.median(r["wall_seconds"] for r in runs)
+        split = {s: statistics.median(sum(l["seconds_by_stage"].get(s, 0) for l in r["layers"]) for r in runs)
+                 for s in STAGES}
+        print(f"{args.shape}, {layers} layers, {args.nsamples}x{args.seqlen} calibration, CPU: "
+              f"peak RSS {peaks[layers] / 2**30:.2f} GiB, wall {walls:.0f} s (median of {args.repeats})")
+        print("  time by stage (s, summed over layers): " + ", ".join(f"{s} {v:.1f}" for s, v in split.items()))
+    lo, hi = min(args.layers), max(args.layers)
+    growth = peaks[hi] / peaks[lo] - 1
+    print(f"peak RSS growth from {lo} to {hi} layers: {100 * growth:+.1f} % (goal <= 10 %)")
+
+
+if __name__ == "__main__":
+    main()
