@@ -17,10 +17,9 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rcpu_lite.checkpoint import INDEX_NAME, shard_name  # noqa: E402
+from rcpu_lite.checkpoint import ShardWriter  # noqa: E402
 
 # Real published shapes (config.json field names). Llama-2-13B is multi-head (40/40); Llama-3-8B is GQA 32/8.
 SHAPES = {
@@ -70,25 +69,14 @@ def make_synthetic(shape_name: str, layers: int, out: Path, seed: int = 0, dtype
     out.mkdir(parents=True)
     gen = torch.Generator().manual_seed(seed)
     h, v = shape["hidden_size"], shape["vocab_size"]
-    n_shards = layers + 2
-    weight_map, total = {}, 0
-
-    def write(index: int, tensors: dict[str, torch.Tensor]) -> None:
-        nonlocal total
-        name = shard_name(index, n_shards)
-        save_file(tensors, str(out / name), metadata={"format": "pt"})
-        for k, t in tensors.items():
-            weight_map[k] = name
-            total += t.numel() * t.element_size()
-
-    write(0, {"model.embed_tokens.weight": (torch.randn(v, h, generator=gen) * std).to(dtype)})
+    writer = ShardWriter(out, layers + 2)
+    writer.write(0, {"model.embed_tokens.weight": (torch.randn(v, h, generator=gen) * std).to(dtype)})
     for i in range(layers):
-        write(i + 1, {f"model.layers.{i}.{k}": t for k, t in layer_tensors(shape, gen, dtype, std).items()})
+        writer.write(i + 1, {f"model.layers.{i}.{k}": t for k, t in layer_tensors(shape, gen, dtype, std).items()})
         print(f"layer {i + 1}/{layers} written", file=sys.stderr, flush=True)
-    write(layers + 1, {"model.norm.weight": torch.ones(h, dtype=dtype),
-                       "lm_head.weight": (torch.randn(v, h, generator=gen) * std).to(dtype)})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    writer.write(layers + 1, {"model.norm.weight": torch.ones(h, dtype=dtype),
+                              "lm_head.weight": (torch.randn(v, h, generator=gen) * std).to(dtype)})
+    writer.finish()  # the index, read back from the shards
     config = dict(shape, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
                   rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                   dtype=str(dtype).removeprefix("torch."), attention_bias=False, mlp_bias=False)
