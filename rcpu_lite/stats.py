@@ -45,7 +45,9 @@ class InputStats:
         return self.sum_abs / self.count
 
     def is_finite(self) -> bool:
-        return bool(torch.isfinite(self.gram).all() and torch.isfinite(self.sum).all())
+        # A block of rows at a time: isfinite over the whole Gram would need several Gram-sized temporaries.
+        return bool(torch.isfinite(self.sum).all()) and all(bool(torch.isfinite(rows).all())
+                                                            for rows in self.gram.split(512))
 
     def hook(self):
         """A forward pre-hook that feeds the module's input into these statistics."""
