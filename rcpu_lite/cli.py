@@ -62,6 +62,7 @@ def prune(
     seed: Optional[int] = typer.Option(None, help="Seed for choosing the calibration windows. (default: 0)"),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N]. (default: auto)"),
     micro_batch: Optional[int] = typer.Option(None, help="Windows per forward pass. (default: 16)"),
+    decomposition: Optional[str] = typer.Option(None, help="How the rotation is found: eigh (eigendecomposition of M^T M, about 2x faster) or svd (the reference). Both give the same rotation. (default: eigh)"),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML preset (see configs/); flags given here override it."),
     overwrite: bool = typer.Option(False, help="Replace --out (and an interrupted run's OUT.partial) if it exists."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last finished layer (same settings)."),
@@ -75,7 +76,7 @@ def prune(
     try:
         settings = PruneSettings.merged(config, ratio=ratio, score=score, compensate=compensate, calib=calib,
                                         nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
-                                        micro_batch=micro_batch)
+                                        micro_batch=micro_batch, decomposition=decomposition)
         run_prune(model, out, settings, overwrite=overwrite, resume=resume)
     except (Exception, KeyboardInterrupt) as e:
         _fail(e, debug, settings.micro_batch if "settings" in locals() else "?", resumable=True)

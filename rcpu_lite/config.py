@@ -12,7 +12,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .calibration import DEFAULT_CALIBRATION
-from .compensation import METHODS
+from .compensation import DECOMPOSITIONS, METHODS
 from .scoring import SCORES
 
 
@@ -31,6 +31,7 @@ class PruneSettings:
     seed: int = 0
     device: str = "auto"
     micro_batch: int = 16
+    decomposition: str = "eigh"
 
     def validate(self) -> "PruneSettings":
         if not 0 <= self.ratio < 1:
@@ -39,6 +40,9 @@ class PruneSettings:
             raise SettingsError(f"--score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.compensate not in METHODS:
             raise SettingsError(f"--compensate must be one of {', '.join(METHODS)}, got {self.compensate!r}")
+        if self.decomposition not in DECOMPOSITIONS:
+            raise SettingsError(f"--decomposition must be one of {', '.join(DECOMPOSITIONS)}, got "
+                                f"{self.decomposition!r}")
         for name in ("nsamples", "seqlen", "micro_batch"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

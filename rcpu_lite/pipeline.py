@@ -105,53 +105,72 @@ def _check_finite(what: str, tensors: dict[str, torch.Tensor]) -> None:
 def prune_layer(
     cfg,
     index: int,
-    tensors: dict[str, torch.Tensor],
+    stored: dict[str, torch.Tensor],
     hidden: torch.Tensor,
     inputs: arch.LayerInputs,
     settings: PruneSettings,
     watch: Stopwatch | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Prune one decoder layer in fp32 on hidden's device; return its compact fp32 tensors and a report.
+    """Prune one decoder layer; return its compact tensors (on the host, in their stored dtypes) and a report.
 
-    Order (DESIGN.md section 2): one dense pass collects o_proj and down_proj input statistics;
-    then score, select, compensate both projections, and slice.
+    Order (DESIGN.md section 2): one dense fp32 pass on hidden's device collects o_proj and
+    down_proj input statistics; then score, select, compensate both projections, and slice.
+    `stored` is consumed (emptied) so that the stored copy and the fp32 copy of the layer are
+    never both resident, and each big intermediate is freed as soon as it has served.
     """
     shape = arch.layer_shape(cfg)
-    layer = arch.build_layer(cfg, index, tensors)
+    watch = watch or Stopwatch(hidden.device)
+    dtypes = {k: v.dtype for k, v in stored.items()}
+    tensors = {}
+    while stored:
+        name, t = stored.popitem()
+        tensors[name] = t.to(hidden.device, non_blocking=True).float()
+        del t
     o_stats = InputStats(shape.num_attention_heads * shape.head_dim, hidden.device)
     d_stats = InputStats(shape.intermediate_size, hidden.device)
-    hooks = [
-        layer.self_attn.o_proj.register_forward_pre_hook(o_stats.hook()),
-        layer.mlp.down_proj.register_forward_pre_hook(d_stats.hook()),
-    ]
+    layer = arch.build_layer(cfg, index, tensors)
+    layer.self_attn.o_proj.register_forward_pre_hook(o_stats.hook())
+    layer.mlp.down_proj.register_forward_pre_hook(d_stats.hook())
     run_layer_batched(layer, hidden, inputs, cfg, index, settings.micro_batch, update=False)
-    for h in hooks:
-        h.remove()
-    if watch:
-        watch.lap("statistics")
+    del layer
+    watch.lap("statistics")
     for what, stats in (("o_proj", o_stats), ("down_proj", d_stats)):
         if not stats.is_finite():
             raise ValueError(f"layer {index}: the {what} input statistics contain NaN or Inf")
 
-    w_o = tensors["self_attn.o_proj.weight"]
-    w_d = tensors["mlp.down_proj.weight"]
+    w_o, w_d = tensors.pop("self_attn.o_proj.weight"), tensors.pop("mlp.down_proj.weight")
     heads_score = scoring.head_scores(scoring.column_scores(settings.score, w_o, o_stats), shape.head_dim)
     heads, kv_heads = scoring.kept_heads(heads_score, shape.num_key_value_heads, settings.ratio)
     channels = scoring.kept_channels(scoring.column_scores(settings.score, w_d, d_stats), settings.ratio)
-    o_cols = surgery.head_columns(heads, shape.head_dim).to(w_o.device)
-    channels_dev = channels.to(w_d.device)
+    watch.lap("scores")
 
+    # Slice the other tensors first, one at a time back to the host in their own dtype.
+    compact = {}
+    for name in list(tensors):
+        t = tensors.pop(name)
+        compact[name] = surgery.slice_tensor(name, t, shape, heads, kv_heads, channels).to("cpu", dtypes[name])
+        del t
     report = {"layer": index}
-    new = {}
-    for name, w, gram, kept in (("o_proj", w_o, o_stats.gram, o_cols), ("down_proj", w_d, d_stats.gram, channels_dev)):
-        new[name] = compensation.compensate(w, gram, kept, settings.compensate)
-        report[f"{name}_error_pruned"] = compensation.relative_error(w, gram, kept, w[:, kept])
-        report[f"{name}_error_compensated"] = compensation.relative_error(w, gram, kept, new[name])
-    compact = surgery.slice_layer(tensors, shape, heads.to(w_o.device), kv_heads.to(w_o.device), channels_dev,
-                                  new["o_proj"], new["down_proj"])
+    decomposition_seconds = 0.0
+    o_cols = surgery.head_columns(heads.cpu(), shape.head_dim).to(w_o.device)
+    for module, w, stats, kept in (("self_attn.o_proj", w_o, o_stats, o_cols), ("mlp.down_proj", w_d, d_stats, channels)):
+        if kept.numel() == w.shape[1]:  # nothing removed, nothing to repair
+            result = compensation.Compensation(w, 0.0, 0.0)
+        else:
+            products = compensation.products(w, stats.gram, kept)
+            stats.gram = None  # the largest statistic: freed before the decomposition
+            result = compensation.compensate_products(products, settings.compensate, settings.decomposition)
+            del products
+        compact[module + ".weight"] = result.weight.to("cpu", dtypes[module + ".weight"])
+        short = module.split(".")[1]
+        report[f"{short}_error_pruned"] = result.error_pruned
+        report[f"{short}_error_compensated"] = result.error_compensated
+        decomposition_seconds += result.decomposition_seconds
+        del w, result
+    del w_o, w_d
     report.update(kept_heads=heads.tolist(), kept_kv_heads=kv_heads.tolist(), kept_channels=channels.tolist())
-    if watch:
-        watch.lap("scores_and_compensation")
+    watch.lap("compensation")
+    watch.move("compensation", "decomposition", decomposition_seconds)
     return compact, report
 
 
@@ -278,15 +297,10 @@ def prune(
             stored = next(layer_reads)
             prefix = arch.layer_prefix(i)
             _check_finite(f"layer {i}", stored)
-            dtypes = {k: v.dtype for k, v in stored.items()}  # each tensor is written back in its own dtype
-            tensors = to_compute(stored, device)
-            del stored
             watch.lap("read")
-            compact, report = prune_layer(cfg, i, tensors, hidden, inputs, settings, watch)
-            del tensors
+            written, report = prune_layer(cfg, i, stored, hidden, inputs, settings, watch)
+            del stored
             # Propagate through the weights exactly as written, so layer i+1 sees what the saved model computes.
-            written = {k: v.to(dtypes[k]) for k, v in compact.items()}
-            del compact
             _propagate(cfg, i, written, report, hidden, inputs, settings.micro_batch)
             watch.lap("propagate")
             report["seconds"] = round(time.perf_counter() - t0, 3)

@@ -74,3 +74,9 @@ class Stopwatch:
         now = time.perf_counter()
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._last, 4)
         self._last = now
+
+    def move(self, source: str, target: str, seconds: float) -> None:
+        """Book `seconds` of what was lapped as `source` under `target` (a part timed inside it)."""
+        seconds = min(seconds, self.seconds.get(source, 0.0))
+        self.seconds[source] = round(self.seconds.get(source, 0.0) - seconds, 4)
+        self.seconds[target] = round(self.seconds.get(target, 0.0) + seconds, 4)

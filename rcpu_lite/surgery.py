@@ -22,22 +22,24 @@ def slice_layer(
     down_proj: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
     """The compact tensors of a layer. o_proj / down_proj come already compact (compensated)."""
-    out = {}
-    for name, t in tensors.items():
-        module = name.rsplit(".", 1)[0]
-        if module == "self_attn.q_proj":
-            out[name] = _rows(t, heads, shape.head_dim)
-        elif module in ("self_attn.k_proj", "self_attn.v_proj"):
-            out[name] = _rows(t, kv_heads, shape.head_dim)
-        elif module in ("mlp.gate_proj", "mlp.up_proj"):
-            out[name] = t[channels].contiguous()
-        elif name == "self_attn.o_proj.weight":
-            out[name] = o_proj.contiguous()
-        elif name == "mlp.down_proj.weight":
-            out[name] = down_proj.contiguous()
-        else:  # norms and the o/down biases keep their shape
-            out[name] = t
-    return out
+    replaced = {"self_attn.o_proj.weight": o_proj, "mlp.down_proj.weight": down_proj}
+    return {name: replaced[name].contiguous() if name in replaced else
+            slice_tensor(name, t, shape, heads, kv_heads, channels) for name, t in tensors.items()}
+
+
+def slice_tensor(name: str, t: torch.Tensor, shape: LayerShape, heads: torch.Tensor, kv_heads: torch.Tensor,
+                 channels: torch.Tensor) -> torch.Tensor:
+    """One tensor of a layer cut to the kept heads and channels (o_proj / down_proj weights excepted)."""
+    module = name.rsplit(".", 1)[0]
+    if module == "self_attn.q_proj":
+        return _rows(t, heads, shape.head_dim)
+    if module in ("self_attn.k_proj", "self_attn.v_proj"):
+        return _rows(t, kv_heads, shape.head_dim)
+    if module in ("mlp.gate_proj", "mlp.up_proj"):
+        return t[channels].contiguous()
+    if name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+        raise ValueError(f"{name} is replaced by its compensated weight, not sliced")
+    return t  # norms and the o/down biases keep their shape
 
 
 def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:

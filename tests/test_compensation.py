@@ -87,21 +87,23 @@ def test_cross_product_matches_activations():
     torch.testing.assert_close(got, m, rtol=1e-9, atol=1e-9 * float(m.abs().max()))
 
 
-def test_compensate_rotation_matches_activations():
+@pytest.mark.parametrize("decomposition", comp.DECOMPOSITIONS)
+def test_compensate_rotation_matches_activations(decomposition):
     w, x, c, k = _layer(seed=1)
     _, _, _, q = _direct(w, x, k)
-    got = comp.compensate(w, c, k, "rotation")
+    got = comp.compensate(w, c, k, "rotation", decomposition).weight
     assert got.shape == (w.shape[0], k.numel())
     torch.testing.assert_close(got, q @ w[:, k], rtol=1e-8, atol=1e-8)
     # not a no-op
     assert not torch.allclose(got, w[:, k], atol=1e-3)
 
 
-def test_compensate_rotation_scale_matches_activations():
+@pytest.mark.parametrize("decomposition", comp.DECOMPOSITIONS)
+def test_compensate_rotation_scale_matches_activations(decomposition):
     w, x, c, k = _layer(seed=2)
     y, z, m, q = _direct(w, x, k)
     s = torch.trace(q.T @ y @ z.T) / (torch.linalg.norm(z) ** 2)
-    got = comp.compensate(w, c, k, "rotation-scale")
+    got = comp.compensate(w, c, k, "rotation-scale", decomposition).weight
     torch.testing.assert_close(got, s * q @ w[:, k], rtol=1e-8, atol=1e-8)
     # s really differs from 1 here, so dropping the scale would fail the check above
     assert abs(float(s) - 1.0) > 1e-3
@@ -114,23 +116,24 @@ def test_compensate_fp32_close_to_fp64():
     w, x, c, k = _layer(seed=3)
     y, z, _, q = _direct(w, x, k)
     s = torch.trace(q.T @ y @ z.T) / (torch.linalg.norm(z) ** 2)
-    got = comp.compensate(w.float(), c.float(), k, "rotation-scale")
+    got = comp.compensate(w.float(), c.float(), k, "rotation-scale").weight
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), s * q @ w[:, k], rtol=1e-3, atol=1e-3)
 
 
-def test_compensate_rotation_rank_deficient_cross_product():
+@pytest.mark.parametrize("decomposition", comp.DECOMPOSITIONS)
+def test_compensate_rotation_rank_deficient_cross_product(decomposition):
     # o_proj-like: d_out > |K|, so M is rank-deficient; Q W_K is still determined
     w, x, c, k = _layer(seed=4, d_out=10, d_in=10, kept=(0, 1, 4, 5, 8, 9))
     _, _, _, q = _direct(w, x, k)
-    got = comp.compensate(w, c, k, "rotation")
+    got = comp.compensate(w, c, k, "rotation", decomposition).weight
     torch.testing.assert_close(got, q @ w[:, k], rtol=1e-7, atol=1e-7)
     assert comp.relative_error(w, c, k, got) <= comp.relative_error(w, c, k, w[:, k]) + 1e-12
 
 
 def test_compensate_none_is_slice():
     w, x, c, k = _layer(seed=5)
-    got = comp.compensate(w, c, k, "none")
+    got = comp.compensate(w, c, k, "none").weight
     assert torch.equal(got, w[:, k])
     got[0, 0] = 1234.0  # a copy, not a view into W
     assert w[0, k[0]] != 1234.0
@@ -141,7 +144,8 @@ def test_compensate_nothing_removed_returns_weight(method):
     w, x, c, _ = _layer(seed=6)
     k = torch.arange(w.shape[1])
     got = comp.compensate(w, c, k, method)
-    assert torch.equal(got, w)
+    assert torch.equal(got.weight, w)
+    assert got.error_pruned == got.error_compensated == 0.0
 
 
 def test_compensate_unknown_method_raises():
@@ -160,7 +164,7 @@ def test_relative_error_matches_activations():
     w, x, c, k = _layer(seed=7)
     errs = {}
     for method in comp.METHODS:
-        new_w = comp.compensate(w, c, k, method)
+        new_w = comp.compensate(w, c, k, method).weight
         errs[method] = comp.relative_error(w, c, k, new_w)
         assert errs[method] == pytest.approx(_direct_rel_err(w, x, k, new_w), rel=1e-7)
     # arbitrary new weight too
@@ -173,7 +177,7 @@ def test_relative_error_matches_activations():
 
 def test_relative_error_fp32_inputs():
     w, x, c, k = _layer(seed=8)
-    new_w = comp.compensate(w.float(), c.float(), k, "rotation")
+    new_w = comp.compensate(w.float(), c.float(), k, "rotation").weight
     got = comp.relative_error(w.float(), c.float(), k, new_w)
     assert got == pytest.approx(_direct_rel_err(w, x, k, new_w.double()), rel=1e-4)
 
@@ -182,3 +186,110 @@ def test_relative_error_zero_when_nothing_removed():
     w, x, c, _ = _layer(seed=9)
     k = torch.arange(w.shape[1])
     assert comp.relative_error(w, c, k, w) == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# compensate() reports its errors from the products it already has; relative_error() is the reference
+
+
+@pytest.mark.parametrize("decomposition", comp.DECOMPOSITIONS)
+@pytest.mark.parametrize("method", comp.METHODS)
+@pytest.mark.parametrize("shape", [dict(seed=10), dict(seed=11, d_out=10, d_in=10, kept=(0, 1, 4, 5, 8, 9))])
+def test_compensate_errors_match_direct_computation(method, decomposition, shape):
+    w, x, c, k = _layer(**shape)
+    got = comp.compensate(w, c, k, method, decomposition)
+    assert got.error_pruned == pytest.approx(_direct_rel_err(w, x, k, w[:, k]), rel=1e-9)
+    assert got.error_compensated == pytest.approx(_direct_rel_err(w, x, k, got.weight), rel=1e-9)
+    assert got.error_pruned > 0.01
+    if method != "none":
+        assert got.error_compensated < got.error_pruned - 1e-6
+
+
+def test_compensate_errors_fp32_close_to_fp64():
+    w, x, c, k = _layer(seed=12)
+    got = comp.compensate(w.float(), c.float(), k, "rotation-scale")
+    ref = comp.compensate(w, c, k, "rotation-scale")
+    assert got.error_pruned == pytest.approx(ref.error_pruned, rel=1e-4)
+    assert got.error_compensated == pytest.approx(ref.error_compensated, rel=1e-4)
+
+
+def test_compensate_gathers_in_blocks(monkeypatch):
+    """Gathering C a block of rows at a time gives the same result as one gather."""
+    w, x, c, k = _layer(seed=13, d_out=6, d_in=40, kept=tuple(range(0, 40, 2)) + (1, 3, 5))
+    whole = comp.compensate(w, c, k, "rotation-scale")
+    monkeypatch.setattr(comp, "_GATHER_ROWS", 3)
+    blocks = comp.compensate(w, c, k, "rotation-scale")
+    torch.testing.assert_close(blocks.weight, whole.weight, rtol=1e-12, atol=1e-12)
+    assert blocks.error_compensated == pytest.approx(whole.error_compensated, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# polar_eigh (the default decomposition) against the SVD reference
+
+
+def _random_m(d, rank, seed, condition=10.0):
+    g = torch.Generator().manual_seed(seed)
+    u, v = _orthogonal(d, g), _orthogonal(d, g)
+    s = torch.logspace(0, -torch.log10(torch.tensor(condition)).item(), d, dtype=torch.float64)
+    s[rank:] = 0
+    return u @ torch.diag(s) @ v.T
+
+
+@pytest.mark.parametrize("condition", [10.0, 1e3])
+def test_polar_eigh_equals_svd_on_full_rank(condition):
+    m = _random_m(48, 48, seed=0, condition=condition)
+    q_svd, s_svd = comp.procrustes(m)
+    q_eig, s_eig = comp.polar_eigh(m)
+    torch.testing.assert_close(q_eig, q_svd, rtol=0, atol=1e-9)
+    torch.testing.assert_close(s_eig, s_svd, rtol=1e-9, atol=1e-12)
+
+
+def test_polar_eigh_on_ill_conditioned_matches_svd_objective_and_is_orthogonal():
+    # singular values down to 1e-6 s_max: below eps^(1/4) the columns of U are re-orthonormalised
+    m = _random_m(64, 64, seed=5, condition=1e6)
+    q_svd, _ = comp.procrustes(m)
+    q, _ = comp.polar_eigh(m)
+    torch.testing.assert_close(q.T @ q, torch.eye(64, dtype=torch.float64), rtol=0, atol=1e-9)
+    assert float((q * m).sum()) == pytest.approx(float((q_svd * m).sum()), rel=1e-12)
+    torch.testing.assert_close(q, q_svd, rtol=0, atol=1e-5)
+
+
+def test_polar_eigh_recovers_planted_reflection():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    r = _orthogonal(6, g)
+    if torch.linalg.det(r) > 0:
+        r[:, 0] = -r[:, 0]
+    q, _ = comp.polar_eigh((r @ z) @ z.T)
+    torch.testing.assert_close(q, r, rtol=0, atol=1e-10)
+
+
+def test_polar_eigh_on_rank_deficient_is_optimal_and_closest_to_identity():
+    d, rank = 32, 12
+    m = _random_m(d, rank, seed=2)
+    q_svd, _ = comp.procrustes(m)
+    q, s = comp.polar_eigh(m)
+    eye = torch.eye(d, dtype=torch.float64)
+    torch.testing.assert_close(q.T @ q, eye, rtol=0, atol=1e-10)  # orthogonal
+    # as optimal as the SVD: tr(Q^T M) is the sum of singular values
+    assert float((q * m).sum()) == pytest.approx(float((q_svd * m).sum()), rel=1e-10)
+    assert (s[rank:] == 0).all() and s[0] == pytest.approx(1.0)
+    # identical on M's row space, where the optimum is unique
+    _, _, vh = torch.linalg.svd(m)
+    torch.testing.assert_close(q @ vh[:rank].T, q_svd @ vh[:rank].T, rtol=0, atol=1e-9)
+    # on the null space it is deterministic and no farther from the identity than the SVD's choice
+    null = vh[rank:].T
+    assert torch.linalg.norm(q @ null - null) <= torch.linalg.norm(q_svd @ null - null) + 1e-9
+
+
+def test_polar_eigh_of_zero_is_identity():
+    q, s = comp.polar_eigh(torch.zeros(5, 5, dtype=torch.float64))
+    torch.testing.assert_close(q, torch.eye(5, dtype=torch.float64))
+    assert (s == 0).all()
+
+
+def test_polar_eigh_keeps_dtype_and_device():
+    m = _random_m(8, 8, seed=3).float()
+    q, s = comp.polar_eigh(m)
+    assert q.dtype == torch.float32 and s.dtype == torch.float32
+    torch.testing.assert_close(q, comp.procrustes(m)[0], rtol=0, atol=1e-5)

@@ -424,6 +424,23 @@ def test_report_splits_each_layer_time_by_stage(tiny_checkpoint, calib_file, tmp
     report = prune(tiny_checkpoint("llama_gqa", num_hidden_layers=2), tmp_path / "out", make_settings(calib_file))
     for layer in report["layers"]:
         stages = layer["seconds_by_stage"]
-        assert set(stages) == {"read", "statistics", "scores_and_compensation", "propagate", "write"}
+        assert set(stages) == {"read", "statistics", "scores", "compensation", "decomposition", "propagate",
+                               "write"}
         assert all(v >= 0 for v in stages.values())
         assert sum(stages.values()) <= layer["seconds"] + 1e-3
+
+
+@pytest.mark.parametrize("spec, ratio, method", [("llama_gqa", 0.25, "rotation"), ("qwen2_gqa", 0.5, "rotation-scale")])
+def test_eigh_decomposition_gives_the_svd_weights(tiny_checkpoint, calib_file, tmp_path, spec, ratio, method):
+    """The default decomposition (eigh of M^T M) writes the same model as the SVD reference, within fp32."""
+    src = tiny_checkpoint(spec, num_hidden_layers=3)
+    reports = {}
+    for decomposition in ("svd", "eigh"):
+        settings = make_settings(calib_file, ratio=ratio, compensate=method, decomposition=decomposition)
+        reports[decomposition] = prune(src, tmp_path / decomposition, settings)
+    svd, eigh = read_shards(tmp_path / "svd"), read_shards(tmp_path / "eigh")
+    assert svd.keys() == eigh.keys()
+    for name in svd:
+        torch.testing.assert_close(eigh[name], svd[name], rtol=1e-5, atol=1e-5, msg=name)
+    for a, b in zip(reports["svd"]["layers"], reports["eigh"]["layers"]):
+        assert a["down_proj_error_compensated"] == pytest.approx(b["down_proj_error_compensated"], rel=1e-5)
