@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_synthetic import make_synthetic  # noqa: E402
 
-STAGES = ("read", "statistics", "scores_and_compensation", "propagate", "write")
+STAGES = ("read", "statistics", "scores", "compensation", "decomposition", "propagate", "write")
 
 
 def prune_once(model: Path, out: Path, args) -> dict:
