@@ -37,8 +37,8 @@ def _fail(err: BaseException, debug: bool, micro_batch: object = "?", resumable:
         raise typer.Exit(130)
     if isinstance(err, torch.OutOfMemoryError):
         then = ", then rerun with --resume" if resumable else ""
-        err = MemoryError(f"the GPU ran out of memory; use a smaller --micro-batch (now {micro_batch}) or "
-                          f"--device cpu{then}")
+        err = MemoryError(f"the GPU ran out of memory; use a smaller --micro-batch (now at most {micro_batch}), "
+                          f"a smaller --max-gpu-memory, or --device cpu{then}")
     elif not isinstance(err, (ValueError, OSError)):
         raise err
     typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
@@ -63,6 +63,8 @@ def prune(
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N]. (default: auto)"),
     micro_batch: Optional[int] = typer.Option(None, help="Windows per forward pass. (default: 16)"),
     decomposition: Optional[str] = typer.Option(None, help="How the rotation is found: eigh (eigendecomposition of M^T M, about 2x faster) or svd (the reference). Both give the same rotation. (default: eigh)"),
+    max_gpu_memory: Optional[str] = typer.Option(None, help="GPU memory the run may use, e.g. 10GiB: sets the micro-batch, and keeps the calibration hidden states on the host if they do not fit. (default: 90% of the free GPU memory)"),
+    matmul: Optional[str] = typer.Option(None, help="fp32, or tf32 for the layer forward passes on CUDA (faster on Ampere and newer; statistics and compensation stay full fp32). (default: fp32)"),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML preset (see configs/); flags given here override it."),
     overwrite: bool = typer.Option(False, help="Replace --out (and an interrupted run's OUT.partial) if it exists."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its last finished layer (same settings)."),
@@ -76,7 +78,8 @@ def prune(
     try:
         settings = PruneSettings.merged(config, ratio=ratio, score=score, compensate=compensate, calib=calib,
                                         nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
-                                        micro_batch=micro_batch, decomposition=decomposition)
+                                        micro_batch=micro_batch, decomposition=decomposition,
+                                        max_gpu_memory=max_gpu_memory, matmul=matmul)
         run_prune(model, out, settings, overwrite=overwrite, resume=resume)
     except (Exception, KeyboardInterrupt) as e:
         _fail(e, debug, settings.micro_batch if "settings" in locals() else "?", resumable=True)

@@ -13,11 +13,15 @@ else:  # pragma: no cover
 
 from .calibration import DEFAULT_CALIBRATION
 from .compensation import DECOMPOSITIONS, METHODS
+from .memory_plan import parse_size
 from .scoring import SCORES
 
 
 class SettingsError(ValueError):
     pass
+
+
+MATMUL_PRECISIONS = ("fp32", "tf32")
 
 
 @dataclass
@@ -32,6 +36,8 @@ class PruneSettings:
     device: str = "auto"
     micro_batch: int = 16
     decomposition: str = "eigh"
+    max_gpu_memory: str = ""  # "" = 90 % of the GPU memory free at the start
+    matmul: str = "fp32"
 
     def validate(self) -> "PruneSettings":
         if not 0 <= self.ratio < 1:
@@ -43,6 +49,13 @@ class PruneSettings:
         if self.decomposition not in DECOMPOSITIONS:
             raise SettingsError(f"--decomposition must be one of {', '.join(DECOMPOSITIONS)}, got "
                                 f"{self.decomposition!r}")
+        if self.matmul not in MATMUL_PRECISIONS:
+            raise SettingsError(f"--matmul must be one of {', '.join(MATMUL_PRECISIONS)}, got {self.matmul!r}")
+        if self.max_gpu_memory:
+            try:
+                parse_size(self.max_gpu_memory)
+            except ValueError as e:
+                raise SettingsError(str(e)) from None
         for name in ("nsamples", "seqlen", "micro_batch"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

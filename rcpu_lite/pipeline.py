@@ -24,7 +24,10 @@ from .checkpoint import CheckpointReader, ShardWriter, copy_side_files
 from .config import PruneSettings
 from .models import load_tokenizer, resolve_model
 from .progress import MANIFEST_NAME, Manifest, differences, fingerprint, fsync_dir
-from .runtime import Stopwatch, current_rss_bytes, peak_rss_bytes, pick_device, run_layer_batched, to_compute
+from .memory_plan import MemoryPlan, parse_size
+from .memory_plan import plan as plan_memory
+from .runtime import (Placement, Stopwatch, current_rss_bytes, peak_gpu_bytes, peak_rss_bytes, pick_device,
+                      run_layer_batched, to_compute)
 from .stats import InputStats
 
 log = logging.getLogger("rcpu_lite")
@@ -110,28 +113,31 @@ def prune_layer(
     inputs: arch.LayerInputs,
     settings: PruneSettings,
     watch: Stopwatch | None = None,
+    placement: Placement | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Prune one decoder layer; return its compact tensors (on the host, in their stored dtypes) and a report.
 
-    Order (DESIGN.md section 2): one dense fp32 pass on hidden's device collects o_proj and
+    Order (DESIGN.md section 2): one dense fp32 pass on the compute device collects o_proj and
     down_proj input statistics; then score, select, compensate both projections, and slice.
     `stored` is consumed (emptied) so that the stored copy and the fp32 copy of the layer are
     never both resident, and each big intermediate is freed as soon as it has served.
     """
     shape = arch.layer_shape(cfg)
-    watch = watch or Stopwatch(hidden.device)
+    run = placement or Placement(hidden.device, hidden.device, settings.micro_batch)
+    watch = watch or Stopwatch(run.device)
     dtypes = {k: v.dtype for k, v in stored.items()}
     tensors = {}
     while stored:
         name, t = stored.popitem()
-        tensors[name] = t.to(hidden.device, non_blocking=True).float()
+        tensors[name] = t.to(run.device, non_blocking=True).float()
         del t
-    o_stats = InputStats(shape.num_attention_heads * shape.head_dim, hidden.device)
-    d_stats = InputStats(shape.intermediate_size, hidden.device)
+    o_stats = InputStats(shape.num_attention_heads * shape.head_dim, run.device)
+    d_stats = InputStats(shape.intermediate_size, run.device)
     layer = arch.build_layer(cfg, index, tensors)
     layer.self_attn.o_proj.register_forward_pre_hook(o_stats.hook())
     layer.mlp.down_proj.register_forward_pre_hook(d_stats.hook())
-    run_layer_batched(layer, hidden, inputs, cfg, index, settings.micro_batch, update=False)
+    run_layer_batched(layer, hidden, inputs, cfg, index, run.micro_batch, update=False, device=run.device,
+                      matmul=run.matmul)
     del layer
     watch.lap("statistics")
     for what, stats in (("o_proj", o_stats), ("down_proj", d_stats)):
@@ -236,6 +242,7 @@ def prune(
     out = Path(out)
     work = check_output(out, model_dir, overwrite, resume)
     device = pick_device(settings.device)
+    run, memory = _placement(settings, shape, device)  # a budget too small is refused before any work
 
     tokenizer = load_tokenizer(model_dir)
     tokens = calibration.tokenize(tokenizer, calibration.read_text(settings.calib))
@@ -274,7 +281,9 @@ def prune(
     inputs = arch.layer_inputs(cfg, settings.seqlen, device, torch.float32)
     embed = reader.get(arch.EMBED)
     _check_finite("embeddings", {arch.EMBED: embed})
-    hidden = embed[windows].to(device=device, dtype=torch.float32)
+    hidden = embed[windows].to(dtype=torch.float32)
+    hidden = hidden.to(run.hidden_device) if run.hidden_device.type == "cuda" else (
+        hidden.pin_memory() if device.type == "cuda" else hidden)  # pinned: copied to the GPU every layer
     if not manifest.done(0):
         write(0, {arch.EMBED: embed})
     del embed
@@ -286,7 +295,7 @@ def prune(
         for i in range(first_todo):
             prefix = arch.layer_prefix(i)
             written = {k[len(prefix):]: v for k, v in writer.read(i + 1).items()}
-            _propagate(cfg, i, written, manifest.layers[i], hidden, inputs, settings.micro_batch)
+            _propagate(cfg, i, written, manifest.layers[i], hidden, inputs, run)
     todo = list(range(first_todo, n_layers))
     layer_reads = reader.layers(names, [arch.layer_prefix(i) for i in todo], background=device.type == "cuda")
     with _StopFlag() as stop:
@@ -298,10 +307,10 @@ def prune(
             prefix = arch.layer_prefix(i)
             _check_finite(f"layer {i}", stored)
             watch.lap("read")
-            written, report = prune_layer(cfg, i, stored, hidden, inputs, settings, watch)
+            written, report = prune_layer(cfg, i, stored, hidden, inputs, settings, watch, run)
             del stored
             # Propagate through the weights exactly as written, so layer i+1 sees what the saved model computes.
-            _propagate(cfg, i, written, report, hidden, inputs, settings.micro_batch)
+            _propagate(cfg, i, written, report, hidden, inputs, run)
             watch.lap("propagate")
             report["seconds"] = round(time.perf_counter() - t0, 3)
             report["seconds_by_stage"] = watch.seconds  # write() adds "write"
@@ -330,6 +339,9 @@ def prune(
         "model_dir": str(model_dir),
         "settings": vars(settings),
         "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "memory_plan": memory.as_dict() if memory else None,
+        "peak_gpu_bytes": peak_gpu_bytes(device),
         "calibration_tokens": int(windows.numel()),
         "params_before": params_before,
         "params_after": params_after,
@@ -352,12 +364,30 @@ def prune(
 
 
 def _propagate(cfg, index: int, written: dict[str, torch.Tensor], report: dict, hidden: torch.Tensor,
-               inputs: arch.LayerInputs, micro_batch: int) -> None:
+               inputs: arch.LayerInputs, run: Placement) -> None:
     """Run the compact layer (widths from its report) over the hidden states, in place."""
     pruned_cfg = arch.pruned_config(cfg, len(report["kept_heads"]), len(report["kept_kv_heads"]),
                                     len(report["kept_channels"]))
-    layer = arch.build_layer(pruned_cfg, index, to_compute(written, hidden.device))
-    run_layer_batched(layer, hidden, inputs, pruned_cfg, index, micro_batch)
+    layer = arch.build_layer(pruned_cfg, index, to_compute(written, run.device))
+    run_layer_batched(layer, hidden, inputs, pruned_cfg, index, run.micro_batch, device=run.device, matmul=run.matmul)
+
+
+def _placement(settings: PruneSettings, shape: arch.LayerShape, device: torch.device
+               ) -> tuple[Placement, MemoryPlan | None]:
+    """On CUDA, plan the micro-batch and the hidden states' place within the GPU memory budget."""
+    matmul = "tf32" if settings.matmul == "tf32" else "ieee"
+    if device.type != "cuda":
+        if settings.max_gpu_memory:
+            log.warning("--max-gpu-memory only applies to a CUDA device; this run is on the CPU")
+        return Placement(device, device, settings.micro_batch, matmul), None
+    budget = (parse_size(settings.max_gpu_memory) if settings.max_gpu_memory
+              else int(0.9 * torch.cuda.mem_get_info(device)[0]))
+    memory = plan_memory(shape, settings.nsamples, settings.seqlen, budget, settings.micro_batch)
+    log.info("GPU budget %.2f GiB: micro-batch %d, calibration hidden states on the %s", budget / 2**30,
+             memory.micro_batch, "GPU" if memory.hidden_on_device else "host (they do not fit)")
+    torch.cuda.reset_peak_memory_stats(device)
+    return Placement(device, device if memory.hidden_on_device else torch.device("cpu"), memory.micro_batch,
+                     matmul), memory
 
 
 def _log_layer(report: dict, n_layers: int, shape: arch.LayerShape) -> None:

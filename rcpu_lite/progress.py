@@ -16,7 +16,7 @@ import torch
 from . import __version__
 
 MANIFEST_NAME = "rcpu_progress.json"
-RUNTIME_SETTINGS = ("device", "micro_batch")
+RUNTIME_SETTINGS = ("device", "micro_batch", "max_gpu_memory")
 
 
 def fingerprint(model_dir: Path, settings, windows: torch.Tensor) -> dict:

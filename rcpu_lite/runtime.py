@@ -1,13 +1,25 @@
 """Small runtime helpers shared by pruning and evaluation: device choice, memory, batched layer runs."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from dataclasses import dataclass
 
 import psutil
 import torch
 
 from . import arch
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a run computes and keeps its calibration hidden states, and how it batches."""
+
+    device: torch.device  # where layers run
+    hidden_device: torch.device  # where the hidden states live (the host when they do not fit the GPU)
+    micro_batch: int
+    matmul: str = "ieee"  # fp32 matmul precision of the forward passes on CUDA: "ieee" or "tf32"
 
 
 def pick_device(device: str) -> torch.device:
@@ -38,8 +50,27 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 
 
+def peak_gpu_bytes(device: torch.device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
 def current_rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
+
+
+@contextlib.contextmanager
+def cuda_matmul_precision(precision: str):
+    """fp32 matmuls on CUDA as "tf32" (tensor cores, 10-bit mantissa products) or "ieee" within the block.
+
+    The layer forward passes may use TF32 (--matmul tf32); statistics and compensation always use
+    "ieee", so the Gram matrices and the rotation stay full fp32 whatever the forward passes use.
+    """
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
 
 
 @torch.inference_mode()
@@ -51,13 +82,19 @@ def run_layer_batched(
     index: int,
     micro_batch: int,
     update: bool = True,
+    device: torch.device | None = None,
+    matmul: str = "ieee",
 ) -> None:
-    """Run `layer` over `hidden` (windows x seqlen x hidden) in micro-batches, in place if `update`."""
-    for start in range(0, hidden.shape[0], micro_batch):
-        chunk = hidden[start:start + micro_batch]
-        out = arch.run_layer(layer, chunk, inputs, config, index)
-        if update:
-            chunk.copy_(out)
+    """Run `layer` (on `device`, default hidden's) over `hidden` (windows x seqlen x hidden) in
+    micro-batches, in place if `update`. Hidden states kept on the host are copied over a
+    micro-batch at a time."""
+    device = device or hidden.device
+    with cuda_matmul_precision(matmul):
+        for start in range(0, hidden.shape[0], micro_batch):
+            chunk = hidden[start:start + micro_batch]
+            out = arch.run_layer(layer, chunk.to(device, non_blocking=True), inputs, config, index)
+            if update:
+                chunk.copy_(out)
 
 
 class Stopwatch:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from .runtime import cuda_matmul_precision
+
 
 class InputStats:
     """Per-column count, sum, sum of squares, sum of |x| and the Gram matrix sum_t x_t x_t^T."""
@@ -24,7 +26,8 @@ class InputStats:
         self.sum += x.sum(0)
         self.sum_sq += x.square().sum(0)
         self.sum_abs += x.abs().sum(0)
-        self.gram.addmm_(x.T, x)
+        with cuda_matmul_precision("ieee"):  # full fp32 even inside a TF32 forward pass
+            self.gram.addmm_(x.T, x)
 
     @property
     def mean(self) -> torch.Tensor:

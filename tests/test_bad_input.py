@@ -201,6 +201,18 @@ def test_ratio_outside_range(model, tmp_path, calib_file, ratio):
     assert_no_output(tmp_path / "out")
 
 
+@pytest.mark.parametrize("args, words, fix", [
+    (["--max-gpu-memory", "lots"], ["--max-gpu-memory", "lots"], ["must look like"]),
+    (["--max-gpu-memory", "4TB"], ["--max-gpu-memory", "4TB"], ["unit must be"]),
+    (["--matmul", "bf16"], ["--matmul", "bf16"], ["must be one of"]),
+    (["--decomposition", "qr"], ["--decomposition", "qr"], ["must be one of"]),
+])
+def test_bad_gpu_and_decomposition_options(model, tmp_path, calib_file, args, words, fix):
+    result = prune(model, tmp_path / "out", calib_file, *args)
+    assert_one_line_error(result, " ".join(args), words, fix)
+    assert_no_output(tmp_path / "out")
+
+
 # --- 7, 8: calibration text -----------------------------------------------------------------------
 
 def bad_calibration(tmp_path: Path, kind: str) -> Path:

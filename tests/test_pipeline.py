@@ -444,3 +444,16 @@ def test_eigh_decomposition_gives_the_svd_weights(tiny_checkpoint, calib_file, t
         torch.testing.assert_close(eigh[name], svd[name], rtol=1e-5, atol=1e-5, msg=name)
     for a, b in zip(reports["svd"]["layers"], reports["eigh"]["layers"]):
         assert a["down_proj_error_compensated"] == pytest.approx(b["down_proj_error_compensated"], rel=1e-5)
+
+
+def test_cpu_run_reports_no_gpu_and_ignores_a_gpu_budget(tiny_checkpoint, calib_file, tmp_path, caplog):
+    src = tiny_checkpoint("llama_gqa", num_hidden_layers=2)
+    plain = prune(src, tmp_path / "plain", make_settings(calib_file))
+    with caplog.at_level("WARNING", logger="rcpu_lite"):
+        report = prune(src, tmp_path / "budget", make_settings(calib_file, max_gpu_memory="1GiB", matmul="tf32"))
+    assert "--max-gpu-memory only applies to a CUDA device" in caplog.text
+    assert report["memory_plan"] is None and report["peak_gpu_bytes"] is None and report["device_name"] == "cpu"
+    # neither option changes a CPU run's output
+    for name, tensor in read_shards(tmp_path / "plain").items():
+        assert torch.equal(tensor, read_shards(tmp_path / "budget")[name]), name
+    assert plain["layers"][0]["kept_channels"] == report["layers"][0]["kept_channels"]
