@@ -57,12 +57,36 @@ def polar_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         u_r[:, accurate:] = _orthonormalised(u_r[:, accurate:], against=u_r[:, :accurate])
     q = u_r @ v_r.T
     if nonzero < d:
-        b = v_0 - u_r @ (u_r.T @ v_0)  # V_0 projected onto the complement of span(U_r)
-        b_eig, b_vec = torch.linalg.eigh(b.T @ b)
-        if b_eig[0] < 1e-6:  # part of V_0 lies inside span(U_r): no unique closest frame
+        # The cheaper of two equivalent constructions: in the (d - r)-dim null space, or in span[V_r, U_r].
+        completion = (_completion_in_null_space if d - nonzero <= 2 * nonzero else _completion_in_span)(u_r, v_r, v_0)
+        if completion is None:  # part of V_0 lies inside span(U_r): no unique closest frame
             return procrustes(m)
-        q += (b @ (b_vec / b_eig.sqrt()) @ b_vec.T) @ v_0.T  # polar factor of b: the closest orthonormal frame
+        q += completion
     return q.to(m.device, m.dtype), singular.to(m.device, m.dtype)
+
+
+def _completion_in_null_space(u_r: torch.Tensor, v_r: torch.Tensor, v_0: torch.Tensor) -> torch.Tensor | None:
+    """U_0 V_0^T with U_0 the orthonormal frame in the complement of span(U_r) closest to V_0: the
+    polar factor of B = V_0 - U_r U_r^T V_0, from the eigendecomposition of B^T B ((d - r) x (d - r))."""
+    b = v_0 - u_r @ (u_r.T @ v_0)
+    b_eig, b_vec = torch.linalg.eigh(b.T @ b)
+    if b_eig[0] < 1e-12:  # a cosine below 1e-6: the frame is not determined
+        return None
+    return (b @ (b_vec / b_eig.sqrt()) @ b_vec.T) @ v_0.T
+
+
+def _completion_in_span(u_r: torch.Tensor, v_r: torch.Tensor, v_0: torch.Tensor) -> torch.Tensor | None:
+    """The same completion for a small rank r: (I - B B^T)(I - V_r V_r^T) is the identity outside
+    E = span[V_r, U_r], so its polar factor is too, and inside E it is a problem of size <= 2r."""
+    d, r = v_r.shape
+    e, _ = torch.linalg.qr(torch.cat([v_r, u_r], 1))  # orthonormal, contains both spans
+    a = torch.linalg.qr(e.T @ v_r, mode="complete")[0][:, r:]  # E minus span(V_r), in E's coordinates
+    b = torch.linalg.qr(e.T @ u_r, mode="complete")[0][:, r:]  # E minus span(U_r)
+    u, s, vh = torch.linalg.svd(b.T @ a)
+    if s.numel() and s[-1] < 1e-6:
+        return None
+    ea, eb = e @ a, e @ b
+    return torch.eye(d, dtype=e.dtype) - e @ e.T + (eb @ (u @ vh)) @ ea.T
 
 
 def _orthonormalised(columns: torch.Tensor, against: torch.Tensor) -> torch.Tensor:

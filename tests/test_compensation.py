@@ -264,8 +264,9 @@ def test_polar_eigh_recovers_planted_reflection():
     torch.testing.assert_close(q, r, rtol=0, atol=1e-10)
 
 
-def test_polar_eigh_on_rank_deficient_is_optimal_and_closest_to_identity():
-    d, rank = 32, 12
+@pytest.mark.parametrize("rank", [4, 12])  # a low rank completes in span[V_r, U_r], a high one in the null space
+def test_polar_eigh_on_rank_deficient_is_optimal_and_closest_to_identity(rank):
+    d = 32
     m = _random_m(d, rank, seed=2)
     q_svd, _ = comp.procrustes(m)
     q, s = comp.polar_eigh(m)
@@ -280,6 +281,26 @@ def test_polar_eigh_on_rank_deficient_is_optimal_and_closest_to_identity():
     # on the null space it is deterministic and no farther from the identity than the SVD's choice
     null = vh[rank:].T
     assert torch.linalg.norm(q @ null - null) <= torch.linalg.norm(q_svd @ null - null) + 1e-9
+
+
+@pytest.mark.parametrize("rank", [3, 8, 20])
+def test_the_two_null_space_completions_agree(rank):
+    d = 30
+    m = _random_m(d, rank, seed=7)
+    u, _, vh = torch.linalg.svd(m)
+    u_r, v_r, v_0 = u[:, :rank], vh[:rank].T, vh[rank:].T
+    in_null = comp._completion_in_null_space(u_r, v_r, v_0)
+    in_span = comp._completion_in_span(u_r, v_r, v_0)
+    torch.testing.assert_close(in_span, in_null, rtol=0, atol=1e-10)
+    q = u_r @ v_r.T + in_span
+    torch.testing.assert_close(q.T @ q, torch.eye(d, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_polar_eigh_of_symmetric_psd_is_identity():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    q, _ = comp.polar_eigh(x @ x.T)  # rank 5 of 20, U_r = V_r: nothing to rotate
+    torch.testing.assert_close(q, torch.eye(20, dtype=torch.float64), rtol=0, atol=1e-9)
 
 
 def test_polar_eigh_of_zero_is_identity():
