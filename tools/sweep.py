@@ -63,12 +63,18 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows (quick look)")
     ap.add_argument("--only", default=None, help="run only jobs whose name contains this")
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep the pruned checkpoints")
+    ap.add_argument("--markdown", action="store_true",
+                    help="run nothing: print the table and the commands of the recorded rows (for the README)")
     args = ap.parse_args()
     sweep = tomllib.loads(args.config.read_text())["sweep"]
     results = Path(sweep["results"])
     results.mkdir(parents=True, exist_ok=True)
     exe = [sys.executable, "-m", "rcpu_lite.cli"]
     rows = []
+    if args.markdown:
+        recorded = [json.loads(p.read_text()) for job in jobs(sweep) if (p := results / f"{job['name']}.json").exists()]
+        print(table(recorded) + "\n\n```\n" + "\n".join(commands_block(r) for r in recorded) + "\n```")
+        return
     for job in jobs(sweep):
         if args.only and args.only not in job["name"]:
             continue
@@ -98,6 +104,11 @@ def main() -> None:
         rows.append(record)
         print(json.dumps({k: record[k] for k in ("job", "ppl")}), flush=True)
     print(table(rows))
+
+
+def commands_block(record: dict) -> str:
+    head = f"# {record['method']} {int(round(100 * record['ratio']))} %: PPL {record['ppl']:.2f}"
+    return "\n".join([head] + [record[k] for k in ("prune_command", "eval_command") if k in record])
 
 
 def table(rows: list[dict]) -> str:
