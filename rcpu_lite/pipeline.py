@@ -23,79 +23,24 @@ from . import __version__, arch, calibration, compensation, scoring, surgery
 from .checkpoint import CheckpointReader, ShardWriter, copy_side_files
 from .config import PruneSettings
 from .models import load_tokenizer, resolve_model
-from .progress import MANIFEST_NAME, Manifest, differences, fingerprint, fsync_dir
+from .output import (DiskFull, OutputError, check_free_space, check_output, expected_shard_bytes, human_bytes,
+                     publish, pruned_config_json, working_dir)
+from .progress import Manifest, differences, fingerprint
 from .memory_plan import MemoryPlan, parse_size
 from .memory_plan import plan as plan_memory
 from .runtime import (Placement, Stopwatch, current_rss_bytes, peak_gpu_bytes, peak_rss_bytes, pick_device,
                       run_layer_batched, to_compute)
 from .stats import InputStats
 
+__all__ = ["prune", "prune_layer", "Interrupted", "OutputError", "DiskFull", "working_dir", "REPORT_NAME"]
 log = logging.getLogger("rcpu_lite")
 REPORT_NAME = "rcpu_report.json"
-
-
-class OutputError(ValueError):
-    pass
 
 
 class Interrupted(RuntimeError):
     """The run stopped at a layer boundary on SIGINT/SIGTERM; its finished work is kept."""
 
     exit_code = 75  # EX_TEMPFAIL: try again (with --resume)
-
-
-class DiskFull(OSError):
-    def __str__(self) -> str:  # the message alone, without "[Errno 28]"
-        return self.strerror
-
-
-def working_dir(out: Path) -> Path:
-    return out.parent / (out.name + ".partial")
-
-
-def check_output(out: Path, model_dir: Path, overwrite: bool, resume: bool) -> Path:
-    """Refuse a bad --out before any work, and return the sibling working directory (not created yet).
-
-    --overwrite deletes --out at the end, so --out may not hold the input or the current directory.
-    """
-    target, src, cwd = out.resolve(), model_dir.resolve(), Path.cwd().resolve()
-    if target == src:
-        raise OutputError(f"--out {out} is the input checkpoint; choose another directory")
-    if target.name in ("", "..") or target == Path(target.anchor):
-        raise OutputError(f"--out {out} is not a usable directory name; give a new directory such as {out}/pruned")
-    if src.is_relative_to(target):
-        raise OutputError(f"--out {out} contains the input checkpoint; choose a directory beside it")
-    if target.is_relative_to(src):
-        raise OutputError(f"--out {out} is inside the input checkpoint, which is only ever read; choose a "
-                          f"directory outside it")
-    if cwd.is_relative_to(target):
-        raise OutputError(f"--out {out} contains the current directory; choose another directory")
-    if target.exists() and not target.is_dir():
-        raise OutputError(f"--out {out} is a file; give a directory path")
-    if target.exists() and not overwrite:
-        raise OutputError(f"{out} already exists; pass --overwrite to replace it")
-    work = working_dir(target)
-    if resume and not (work / MANIFEST_NAME).is_file():
-        raise OutputError(f"there is no interrupted run to resume in {work}; run without --resume")
-    if not resume and work.exists() and not overwrite:
-        raise OutputError(f"{work} holds an interrupted run; pass --resume to continue it or --overwrite to "
-                          f"start over")
-    return work
-
-
-def publish(work: Path, out: Path) -> None:
-    """Make every file durable, then replace --out by the working directory in one rename."""
-    for item in work.iterdir():
-        if item.is_file():
-            with open(item, "rb") as f:
-                os.fsync(f.fileno())
-    fsync_dir(work)
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
-    # The manifest goes last: a crash before this point leaves a complete OUT.partial that --resume finishes.
-    (out / MANIFEST_NAME).unlink()
-    fsync_dir(out.parent)
 
 
 def _check_finite(what: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -230,15 +175,8 @@ def prune(
     final_names = arch.final_tensor_names(cfg)
     needed = [arch.EMBED, *final_names, *(arch.layer_prefix(i) + n for i in range(n_layers) for n in names)]
     reader.require(needed)
-    heads_after, kv_after = (t.numel() for t in scoring.kept_heads(
-        torch.zeros(shape.num_attention_heads), shape.num_key_value_heads, settings.ratio))
-    channels_after = shape.intermediate_size - scoring.n_removed(settings.ratio, shape.intermediate_size)
+    heads_after, kv_after, channels_after = _widths_after(shape, settings.ratio)
     model_type_after = arch.saved_model_type(cfg, heads_after)  # refuses early what could not be loaded
-    if settings.ratio > 0 and heads_after == shape.num_attention_heads:
-        per_group = shape.num_attention_heads // shape.num_key_value_heads
-        log.warning("ratio %.2f removes no attention heads: with %d query heads per key/value group, a group "
-                    "loses a head only from ratio %.3f up; only MLP channels are pruned", settings.ratio, per_group,
-                    shape.num_key_value_heads / shape.num_attention_heads)
     out = Path(out)
     work = check_output(out, model_dir, overwrite, resume)
     device = pick_device(settings.device)
@@ -249,32 +187,16 @@ def prune(
     windows = calibration.random_windows(tokens, settings.nsamples, settings.seqlen, settings.seed)
     fp = fingerprint(model_dir, settings, windows)
     manifest = _resumed_manifest(work, fp) if resume else None
-    shard_bytes = _expected_shard_bytes(reader, cfg, names, final_names, heads_after, kv_after, channels_after)
-    _check_free_space(work, sum(b for i, b in enumerate(shard_bytes) if not (manifest and manifest.done(i))))
+    shard_bytes = expected_shard_bytes(reader, cfg, names, final_names, heads_after, kv_after, channels_after)
+    check_free_space(work, sum(b for i, b in enumerate(shard_bytes) if not (manifest and manifest.done(i))))
     if manifest is None:  # every check passed: only now is anything created
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
         manifest = Manifest(work, fp)
         manifest.save()
-    writer = ShardWriter(work, n_layers + 2)
-
-    def write(index: int, tensors: dict[str, torch.Tensor], layer_report: dict | None = None) -> None:
-        started_write = time.perf_counter()
-        try:
-            size = writer.write(index, tensors)
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
-            needed = sum(b for i, b in enumerate(shard_bytes) if i >= index)
-            raise DiskFull(errno.ENOSPC, f"the disk holding {work} filled up while writing "
-                           f"{writer.path(index).name}; about {human_bytes(needed)} more are needed: free "
-                           f"space and rerun the same command with --resume") from None
-        if layer_report is not None:
-            seconds = time.perf_counter() - started_write
-            layer_report["seconds_by_stage"]["write"] = round(seconds, 4)
-            layer_report["seconds"] = round(layer_report["seconds"] + seconds, 3)
-        manifest.record(index, size, layer_report)
+    shards = _Shards(work, ShardWriter(work, n_layers + 2), manifest, shard_bytes)
+    writer, write = shards.writer, shards.write
 
     # What the output stores too (a tied lm_head some checkpoints also store counts on neither side).
     params_before = sum(torch.Size(reader.shape(n)).numel() for n in needed)
@@ -330,7 +252,7 @@ def prune(
     params_after = writer.finish()
     reader.close()
 
-    new_config = _pruned_config_json(model_dir, manifest.layers, shape, model_type_after)
+    new_config = pruned_config_json(model_dir, manifest.layers, shape, model_type_after)
     (work / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
     copy_side_files(model_dir, work)
     report = {
@@ -361,6 +283,42 @@ def prune(
     log.info("wrote %s: %d -> %d parameters (%.1f%% fewer) in %.0fs", out, params_before, params_after,
              100 * report["param_reduction"], report["wall_seconds"])
     return report
+
+
+class _Shards:
+    """Writes each shard and records it in the manifest; a full disk becomes DiskFull with the space needed."""
+
+    def __init__(self, work: Path, writer: ShardWriter, manifest: Manifest, shard_bytes: list[int]):
+        self.work, self.writer, self.manifest, self.shard_bytes = work, writer, manifest, shard_bytes
+
+    def write(self, index: int, tensors: dict[str, torch.Tensor], layer_report: dict | None = None) -> None:
+        started = time.perf_counter()
+        try:
+            size = self.writer.write(index, tensors)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            needed = sum(b for i, b in enumerate(self.shard_bytes) if i >= index)
+            raise DiskFull(errno.ENOSPC, f"the disk holding {self.work} filled up while writing "
+                           f"{self.writer.path(index).name}; about {human_bytes(needed)} more are needed: free "
+                           f"space and rerun the same command with --resume") from None
+        if layer_report is not None:
+            seconds = time.perf_counter() - started
+            layer_report["seconds_by_stage"]["write"] = round(seconds, 4)
+            layer_report["seconds"] = round(layer_report["seconds"] + seconds, 3)
+        self.manifest.record(index, size, layer_report)
+
+
+def _widths_after(shape: arch.LayerShape, ratio: float) -> tuple[int, int, int]:
+    """Query heads, KV heads and MLP channels every layer keeps (known before any work)."""
+    heads, kv_heads = (t.numel() for t in scoring.kept_heads(
+        torch.zeros(shape.num_attention_heads), shape.num_key_value_heads, ratio))
+    if ratio > 0 and heads == shape.num_attention_heads:
+        per_group = shape.num_attention_heads // shape.num_key_value_heads
+        log.warning("ratio %.2f removes no attention heads: with %d query heads per key/value group, a group "
+                    "loses a head only from ratio %.3f up; only MLP channels are pruned", ratio, per_group,
+                    shape.num_key_value_heads / shape.num_attention_heads)
+    return heads, kv_heads, shape.intermediate_size - scoring.n_removed(ratio, shape.intermediate_size)
 
 
 def _propagate(cfg, index: int, written: dict[str, torch.Tensor], report: dict, hidden: torch.Tensor,
@@ -407,58 +365,3 @@ def _resumed_manifest(work: Path, fp: dict) -> Manifest:
         raise OutputError(f"cannot resume the run in {work}: {'; '.join(diff)}; rerun without --resume and with "
                           f"--overwrite to start over")
     return manifest
-
-
-def _expected_shard_bytes(reader: CheckpointReader, cfg, names: list[str], final_names: list[str], heads: int,
-                          kv_heads: int, channels: int) -> list[int]:
-    """Bytes of every output shard, from the compact shapes (known before any work)."""
-    pruned = arch.pruned_config(cfg, heads, kv_heads, channels)
-    shapes = arch.layer_tensor_shapes(pruned)
-    def size(name: str, shape=None) -> int:
-        return torch.Size(shape or reader.shape(name)).numel() * reader.dtype_bytes(name)
-    out = [size(arch.EMBED)]
-    for i in range(cfg.num_hidden_layers):
-        prefix = arch.layer_prefix(i)
-        out.append(sum(size(prefix + n, shapes[n]) for n in names))
-    out.append(sum(size(n) for n in final_names))
-    return out
-
-
-def _check_free_space(work: Path, needed: int) -> None:
-    where = work
-    while not where.exists():  # the nearest existing folder is on the disk the output will go to
-        where = where.parent
-    free = shutil.disk_usage(where).free
-    if needed > free:
-        raise DiskFull(errno.ENOSPC, f"the output needs about {human_bytes(needed)} but only {human_bytes(free)} "
-                       f"are free in {where}; free space or choose another --out")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"  # pragma: no cover
-
-
-def _pruned_config_json(model_dir: Path, layers: list[dict], shape: arch.LayerShape, model_type: str) -> dict:
-    """The input's config.json with the new (uniform) widths, an explicit head_dim, and the model_type
-    chosen by arch.saved_model_type."""
-    config = json.loads((model_dir / "config.json").read_text())
-    widths = {(len(r["kept_heads"]), len(r["kept_kv_heads"]), len(r["kept_channels"])) for r in layers}
-    if len(widths) != 1:
-        raise RuntimeError(f"layers ended with different widths {sorted(widths)}; uniform pruning expected")
-    heads, kv_heads, channels = widths.pop()
-    config.pop("quantization_config", None)
-    config.update(num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=channels,
-                  head_dim=shape.head_dim)
-    if model_type != config["model_type"]:
-        log.warning("writing this pruned %s as model_type %r: %d heads do not divide hidden_size %d, which "
-                    "transformers' LlamaConfig refuses; the computation is identical", config["model_type"],
-                    model_type, heads, shape.hidden_size)
-        for llama_only in ("attention_bias", "mlp_bias", "pretraining_tp"):
-            config.pop(llama_only, None)
-        config.update(model_type=model_type, architectures=[arch.FAMILIES[model_type] + "ForCausalLM"],
-                      sliding_window=None)
-    return config
