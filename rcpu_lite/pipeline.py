@@ -93,18 +93,21 @@ def prune_layer(
     heads_score = scoring.head_scores(scoring.column_scores(settings.score, w_o, o_stats), shape.head_dim)
     heads, kv_heads = scoring.kept_heads(heads_score, shape.num_key_value_heads, settings.ratio)
     channels = scoring.kept_channels(scoring.column_scores(settings.score, w_d, d_stats), settings.ratio)
+    heads, kv_heads, channels = heads.cpu(), kv_heads.cpu(), channels.cpu()  # for the report
+    on_device = [t.to(run.device) for t in (heads, kv_heads, channels, surgery.head_columns(heads, shape.head_dim))]
     watch.lap("scores")
 
     # Slice the other tensors first, one at a time back to the host in their own dtype.
     compact = {}
     for name in list(tensors):
         t = tensors.pop(name)
-        compact[name] = surgery.slice_tensor(name, t, shape, heads, kv_heads, channels).to("cpu", dtypes[name])
+        compact[name] = surgery.slice_tensor(name, t, shape, *on_device[:3]).to("cpu", dtypes[name])
         del t
     report = {"layer": index}
     decomposition_seconds = 0.0
-    o_cols = surgery.head_columns(heads.cpu(), shape.head_dim).to(w_o.device)
-    for module, w, stats, kept in (("self_attn.o_proj", w_o, o_stats, o_cols), ("mlp.down_proj", w_d, d_stats, channels)):
+    channels_dev, o_cols = on_device[2:]
+    for module, w, stats, kept in (("self_attn.o_proj", w_o, o_stats, o_cols), ("mlp.down_proj", w_d, d_stats,
+                                                                               channels_dev)):
         if kept.numel() == w.shape[1]:  # nothing removed, nothing to repair
             result = compensation.Compensation(w, 0.0, 0.0)
         else:
