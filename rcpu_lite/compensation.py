@@ -46,13 +46,15 @@ def polar_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     d = m64.shape[0]
     eps = torch.finfo(torch.float64).eps
     eigenvalues, v = torch.linalg.eigh(m64.T @ m64)  # (M^T M is freed at once: d^2 fp64 bytes each)
-    eigenvalues, v = eigenvalues.flip(0).clamp_min(0), v.flip(1)  # descending
+    eigenvalues = eigenvalues.flip(0).clamp_min(0)  # descending
+    v = v.flip(1)
     nonzero = int((eigenvalues > eigenvalues[0] * d * eps).sum())
     accurate = int((eigenvalues > eigenvalues[0] * eps ** 0.5).sum())
     singular = eigenvalues.sqrt()
     singular[nonzero:] = 0
     v_r, v_0 = v[:, :nonzero], v[:, nonzero:]
     u_r = (m64 @ v_r) / singular[:nonzero]
+    del m64
     if accurate < nonzero:
         u_r[:, accurate:] = _orthonormalised(u_r[:, accurate:], against=u_r[:, :accurate])
     q = u_r @ v_r.T
@@ -85,8 +87,10 @@ def _completion_in_span(u_r: torch.Tensor, v_r: torch.Tensor, v_0: torch.Tensor)
     u, s, vh = torch.linalg.svd(b.T @ a)
     if s.numel() and s[-1] < 1e-6:
         return None
-    ea, eb = e @ a, e @ b
-    return torch.eye(d, dtype=e.dtype) - e @ e.T + (eb @ (u @ vh)) @ ea.T
+    completion = (e @ b @ (u @ vh)) @ (e @ a).T
+    completion.addmm_(e, e.T, alpha=-1)  # in place: these are d x d fp64 (134 MB each at d = 4096)
+    completion.diagonal().add_(1)
+    return completion
 
 
 def _orthonormalised(columns: torch.Tensor, against: torch.Tensor) -> torch.Tensor:

@@ -106,8 +106,9 @@ def prune_layer(
     report = {"layer": index}
     decomposition_seconds = 0.0
     channels_dev, o_cols = on_device[2:]
-    for module, w, stats, kept in (("self_attn.o_proj", w_o, o_stats, o_cols), ("mlp.down_proj", w_d, d_stats,
-                                                                               channels_dev)):
+    # down_proj first: its Gram (11008^2 floats for Llama-7B) is then freed before o_proj's decomposition
+    for module, w, stats, kept in (("mlp.down_proj", w_d, d_stats, channels_dev), ("self_attn.o_proj", w_o, o_stats,
+                                                                                   o_cols)):
         if kept.numel() == w.shape[1]:  # nothing removed, nothing to repair
             result = compensation.Compensation(w, 0.0, 0.0)
         else:
