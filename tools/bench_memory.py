@@ -25,7 +25,8 @@ STAGES = ("read", "statistics", "scores", "compensation", "decomposition", "prop
 
 def prune_once(model: Path, out: Path, args) -> dict:
     cmd = [sys.executable, "-m", "rcpu_lite.cli", "prune", str(model), "--out", str(out), "--ratio", str(args.ratio),
-           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu", "--overwrite", "--quiet"]
+           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--compensate", args.compensate,
+           "--device", "cpu", "--overwrite", "--quiet"]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
     report = json.loads((out / "rcpu_report.json").read_text())
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--compensate", default="rotation", help="rotation (default), rotation-scale or none")
     args = ap.parse_args()
 
     peaks = {}
@@ -54,7 +56,8 @@ def main() -> None:
         walls = statistics.median(r["wall_seconds"] for r in runs)
         split = {s: statistics.median(sum(l["seconds_by_stage"].get(s, 0) for l in r["layers"]) for r in runs)
                  for s in STAGES}
-        print(f"{args.shape}, {layers} layers, {args.nsamples}x{args.seqlen} calibration, CPU: "
+        print(f"{args.shape}, {layers} layers, {args.nsamples}x{args.seqlen} calibration, --compensate "
+              f"{args.compensate}, CPU: "
               f"peak RSS {peaks[layers] / 2**30:.2f} GiB, wall {walls:.0f} s (median of {args.repeats})")
         print("  time by stage (s, summed over layers): " + ", ".join(f"{s} {v:.1f}" for s, v in split.items()))
     lo, hi = min(args.layers), max(args.layers)
