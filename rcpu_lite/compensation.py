@@ -78,7 +78,7 @@ def _completion_in_null_space(u_r: torch.Tensor, v_r: torch.Tensor, v_0: torch.T
 
 
 def _completion_in_span(u_r: torch.Tensor, v_r: torch.Tensor, v_0: torch.Tensor) -> torch.Tensor | None:
-    """The same completion for a small rank r: (I - B B^T)(I - V_r V_r^T) is the identity outside
+    """The same completion for a small rank r: (I - U_r U_r^T)(I - V_r V_r^T) is the identity outside
     E = span[V_r, U_r], so its polar factor is too, and inside E it is a problem of size <= 2r."""
     d, r = v_r.shape
     e, _ = torch.linalg.qr(torch.cat([v_r, u_r], 1))  # orthonormal, contains both spans
@@ -105,7 +105,7 @@ def _orthonormalised(columns: torch.Tensor, against: torch.Tensor) -> torch.Tens
 class Products:
     """What compensation needs from the Gram matrix; the Gram itself can be freed once these exist."""
 
-    m: torch.Tensor  # M = W C[:, K] W_K^T, d_out x d_out
+    m: torch.Tensor | None  # M = W C[:, K] W_K^T, d_out x d_out (None when no rotation is asked for)
     w_kept: torch.Tensor  # W_K
     y_energy: float  # ||Y||^2
     z_energy: float  # ||Z||^2 = tr(W_K C_KK W_K^T)
@@ -123,7 +123,7 @@ class Compensation:
     decomposition_seconds: float = 0.0
 
 
-def products(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor) -> Products:
+def products(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, with_m: bool = True) -> Products:
     """M and the energies from one product G = C[:, K] W_K^T (d_in x d_out):
 
       M = W G,  ||Z||^2 = <W_K, G_K^T>,  ||Y - Z||^2 = tr(W_R C_RR W_R^T)  (R: removed columns),
@@ -138,7 +138,8 @@ def products(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor) -> Pr
     z_energy = _inner(weight, g, kept)
     removed_energy = _sum64((w_removed @ gram.index_select(0, removed).index_select(1, removed)) * w_removed)
     y_energy = z_energy + 2 * _inner(weight, g, removed) + removed_energy
-    return Products(weight @ g, weight[:, kept], y_energy, z_energy, removed_energy)
+    m = weight @ g if with_m else None  # only a rotation needs M (d_out^2 * d_in multiply-adds)
+    return Products(m, weight[:, kept], y_energy, z_energy, removed_energy)
 
 
 def compensate_products(p: Products, method: str, decomposition: str = "eigh") -> Compensation:
@@ -169,7 +170,7 @@ def compensate(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, met
         raise ValueError(f"unknown compensation {method!r}; choose one of {', '.join(METHODS)}")
     if kept.numel() == weight.shape[1]:  # nothing removed, nothing to repair
         return Compensation(weight[:, kept].clone(), 0.0, 0.0)
-    return compensate_products(products(weight, gram, kept), method, decomposition)
+    return compensate_products(products(weight, gram, kept, with_m=method != "none"), method, decomposition)
 
 
 def relative_error(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, new_weight: torch.Tensor) -> float:

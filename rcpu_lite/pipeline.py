@@ -112,7 +112,7 @@ def prune_layer(
         if kept.numel() == w.shape[1]:  # nothing removed, nothing to repair
             result = compensation.Compensation(w, 0.0, 0.0)
         else:
-            products = compensation.products(w, stats.gram, kept)
+            products = compensation.products(w, stats.gram, kept, with_m=settings.compensate != "none")
             stats.gram = None  # the largest statistic: freed before the decomposition
             result = compensation.compensate_products(products, settings.compensate, settings.decomposition)
             del products

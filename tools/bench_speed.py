@@ -72,10 +72,8 @@ def io_floor_main(args) -> None:
     walls, floors = [], []
     with tempfile.TemporaryDirectory(dir=model_dir.parent) as tmp:
         for run in range(args.repeats):
-            read, write = io_floor_seconds(model_dir, Path(tmp) / "out") if run else (None, None)
             report = prune(model_dir, Path(tmp) / "out", settings, overwrite=True)
-            if read is None:
-                read, write = io_floor_seconds(model_dir, Path(tmp) / "out")
+            read, write = io_floor_seconds(model_dir, Path(tmp) / "out")  # the output to rewrite exists now
             walls.append(report["wall_seconds"])
             floors.append(read + write)
             print(f"run {run + 1}: prune {walls[-1]:.1f} s, I/O floor {floors[-1]:.1f} s (read {read:.1f} s, write "
