@@ -62,8 +62,7 @@ def perplexity(
         layer_reads = reader.layers(names, prefixes, background=dev.type == "cuda")
         for i in range(config.num_hidden_layers):
             stored = next(layer_reads)  # not enumerate(): it would keep the previous layer alive
-            tensors = to_compute(stored, dev)
-            del stored
+            tensors = to_compute(stored, dev, consume=True)
             layer = arch.build_layer(config, i, tensors)
             run_layer_batched(layer, hidden, inputs, config, i, micro_batch)
             del layer, tensors

@@ -71,11 +71,7 @@ def prune_layer(
     run = placement or Placement(hidden.device, hidden.device, settings.micro_batch)
     watch = watch or Stopwatch(run.device)
     dtypes = {k: v.dtype for k, v in stored.items()}
-    tensors = {}
-    while stored:
-        name, t = stored.popitem()
-        tensors[name] = t.to(run.device, non_blocking=True).float()
-        del t
+    tensors = to_compute(stored, run.device, consume=True)
     o_stats = InputStats(shape.num_attention_heads * shape.head_dim, run.device)
     d_stats = InputStats(shape.intermediate_size, run.device)
     layer = arch.build_layer(cfg, index, tensors)

@@ -35,9 +35,21 @@ def pick_device(device: str) -> torch.device:
         raise ValueError(f"--device must be auto, cpu or cuda[:N], got {device!r}") from None
 
 
-def to_compute(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """fp32 copies on the compute device; the copy goes first so that pinned memory is copied asynchronously."""
-    return {k: v.to(device, non_blocking=True).float() for k, v in tensors.items()}
+def to_compute(tensors: dict[str, torch.Tensor], device: torch.device, consume: bool = False
+               ) -> dict[str, torch.Tensor]:
+    """fp32 copies on the compute device; the copy goes first so that pinned memory is copied asynchronously.
+
+    With `consume`, `tensors` is emptied one tensor at a time as the copies are made, so the stored
+    and the fp32 copy of a layer are never both whole in memory.
+    """
+    if not consume:
+        return {k: v.to(device, non_blocking=True).float() for k, v in tensors.items()}
+    copies = {}
+    while tensors:
+        name, t = tensors.popitem()
+        copies[name] = t.to(device, non_blocking=True).float()
+        del t
+    return copies
 
 
 def peak_rss_bytes() -> int:
