@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rcpu_lite.config import PruneSettings
 from rcpu_lite.pipeline import prune
@@ -58,3 +59,14 @@ def test_tool_help(tool):
     result = subprocess.run([sys.executable, str(ROOT / "tools" / f"{tool}.py"), "--help"], capture_output=True,
                             text=True)
     assert result.returncode == 0 and "usage" in result.stdout.lower()
+
+
+def test_inference_benchmark_times_every_model_in_each_round(tiny_checkpoint):
+    tool = load_tool("bench_inference")
+    src = tiny_checkpoint("llama_gqa", num_hidden_layers=2)
+    models = {"dense": tool.load(src), "same again": tool.load(src)}
+    results = tool.measure(models, torch.tensor([[1, 2, 3, 4, 5]]), new_tokens=3, repeats=2)
+    assert list(results) == ["dense", "same again"]
+    for r in results.values():
+        assert r["prefill"] > 0 and r["decode"] > 0
+        assert r["weight_bytes"] == 4 * r["params"]  # fp32

@@ -5,7 +5,8 @@
 Pruned checkpoints are made with the default method (rcpu score, rotation) and the bundled C4
 calibration unless DIR already holds them. Prefill: one forward pass over a --prompt-tokens
 prompt. Decode: greedy generation of --new-tokens tokens with the KV cache, less the prefill.
-Medians of --repeats runs, all in one process; prints a Markdown table.
+All models are loaded in one process and take turns in each of --repeats rounds; medians, as a
+Markdown table.
 """
 from __future__ import annotations
 
@@ -25,22 +26,35 @@ from rcpu_lite.models import load_tokenizer, resolve_model  # noqa: E402
 from rcpu_lite.pipeline import prune  # noqa: E402
 
 
+def load(path: Path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
 @torch.inference_mode()
-def measure(path: Path, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    prefill, decode = [], []
-    model.generate(prompt, max_new_tokens=2, do_sample=False)  # warm-up
+def time_once(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Prefill and decode tokens per second of one run."""
+    t0 = time.perf_counter()
+    model(input_ids=prompt, use_cache=True)
+    t1 = time.perf_counter()
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    t2 = time.perf_counter()
+    return prompt.shape[1] / (t1 - t0), new_tokens / max(1e-9, (t2 - t1) - (t1 - t0))
+
+
+def measure(models: dict, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, dict]:
+    """Medians per model; the models take turns in every repeat, so a noisy spell hits them all alike."""
+    runs = {name: [] for name in models}
+    for model in models.values():
+        with torch.inference_mode():
+            model.generate(prompt, max_new_tokens=2, do_sample=False)  # warm-up
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(input_ids=prompt, use_cache=True)
-        t1 = time.perf_counter()
-        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        t2 = time.perf_counter()
-        prefill.append(prompt.shape[1] / (t1 - t0))
-        decode.append(new_tokens / max(1e-9, (t2 - t1) - (t1 - t0)))
-    return {"weight_bytes": weight_bytes, "prefill": statistics.median(prefill), "decode": statistics.median(decode),
-            "params": sum(p.numel() for p in model.parameters())}
+        for name, model in models.items():
+            runs[name].append(time_once(model, prompt, new_tokens))
+    return {name: {"params": sum(p.numel() for p in model.parameters()),
+                   "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+                   "prefill": statistics.median(r[0] for r in runs[name]),
+                   "decode": statistics.median(r[1] for r in runs[name])}
+            for name, model in models.items()}
 
 
 def main() -> None:
@@ -56,13 +70,15 @@ def main() -> None:
     dense = resolve_model(args.model)
     text = calibration.evaluation_text(calibration.BUNDLED["c4"])
     prompt = calibration.tokenize(load_tokenizer(dense), text)[: args.prompt_tokens].unsqueeze(0)
-    rows = [("dense", measure(dense, prompt, args.new_tokens, args.repeats))]
+    paths = {"dense": dense}
     for ratio in args.ratios:
         out = args.dir / f"{Path(str(args.model)).name}-rcpu{int(round(100 * ratio))}"
         if not (out / "config.json").is_file():
             prune(dense, out, PruneSettings(ratio=ratio, calib=args.calib, device="cpu"), overwrite=True)
-        rows.append((f"rcpu rotation {int(round(100 * ratio))} %", measure(out, prompt, args.new_tokens, args.repeats)))
-    base = rows[0][1]
+        paths[f"rcpu rotation {int(round(100 * ratio))} %"] = out
+    results = measure({name: load(path) for name, path in paths.items()}, prompt, args.new_tokens, args.repeats)
+    rows = list(results.items())
+    base = results["dense"]
     print(f"\n{args.model}, CPU, {torch.get_num_threads()} threads, batch 1, fp32, prompt {args.prompt_tokens} tokens, "
           f"{args.new_tokens} new tokens, medians of {args.repeats}\n")
     print("| model | parameters | weight memory | prefill tok/s | decode tok/s |\n|---|---|---|---|---|")
