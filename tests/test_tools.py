@@ -1,6 +1,7 @@
 """The benchmark and sweep tools still run against the current API (tiny models; they measure nothing here)."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import subprocess
@@ -70,3 +71,14 @@ def test_inference_benchmark_times_every_model_in_each_round(tiny_checkpoint):
     for r in results.values():
         assert r["prefill"] > 0 and r["decode"] > 0
         assert r["weight_bytes"] == 4 * r["params"]  # fp32
+
+
+def test_memory_benchmark_prunes_in_a_fresh_process_with_the_flags_it_is_given(tiny_checkpoint, tmp_path):
+    tool = load_tool("bench_memory")
+    src = tiny_checkpoint("llama_gqa", num_hidden_layers=2)
+    args = argparse.Namespace(ratio=0.25, nsamples=4, seqlen=16, compensate="rotation", device="cpu", matmul="fp32",
+                              max_gpu_memory=None)
+    report = tool.prune_once(src, tmp_path / "out", args)
+    assert report["settings"]["ratio"] == 0.25 and report["device_name"] == "cpu"
+    assert report["peak_rss_bytes"] > 0 and report["peak_gpu_bytes"] is None
+    assert not (tmp_path / "out").exists()  # removed once measured

@@ -1,11 +1,15 @@
-"""Peak memory of pruning a Llama-7B-shaped checkpoint on the CPU, and where the time goes.
+"""Peak memory of pruning a Llama-7B-shaped checkpoint, and where the time goes.
 
     python tools/bench_memory.py --shape llama-7b --layers 4 32 --dir /data/synthetic [--repeats 3]
+    python tools/bench_memory.py --layers 32 --dir /data/synthetic --device cuda --nsamples 128 --seqlen 2048
+
 
 Writes synthetic checkpoints with tools/make_synthetic.py (once; reused afterwards), prunes each
-with `rcpu-lite prune --device cpu` in a fresh process (so the peak RSS the operating system
-reports belongs to that run alone), and prints the peak, the growth from the fewest to the most
-layers (the streaming promise: <= 10 %), and the time split by stage, summed over layers.
+with `rcpu-lite prune` in a fresh process (so the peak RSS the operating system reports belongs
+to that run alone), and prints the peak, the growth from the fewest to the most layers (the
+streaming promise: <= 10 %), and the time split by stage, summed over layers. With --device cuda
+it also prints the peak GPU memory (torch.cuda.max_memory_allocated, from the run report), the
+GPU's name and the memory plan (micro-batch, where the calibration hidden states lived).
 """
 from __future__ import annotations
 
@@ -26,7 +30,9 @@ STAGES = ("read", "statistics", "scores", "compensation", "decomposition", "prop
 def prune_once(model: Path, out: Path, args) -> dict:
     cmd = [sys.executable, "-m", "rcpu_lite.cli", "prune", str(model), "--out", str(out), "--ratio", str(args.ratio),
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--compensate", args.compensate,
-           "--device", "cpu", "--overwrite", "--quiet"]
+           "--device", args.device, "--matmul", args.matmul, "--overwrite", "--quiet"]
+    if args.max_gpu_memory:
+        cmd += ["--max-gpu-memory", args.max_gpu_memory]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
     report = json.loads((out / "rcpu_report.json").read_text())
@@ -44,6 +50,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--compensate", default="rotation", help="rotation (default), rotation-scale or none")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    ap.add_argument("--matmul", default="fp32", help="fp32 (default) or tf32 (CUDA forward passes)")
+    ap.add_argument("--max-gpu-memory", default=None, help="GPU memory budget, e.g. 10GiB (default: 90%% of free)")
     args = ap.parse_args()
 
     peaks = {}
@@ -57,10 +66,15 @@ def main() -> None:
         split = {s: statistics.median(sum(l["seconds_by_stage"].get(s, 0) for l in r["layers"]) for r in runs)
                  for s in STAGES}
         print(f"{args.shape}, {layers} layers, {args.nsamples}x{args.seqlen} calibration, --compensate "
-              f"{args.compensate}, CPU: "
+              f"{args.compensate}, {runs[0]['device_name']}: "
               f"peak RSS {peaks[layers] / 2**30:.2f} GiB, wall {walls:.0f} s (median of {args.repeats})")
+        if runs[0]["peak_gpu_bytes"] is not None:
+            gpu = statistics.median(r["peak_gpu_bytes"] for r in runs)
+            print(f"  peak GPU memory {gpu / 2**30:.2f} GiB, --matmul {args.matmul}, plan {runs[0]['memory_plan']}")
         print("  time by stage (s, summed over layers): " + ", ".join(f"{s} {v:.1f}" for s, v in split.items()))
     lo, hi = min(args.layers), max(args.layers)
+    if lo == hi:
+        return
     growth = peaks[hi] / peaks[lo] - 1
     print(f"peak RSS growth from {lo} to {hi} layers: {100 * growth:+.1f} % (goal <= 10 %)")
 
