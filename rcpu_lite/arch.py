@@ -174,10 +174,11 @@ def layer_inputs(config: PretrainedConfig, seqlen: int, device: torch.device, dt
     dummy = torch.zeros(1, seqlen, config.hidden_size, device=device, dtype=dtype)
     positions = torch.arange(seqlen, device=device).unsqueeze(0)
     cos, sin = rotary(dummy, positions)
-    args = dict(config=config, inputs_embeds=dummy, attention_mask=None, past_key_values=None, position_ids=positions)
-    masks = {"full_attention": create_causal_mask(**args)}
+    # The cache goes positionally: transformers 5.24 renamed `past_key_values` to `cache`.
+    args = (config, dummy, None, None)  # config, inputs_embeds, attention_mask, no cache
+    masks = {"full_attention": create_causal_mask(*args, position_ids=positions)}
     if getattr(config, "sliding_window", None):
-        masks["sliding_attention"] = create_sliding_window_causal_mask(**args)
+        masks["sliding_attention"] = create_sliding_window_causal_mask(*args, position_ids=positions)
     return LayerInputs((cos, sin), masks)
 
 
