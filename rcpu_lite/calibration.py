@@ -3,11 +3,24 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-BUNDLED = {"c4": Path(__file__).parent / "data" / "c4_calibration.jsonl.gz"}
+DATA_DIR = Path(__file__).parent / "data"
+# Built-in texts, one table per role. The WikiText-2 test split is an evaluation text only:
+# calibrating on the text a model is evaluated on would be contamination.
+CALIBRATION_TEXTS: dict[str, Path] = {
+    "c4": DATA_DIR / "c4_calibration.jsonl.gz",  # 920 documents of C4 English validation (ODC-BY)
+    "wikitext2": DATA_DIR / "wikitext2_valid.txt.gz",  # WikiText-2 validation split, word-level (CC BY-SA 3.0)
+}
+EVALUATION_TEXTS: dict[str, Path] = {
+    "wikitext2": DATA_DIR / "wikitext2_test.raw.gz",  # WikiText-2 raw test split (CC BY-SA 3.0)
+}
+Role = Literal["calibration", "evaluation"]
+BUILT_IN: dict[str, dict[str, Path]] = {"calibration": CALIBRATION_TEXTS, "evaluation": EVALUATION_TEXTS}
 DEFAULT_CALIBRATION = "c4"
 
 
@@ -15,42 +28,62 @@ class CalibrationError(ValueError):
     pass
 
 
-def read_text(source: str | Path) -> str:
+def resolve_text(source: str | os.PathLike, role: Role = "calibration") -> Path:
+    """The file behind a text option: an existing file wins, else a built-in name of that role."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    names = BUILT_IN[role]
+    if str(source) in names:
+        return names[str(source)]
+    raise CalibrationError(f"{role} text {str(source)!r} does not exist: it is neither a file nor a built-in name "
+                           f"(built-in {role} texts: {', '.join(names)})")
+
+
+def read_text(source: str | os.PathLike, role: Role = "calibration") -> str:
     """Text of a plain file, or of a .jsonl / .jsonl.gz file's "text" fields joined by blank lines.
 
-    `source` may also name a bundled set ("c4": 920 documents of C4 English validation, ODC-BY).
+    `source` may also be a built-in name of `role` (CALIBRATION_TEXTS, EVALUATION_TEXTS).
     """
-    path = Path(source)
-    if not path.exists() and str(source) in BUNDLED:
-        path = BUNDLED[str(source)]
-    if not path.is_file():
-        raise CalibrationError(f"text file {path} does not exist")
+    path = resolve_text(source, role)
+    text = _decode(path).replace("\r\n", "\n")
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        text = "\n\n".join(_jsonl_texts(path, text))
+    return text
+
+
+def _decode(path: Path) -> str:
+    """The file's bytes (gunzipped for .gz) as UTF-8, refusing binary files."""
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     if b"\x00" in raw[:65536]:
         raise CalibrationError(f"{path} looks binary; give a UTF-8 text or .jsonl file")
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CalibrationError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
-    text = text.replace("\r\n", "\n")
-    if path.name.endswith((".jsonl", ".jsonl.gz")):
-        docs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    doc = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    doc = None
-                if not isinstance(doc, str):
-                    raise CalibrationError(f"{path}:{n} is not a JSON object with a \"text\" string")
-                docs.append(doc)
-        text = "\n\n".join(docs)
-    return text
 
 
-def evaluation_text(source: str | Path) -> str:
-    """The perplexity convention of the pruning literature: the split's lines joined by blank lines."""
-    return "\n\n".join(read_text(source).split("\n"))
+def _jsonl_texts(path: Path, text: str) -> list[str]:
+    """The "text" string of every non-blank line of a JSONL file."""
+    docs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                doc = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                doc = None
+            if not isinstance(doc, str):
+                raise CalibrationError(f"{path}:{n} is not a JSON object with a \"text\" string")
+            docs.append(doc)
+    return docs
+
+
+def evaluation_text(source: str | os.PathLike) -> str:
+    """The perplexity convention of the pruning literature: the split's lines joined by blank lines.
+
+    `source` is a file or a built-in evaluation name ("wikitext2": the WikiText-2 raw test split).
+    """
+    return "\n\n".join(read_text(source, "evaluation").split("\n"))
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

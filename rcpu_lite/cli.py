@@ -56,7 +56,7 @@ def prune(
     ratio: Optional[float] = typer.Option(None, help="Fraction of attention heads and MLP channels removed in every layer, in [0, 1). (default: 0.2)"),
     score: Optional[str] = typer.Option(None, help="Importance score: rcpu (variance-aware), rcpu-l2, wanda-sp or magnitude. (default: rcpu)"),
     compensate: Optional[str] = typer.Option(None, help="Repair of o_proj/down_proj: rotation, rotation-scale or none. (default: rotation)"),
-    calib: Optional[str] = typer.Option(None, help="Calibration text: a UTF-8 file, a .jsonl file with a \"text\" field, or c4 (bundled sample). (default: c4)"),
+    calib: Optional[str] = typer.Option(None, help="Calibration text: a UTF-8 file, a .jsonl file with a \"text\" field, or a built-in name: c4 (bundled C4 sample) or wikitext2 (WikiText-2 validation split). (default: c4)"),
     nsamples: Optional[int] = typer.Option(None, help="Number of calibration windows. (default: 128)"),
     seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window. (default: 128)"),
     seed: Optional[int] = typer.Option(None, help="Seed for choosing the calibration windows. (default: 0)"),
@@ -88,7 +88,7 @@ def prune(
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    ppl: Path = typer.Option(..., "--ppl", help="Text to score, e.g. wikitext-2-raw/wiki.test.raw (lines joined by blank lines)."),
+    ppl: str = typer.Option(..., "--ppl", help="Text to score (lines joined by blank lines): a UTF-8 file, or the built-in name wikitext2 (WikiText-2 raw test split)."),
     seqlen: int = typer.Option(128, help="Tokens per window (RCPU and FLAP use 128; SparseGPT/Wanda 2048)."),
     max_windows: Optional[int] = typer.Option(None, help="Score only the first K windows."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),

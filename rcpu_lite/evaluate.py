@@ -30,6 +30,9 @@ def perplexity(
 ) -> dict:
     """WikiText-style perplexity: the text in non-overlapping windows of `seqlen` tokens.
 
+    `text_file` is a text file or a built-in evaluation name ("wikitext2": the WikiText-2 raw test
+    split, bundled); a file of that name wins.
+
     The hidden states of at most `max_hidden_gb` worth of windows are held at once; larger texts
     are done in chunks, each streaming every layer from disk again.
     """
@@ -39,6 +42,7 @@ def perplexity(
         raise ValueError(f"--micro-batch must be at least 1, got {micro_batch}")
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"--max-windows must be at least 1, got {max_windows}")
+    text_path = calibration.resolve_text(text_file, "evaluation")  # before any model work: fail early
     started = time.perf_counter()
     model_dir = resolve_model(model)
     reader = CheckpointReader(model_dir)
@@ -47,7 +51,7 @@ def perplexity(
     dev = pick_device(device)
     tokenizer = load_tokenizer(model_dir)
     windows = calibration.consecutive_windows(
-        calibration.tokenize(tokenizer, calibration.evaluation_text(text_file)), seqlen, max_windows
+        calibration.tokenize(tokenizer, calibration.evaluation_text(text_path)), seqlen, max_windows
     )
     inputs = arch.layer_inputs(config, seqlen, dev, torch.float32)
     names = arch.layer_tensor_names(config)

@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     dense = resolve_model(args.model)
-    text = calibration.evaluation_text(calibration.BUNDLED["c4"])
+    text = calibration.evaluation_text(calibration.CALIBRATION_TEXTS["c4"])
     prompt = calibration.tokenize(load_tokenizer(dense), text)[: args.prompt_tokens].unsqueeze(0)
     paths = {"dense": dense}
     for ratio in args.ratios:
