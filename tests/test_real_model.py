@@ -12,9 +12,8 @@ from rcpu_lite.evaluate import perplexity
 from rcpu_lite.models import resolve_model
 from rcpu_lite.pipeline import prune
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CALIB = DATA / "wikitext-2" / "valid.txt"
-TEST = DATA / "wikitext-2-raw" / "wiki.test.raw"
+CALIB = "wikitext2"  # built-in calibration name: the bundled WikiText-2 validation split
+TEST = "wikitext2"  # built-in evaluation name: the bundled WikiText-2 raw test split
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +27,7 @@ def smollm2() -> Path:
 def pruned(smollm2, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for method in ("rotation", "none"):
-        settings = PruneSettings(ratio=0.2, compensate=method, calib=str(CALIB), nsamples=64, seqlen=128,
+        settings = PruneSettings(ratio=0.2, compensate=method, calib=CALIB, nsamples=64, seqlen=128,
                                  device="cpu")
         out[method] = tmp_path_factory.mktemp("smollm2") / f"rcpu20-{method}"
         prune(smollm2, out[method], settings)

@@ -13,16 +13,16 @@ changes the outputs noticeably.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-# The repository's shared data folder sits beside the checkout (CI: ../shared).
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "valid.txt"
+from rcpu_lite.calibration import CALIBRATION_TEXTS
+
+WIKITEXT_VALID = CALIBRATION_TEXTS["wikitext2"]  # the bundled WikiText-2 validation split, gzipped
 
 CALIB_CHARS = 24_000
 TOKENIZER_VOCAB = 300  # <= every spec's vocab_size
@@ -68,31 +68,11 @@ SPECS = {
 }
 
 
-def _generated_text(n_chars: int, seed: int = 1234) -> str:
-    """Deterministic English-ish text, used when the shared WikiText file is not available."""
-    rng = random.Random(seed)
-    subjects = ["the lobster", "a small model", "the river", "every student", "the old castle", "our team",
-                "the committee", "a quiet village", "the ship", "this species", "the first album", "the army"]
-    verbs = ["grows", "moves", "reaches", "describes", "follows", "builds", "carries", "returns to", "protects",
-             "replaces", "records", "visits"]
-    objects = ["the northern coast", "a new song", "the summer season", "several large stones", "the city walls",
-               "its own young", "the long road", "a famous painting", "the eastern islands", "the winter camp",
-               "an early version", "the main station"]
-    tails = ["in 1998", "after the war", "during the night", "for many years", "with great care", "near the sea",
-             "before the storm", "in the south", "at the end of the day", "without any help"]
-    parts = []
-    while sum(len(p) for p in parts) < n_chars:
-        sentence = f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} {rng.choice(tails)} ."
-        parts.append(sentence[0].upper() + sentence[1:] + (" \n" if rng.random() < 0.2 else " "))
-    return "".join(parts)
-
-
 def calibration_text(n_chars: int = CALIB_CHARS) -> str:
-    """A slice of WikiText-2 validation when ../shared/data is present, else generated text."""
-    if WIKITEXT_VALID.is_file():
-        text = WIKITEXT_VALID.read_text(encoding="utf-8")[:n_chars]
-        return text[: text.rfind("\n") + 1]
-    return _generated_text(n_chars)
+    """The first n_chars of WikiText-2 validation (the bundled copy), cut after the last full line."""
+    with gzip.open(WIKITEXT_VALID, "rt", encoding="utf-8") as f:
+        text = f.read(n_chars)
+    return text[: text.rfind("\n") + 1]
 
 
 def write_calibration(path: Path, n_chars: int = CALIB_CHARS) -> Path:
