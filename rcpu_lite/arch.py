@@ -19,6 +19,8 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 
 EMBED = "model.embed_tokens.weight"
+# The two projections rcpu-lite prunes the inputs of and compensates, by short name.
+PROJECTIONS = {"o_proj": "self_attn.o_proj", "down_proj": "mlp.down_proj"}
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
 
@@ -67,6 +69,25 @@ def layer_shape(config: PretrainedConfig) -> LayerShape:
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         intermediate_size=config.intermediate_size,
     )
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """Parameters one prunable unit holds, and a whole decoder layer (for parameter budgets)."""
+
+    query_head: int  # its q_proj rows (and bias) and o_proj columns
+    kv_head: int  # its k_proj and v_proj rows (and biases)
+    channel: int  # its gate_proj and up_proj rows (and biases) and down_proj column
+    layer: int  # every parameter of one dense decoder layer
+
+
+def unit_costs(config: PretrainedConfig) -> UnitCosts:
+    shape = layer_shape(config)
+    h, d = shape.hidden_size, shape.head_dim
+    qkv_bias, mlp_bias = has_qkv_bias(config), bool(getattr(config, "mlp_bias", False))
+    return UnitCosts(query_head=2 * h * d + (d if qkv_bias else 0), kv_head=2 * h * d + (2 * d if qkv_bias else 0),
+                     channel=3 * h + (2 if mlp_bias else 0),
+                     layer=sum(s.numel() for s in layer_tensor_shapes(config).values()))
 
 
 def layer_tensor_names(config: PretrainedConfig) -> list[str]:
@@ -132,11 +153,26 @@ def pruned_config(config: PretrainedConfig, heads: int, kv_heads: int, intermedi
 
 
 def build_layer(config: PretrainedConfig, index: int, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """transformers' own decoder layer for `config`, holding exactly `tensors` (no copies)."""
+    """transformers' own decoder layer for `config`, holding exactly `tensors` (no copies).
+
+    A compensating bias of o_proj or down_proj (FLAP) where the family's class has none is given a
+    biased Linear of the same shape; every other module is the library's own.
+    """
     with torch.device("meta"):
         layer = _modeling(config, "DecoderLayer")(config, index)
+        for path in PROJECTIONS.values():
+            linear = layer.get_submodule(path)
+            if path + ".bias" in tensors and linear.bias is None:
+                parent, child = path.rsplit(".", 1)
+                setattr(layer.get_submodule(parent), child,
+                        torch.nn.Linear(linear.in_features, linear.out_features, bias=True))
     layer.load_state_dict(tensors, strict=True, assign=True)
     return layer.eval().requires_grad_(False)
+
+
+def projection(layer: torch.nn.Module, name: str) -> torch.nn.Linear:
+    """o_proj or down_proj of a built decoder layer, by short name."""
+    return layer.get_submodule(PROJECTIONS[name])
 
 
 def layer_tensor_shapes(config: PretrainedConfig) -> dict[str, torch.Size]:

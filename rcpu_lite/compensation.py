@@ -8,11 +8,11 @@ fp64 on the CPU (consumer GPUs are slow at fp64, and M is small next to the prod
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-METHODS = ("rotation", "rotation-scale", "none")
 DECOMPOSITIONS = ("eigh", "svd")
 _GATHER_ROWS = 1024  # rows of C gathered at a time: bounds the temporary to 1024 x d_in
 
@@ -114,13 +114,147 @@ class Products:
 
 @dataclass
 class Compensation:
-    """The compact d_out x |K| weight, its relative errors ||Y - Z'|| / ||Y|| before and after
-    compensation on the calibration inputs, and the seconds spent in the decomposition."""
+    """The compact d_out x |K| weight (and the bias it needs, if any), its relative errors
+    ||Y - Z'|| / ||Y|| before and after compensation on the calibration inputs, the seconds spent
+    in the decomposition, and the ridge damping actually used (least squares only)."""
 
     weight: torch.Tensor
     error_pruned: float
     error_compensated: float
     decomposition_seconds: float = 0.0
+    bias: torch.Tensor | None = None
+    damp_used: float | None = None
+    y_energy: float = 0.0  # ||Y||^2, so that a bias step can update the error
+
+
+@dataclass(frozen=True)
+class CompensationOptions:
+    """Knobs of the compensation methods (each method reads the ones it needs)."""
+
+    decomposition: str = "eigh"  # rotation: how the polar factor is found
+    damp: float = 0.01  # least squares: lambda = damp * mean(diag C_KK), as GPTQ damps
+    damp_abs: float = 0.0  # least squares: an absolute lambda on the summed Gram instead (0: use damp)
+    max_damp_retries: int = 6  # least squares: each failed Cholesky retries with 10x the damping
+
+
+# A method: (W, statistics with .gram, kept columns, options, release) -> Compensation. With `release`
+# the method drops stats.gram as soon as it no longer needs it (the largest temporary of a layer).
+CompensationFn = Callable[[torch.Tensor, "InputStats", torch.Tensor, CompensationOptions, bool], Compensation]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: CompensationFn
+    help: str
+
+
+COMPENSATIONS: dict[str, Method] = {}
+BIAS_SUFFIX = "+bias"
+
+
+def register(name: str, help: str):
+    def add(fn: CompensationFn) -> CompensationFn:
+        COMPENSATIONS[name] = Method(name, fn, help)
+        return fn
+    return add
+
+
+def _from_products(method: str):
+    def fn(weight, stats, kept, options, release):
+        p = products(weight, stats.gram, kept, with_m=method != "none")
+        if release:
+            stats.gram = None  # freed before the decomposition
+        return compensate_products(p, method, options.decomposition)
+    return fn
+
+
+register("none", "no repair: W_K as it is")(_from_products("none"))
+register("rotation", "W_K <- Q W_K, Q the orthogonal polar factor of M = W C[:,K] W_K^T (RCPU)")(
+    _from_products("rotation"))
+register("rotation-scale", "rotation, then x tr(S)/||Z||^2 (RCPU)")(_from_products("rotation-scale"))
+
+
+@register("lstsq", "ridge least squares W_K <- (W C[:,K] + l W_K)(C_KK + l I)^-1, l from --damp or --damp-abs")
+def least_squares(weight: torch.Tensor, stats, kept: torch.Tensor, options: CompensationOptions,
+                  release: bool = False) -> Compensation:
+    """Ridge least squares by a Cholesky factorisation of C_KK + lambda I (never an explicit inverse).
+
+    If the factorisation fails, lambda grows tenfold (up to max_damp_retries times); the lambda used
+    is reported. Errors: ||Y - W' X_K||^2 = ||Y||^2 - 2 <W', H> + tr(W' C_KK W'^T) with H = W C[:, K].
+    """
+    gram = stats.gram
+    removed = _complement(kept, weight.shape[1])
+    h = _weight_times_gram_columns(weight, gram, kept)
+    a = gram.index_select(0, kept).index_select(1, kept)
+    removed_energy = _quadratic(weight[:, removed], gram, removed)
+    del gram
+    if release:
+        stats.gram = None
+    w_kept = weight[:, kept]
+    z_energy = _sum64((w_kept @ a) * w_kept)
+    y_energy = 2 * _sum64(h * w_kept) - z_energy + removed_energy
+    lam = options.damp_abs if options.damp_abs > 0 else options.damp * float(a.diagonal().mean())
+    lam = max(lam, torch.finfo(a.dtype).tiny)
+    for _ in range(options.max_damp_retries + 1):
+        factor, info = torch.linalg.cholesky_ex(a + lam * torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
+        if int(info) == 0:
+            break
+        lam *= 10
+    else:
+        raise ValueError(f"least squares: C_KK + lambda I is not positive definite even at lambda {lam:.3g}; the "
+                         f"calibration statistics are degenerate (use more calibration windows or --compensate rotation)")
+    rhs = (h + lam * w_kept).T  # (C_KK + l I) W'^T = (W C[:,K] + l W_K)^T
+    new = torch.cholesky_solve(rhs, factor).T.contiguous()
+    del factor, rhs
+    error = y_energy - 2 * _sum64(new * h) + _sum64((new @ a) * new)
+    return Compensation(new, _ratio(removed_energy, y_energy), _ratio(error, y_energy), damp_used=lam,
+                        y_energy=y_energy)
+
+
+def add_bias(result: Compensation, weight: torch.Tensor, stats, kept: torch.Tensor) -> Compensation:
+    """FLAP's bias: b = mean(Y - W' X_K) = W mu - W' mu_K, which for W' = W_K is W[:, not K] mu_not K.
+
+    The residual then loses its mean: ||R - b 1^T||^2 = ||R||^2 - N ||b||^2.
+    """
+    mean = stats.mean.to(weight.dtype)
+    bias = weight @ mean - result.weight @ mean[kept]
+    energy = (result.error_compensated ** 2) * result.y_energy - stats.count * _sum64(bias.square())
+    result.bias = bias
+    result.error_compensated = _ratio(energy, result.y_energy)
+    return result
+
+
+def parse_method(method: str) -> tuple[str, bool]:
+    """'rotation+bias' -> ('rotation', True); 'bias' -> ('none', True); unknown names raise ValueError."""
+    base, with_bias = method, False
+    if method == "bias":
+        base, with_bias = "none", True
+    elif method.endswith(BIAS_SUFFIX):
+        base, with_bias = method[:-len(BIAS_SUFFIX)], True
+    if base not in COMPENSATIONS or method == "none" + BIAS_SUFFIX:
+        raise ValueError(f"unknown compensation {method!r}; choose one of {', '.join(method_names())}")
+    return base, with_bias
+
+
+def method_names() -> list[str]:
+    """Every accepted --compensate value: each registered method, 'bias', and each method + bias."""
+    return [*COMPENSATIONS, "bias", *(m + BIAS_SUFFIX for m in COMPENSATIONS if m != "none")]
+
+
+def compensate(weight: torch.Tensor, stats, kept: torch.Tensor, method: str,
+               options: CompensationOptions | None = None, release: bool = False) -> Compensation:
+    """Prune W to the columns K and repair it with `method` (a registered name, optionally + bias)."""
+    base, with_bias = parse_method(method)
+    options = options or CompensationOptions()
+    if options.decomposition not in DECOMPOSITIONS:
+        raise ValueError(f"unknown decomposition {options.decomposition!r}; choose one of {', '.join(DECOMPOSITIONS)}")
+    if kept.numel() == weight.shape[1]:  # nothing removed, nothing to repair
+        if release:
+            stats.gram = None
+        return Compensation(weight[:, kept].clone(), 0.0, 0.0)
+    result = COMPENSATIONS[base].fn(weight, stats, kept, options, release)
+    return add_bias(result, weight, stats, kept) if with_bias else result
 
 
 def products(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, with_m: bool = True) -> Products:
@@ -133,10 +267,9 @@ def products(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, with_
     the quadratic forms of relative_error() directly (Llama-7B down_proj: 1.2 instead of 6 TFLOP).
     """
     removed = _complement(kept, weight.shape[1])
-    w_removed = weight[:, removed]
     g = _gram_times_kept(weight, gram, kept)
     z_energy = _inner(weight, g, kept)
-    removed_energy = _sum64((w_removed @ gram.index_select(0, removed).index_select(1, removed)) * w_removed)
+    removed_energy = _quadratic(weight[:, removed], gram, removed)
     y_energy = z_energy + 2 * _inner(weight, g, removed) + removed_energy
     m = weight @ g if with_m else None  # only a rotation needs M (d_out^2 * d_in multiply-adds)
     return Products(m, weight[:, kept], y_energy, z_energy, removed_energy)
@@ -144,13 +277,13 @@ def products(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, with_
 
 def compensate_products(p: Products, method: str, decomposition: str = "eigh") -> Compensation:
     """The repaired W_K, and its errors from ||Y - s Q Z||^2 = ||Y||^2 - 2 s tr(Q^T M) + s^2 ||Z||^2."""
-    if method not in METHODS:
-        raise ValueError(f"unknown compensation {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in ("none", "rotation", "rotation-scale"):
+        raise ValueError(f"compensate_products handles none, rotation and rotation-scale, not {method!r}")
     if decomposition not in DECOMPOSITIONS:
         raise ValueError(f"unknown decomposition {decomposition!r}; choose one of {', '.join(DECOMPOSITIONS)}")
     error_pruned = _ratio(p.removed_energy, p.y_energy)
     if method == "none":
-        return Compensation(p.w_kept, error_pruned, error_pruned)
+        return Compensation(p.w_kept, error_pruned, error_pruned, y_energy=p.y_energy)
     started = time.perf_counter()
     q, _ = (polar_eigh if decomposition == "eigh" else procrustes)(p.m)
     seconds = time.perf_counter() - started
@@ -160,17 +293,7 @@ def compensate_products(p: Products, method: str, decomposition: str = "eigh") -
     if method == "rotation-scale":
         new *= scale
     error = _ratio(p.y_energy - 2 * scale * aligned + scale * scale * p.z_energy, p.y_energy)
-    return Compensation(new, error_pruned, error, seconds)
-
-
-def compensate(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, method: str,
-               decomposition: str = "eigh") -> Compensation:
-    """Prune W to the columns K and repair it with `method` (products() then compensate_products())."""
-    if method not in METHODS:
-        raise ValueError(f"unknown compensation {method!r}; choose one of {', '.join(METHODS)}")
-    if kept.numel() == weight.shape[1]:  # nothing removed, nothing to repair
-        return Compensation(weight[:, kept].clone(), 0.0, 0.0)
-    return compensate_products(products(weight, gram, kept, with_m=method != "none"), method, decomposition)
+    return Compensation(new, error_pruned, error, seconds, y_energy=p.y_energy)
 
 
 def relative_error(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, new_weight: torch.Tensor) -> float:
@@ -197,6 +320,20 @@ def _gram_times_kept(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tenso
         block = kept[start:start + _GATHER_ROWS]
         g.addmm_(gram.index_select(0, block).T, weight[:, block].T)
     return g
+
+
+def _weight_times_gram_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """H = W C[:, K] (d_out x |K|), gathering C's kept rows a block at a time (C is symmetric)."""
+    h = torch.empty(weight.shape[0], kept.numel(), dtype=weight.dtype, device=weight.device)
+    for start in range(0, kept.numel(), _GATHER_ROWS):
+        block = kept[start:start + _GATHER_ROWS]
+        h[:, start:start + block.numel()] = weight @ gram.index_select(0, block).T
+    return h
+
+
+def _quadratic(w_part: torch.Tensor, gram: torch.Tensor, columns: torch.Tensor) -> float:
+    """tr(W_J C_JJ W_J^T) for the columns J (W_J given)."""
+    return _sum64((w_part @ gram.index_select(0, columns).index_select(1, columns)) * w_part)
 
 
 def _inner(weight: torch.Tensor, g: torch.Tensor, columns: torch.Tensor) -> float:

@@ -12,9 +12,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .calibration import DEFAULT_CALIBRATION
-from .compensation import DECOMPOSITIONS, METHODS
+from .compensation import DECOMPOSITIONS, method_names
 from .memory_plan import parse_size
+from .records import PROJECTIONS
 from .scoring import SCORES
+from .widths import ALLOCATIONS
 
 
 class SettingsError(ValueError):
@@ -38,14 +40,42 @@ class PruneSettings:
     decomposition: str = "eigh"
     max_gpu_memory: str = ""  # "" = 90 % of the GPU memory free at the start
     matmul: str = "fp32"
+    damp: float = 0.01  # lstsq: lambda = damp * mean(diag C_KK)
+    damp_abs: float = 0.0  # lstsq: an absolute lambda on the summed Gram (0: use damp)
+    compensate_on: str = "o_proj,down_proj"
+    allocation: str = "uniform"
+    target_params: float = 0.0  # 0: off; else the fraction of decoder-layer parameters to remove
+    depth_spread: float = 0.5
+
+    @property
+    def compensated_projections(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.compensate_on.split(",") if p.strip())
+
+    @property
+    def budget(self) -> float:
+        """The fraction removed: of the decoder-layer parameters with --target-params (or a non-uniform
+        allocation), else of every layer's heads and channels."""
+        return self.target_params or self.ratio
 
     def validate(self) -> "PruneSettings":
         if not 0 <= self.ratio < 1:
             raise SettingsError(f"--ratio must be in [0, 1), got {self.ratio}")
         if self.score not in SCORES:
             raise SettingsError(f"--score must be one of {', '.join(SCORES)}, got {self.score!r}")
-        if self.compensate not in METHODS:
-            raise SettingsError(f"--compensate must be one of {', '.join(METHODS)}, got {self.compensate!r}")
+        if self.compensate not in method_names():
+            raise SettingsError(f"--compensate must be one of {', '.join(method_names())}, got {self.compensate!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise SettingsError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        unknown = [p for p in self.compensated_projections if p not in PROJECTIONS]
+        if unknown or not self.compensated_projections:
+            raise SettingsError(f"--compensate-on takes a comma-separated list of {', '.join(PROJECTIONS)}, got "
+                                f"{self.compensate_on!r}")
+        if not 0 <= self.target_params < 1:
+            raise SettingsError(f"--target-params must be in (0, 1), got {self.target_params}")
+        if not 0 <= self.depth_spread <= 1:
+            raise SettingsError(f"--depth-spread must be in [0, 1], got {self.depth_spread}")
+        if self.damp < 0 or self.damp_abs < 0:
+            raise SettingsError(f"--damp and --damp-abs must be at least 0, got {self.damp} and {self.damp_abs}")
         if self.decomposition not in DECOMPOSITIONS:
             raise SettingsError(f"--decomposition must be one of {', '.join(DECOMPOSITIONS)}, got "
                                 f"{self.decomposition!r}")

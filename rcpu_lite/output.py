@@ -10,8 +10,12 @@ from pathlib import Path
 
 import torch
 
+from dataclasses import dataclass
+
 from . import arch
 from .checkpoint import CheckpointReader
+from .compensation import parse_method
+from .widths import LayerWidths, WidthPlan
 from .progress import MANIFEST_NAME, fsync_dir
 
 log = logging.getLogger("rcpu_lite")
@@ -75,17 +79,18 @@ def publish(work: Path, out: Path) -> None:
     fsync_dir(out.parent)
 
 
-def expected_shard_bytes(reader: CheckpointReader, cfg, names: list[str], final_names: list[str], heads: int,
-                          kv_heads: int, channels: int) -> list[int]:
+def expected_shard_bytes(reader: CheckpointReader, cfg, names: list[str], final_names: list[str],
+                         plan: WidthPlan) -> list[int]:
     """Bytes of every output shard, from the compact shapes (known before any work)."""
-    pruned = arch.pruned_config(cfg, heads, kv_heads, channels)
-    shapes = arch.layer_tensor_shapes(pruned)
     def size(name: str, shape=None) -> int:
         return torch.Size(shape or reader.shape(name)).numel() * reader.dtype_bytes(name)
     out = [size(arch.EMBED)]
-    for i in range(cfg.num_hidden_layers):
+    shapes_of = {}
+    for i, w in enumerate(plan.layers):
+        if w not in shapes_of:
+            shapes_of[w] = arch.layer_tensor_shapes(arch.pruned_config(cfg, w.heads, w.kv_heads, w.channels))
         prefix = arch.layer_prefix(i)
-        out.append(sum(size(prefix + n, shapes[n]) for n in names))
+        out.append(sum(size(prefix + n, shapes_of[w][n]) for n in names))
     out.append(sum(size(n) for n in final_names))
     return out
 
@@ -110,23 +115,83 @@ def human_bytes(n: float) -> str:
 
 
 
-def pruned_config_json(model_dir: Path, layers: list[dict], shape: arch.LayerShape, model_type: str) -> dict:
-    """The input's config.json with the new (uniform) widths, an explicit head_dim, and the model_type
-    chosen by arch.saved_model_type."""
+def output_biases(settings, plan: WidthPlan, shape: arch.LayerShape) -> frozenset[str]:
+    """The projections that get a compensating bias in every layer: those compensated with '+bias' (or
+    'bias') whose inputs lose a unit somewhere. Nothing removed, no bias: ratio 0 writes the input as is."""
+    _, with_bias = parse_method(settings.compensate)
+    removes = {"o_proj": plan.removes_heads(shape), "down_proj": plan.removes_channels(shape)}
+    return frozenset(p for p in settings.compensated_projections if with_bias and removes[p])
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """How the output is written: a stock checkpoint of `model_type`, or rcpu-lite's remote-code format."""
+
+    remote: bool
+    model_type: str
+    config_updates: tuple[tuple[str, object], ...] = ()
+    zero_bias_modules: tuple[str, ...] = ()  # stock Llama + bias: the biases the flags add, all zero
+
+    def zero_biases(self, widths: LayerWidths, shape: arch.LayerShape) -> dict[str, torch.Tensor]:
+        """The zero biases a stock Llama needs beside a compensating one (attention_bias and mlp_bias give
+        every projection of the block a bias)."""
+        rows = {"self_attn.q_proj": widths.heads * shape.head_dim, "self_attn.k_proj": widths.kv_heads * shape.head_dim,
+                "self_attn.v_proj": widths.kv_heads * shape.head_dim, "mlp.gate_proj": widths.channels,
+                "mlp.up_proj": widths.channels}
+        return {m + ".bias": torch.zeros(rows[m]) for m in self.zero_bias_modules}
+
+
+def _remote_format() -> OutputFormat:
+    from . import remote  # the remote-code format's only home
+
+    return OutputFormat(True, remote.MODEL_TYPE)
+
+
+def choose_format(cfg, plan: WidthPlan, biases: frozenset[str]) -> OutputFormat:
+    """Stock whenever the family's own classes can hold the result; otherwise the remote-code format
+    (per-layer widths, or biases Mistral / Qwen2 cannot hold, or a Llama shape LlamaConfig refuses)."""
+    if not plan.uniform:
+        return _remote_format()
+    heads = plan.layers[0].heads
+    if not biases:
+        try:
+            return OutputFormat(False, arch.saved_model_type(cfg, heads))
+        except arch.UnsupportedModel:
+            return _remote_format()
+    if cfg.model_type != "llama" or cfg.hidden_size % heads:
+        return _remote_format()
+    updates, zeros = [], []
+    if "o_proj" in biases and not getattr(cfg, "attention_bias", False):
+        updates.append(("attention_bias", True))
+        zeros += ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    if "down_proj" in biases and not getattr(cfg, "mlp_bias", False):
+        updates.append(("mlp_bias", True))
+        zeros += ["mlp.gate_proj", "mlp.up_proj"]
+    return OutputFormat(False, "llama", tuple(updates), tuple(zeros))
+
+
+def pruned_config_json(model_dir: Path, layer_widths: list[LayerWidths], shape: arch.LayerShape, fmt: OutputFormat,
+                       biases: frozenset[str]) -> dict:
+    """The output's config.json: the input's with the new widths and an explicit head_dim (stock), or
+    the remote-code format's (per-layer widths, compensating biases)."""
     config = json.loads((model_dir / "config.json").read_text())
-    widths = {(len(r["kept_heads"]), len(r["kept_kv_heads"]), len(r["kept_channels"])) for r in layers}
-    if len(widths) != 1:
-        raise RuntimeError(f"layers ended with different widths {sorted(widths)}; uniform pruning expected")
-    heads, kv_heads, channels = widths.pop()
     config.pop("quantization_config", None)
-    config.update(num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=channels,
-                  head_dim=shape.head_dim)
-    if model_type != config["model_type"]:
+    if fmt.remote:
+        from . import remote
+
+        return remote.config_json(config, layer_widths, shape.head_dim, biases)
+    widths = set(layer_widths)
+    if len(widths) != 1:
+        raise RuntimeError(f"layers ended with different widths {sorted(widths)}; a stock output needs uniform ones")
+    w = widths.pop()
+    config.update(num_attention_heads=w.heads, num_key_value_heads=w.kv_heads, intermediate_size=w.channels,
+                  head_dim=shape.head_dim, **dict(fmt.config_updates))
+    if fmt.model_type != config["model_type"]:
         log.warning("writing this pruned %s as model_type %r: %d heads do not divide hidden_size %d, which "
                     "transformers' LlamaConfig refuses; the computation is identical", config["model_type"],
-                    model_type, heads, shape.hidden_size)
+                    fmt.model_type, w.heads, shape.hidden_size)
         for llama_only in ("attention_bias", "mlp_bias", "pretraining_tp"):
             config.pop(llama_only, None)
-        config.update(model_type=model_type, architectures=[arch.FAMILIES[model_type] + "ForCausalLM"],
+        config.update(model_type=fmt.model_type, architectures=[arch.FAMILIES[fmt.model_type] + "ForCausalLM"],
                       sliding_window=None)
     return config

@@ -84,16 +84,18 @@ def fsync_dir(path: Path) -> None:
 class Manifest:
     """Finished shards and the per-layer reports of a run, persisted after every shard."""
 
-    def __init__(self, work: Path, fp: dict, shards: dict[str, int] | None = None, layers: list[dict] | None = None):
+    def __init__(self, work: Path, fp: dict, shards: dict[str, int] | None = None, layers: list[dict] | None = None,
+                 plan: dict | None = None):
         self.path = work / MANIFEST_NAME
         self.fingerprint = fp
         self.shards: dict[str, int] = shards or {}  # shard index (as str) -> bytes
-        self.layers: list[dict] = layers or []
+        self.layers: list[dict] = layers or []  # LayerResult.to_json() of each finished layer
+        self.plan = plan  # the width plan (WidthPlan.as_json()): an adaptive one costs a scoring pass
 
     @classmethod
     def load(cls, work: Path) -> "Manifest":
         data = json.loads((work / MANIFEST_NAME).read_text())
-        return cls(work, data["fingerprint"], data["shards"], data["layers"])
+        return cls(work, data["fingerprint"], data["shards"], data["layers"], data.get("plan"))
 
     def done(self, shard: int) -> bool:
         return str(shard) in self.shards
@@ -105,4 +107,5 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        write_json_atomic(self.path, {"fingerprint": self.fingerprint, "shards": self.shards, "layers": self.layers})
+        write_json_atomic(self.path, {"fingerprint": self.fingerprint, "shards": self.shards, "layers": self.layers,
+                                      "plan": self.plan})

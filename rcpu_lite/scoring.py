@@ -1,33 +1,74 @@
 """Importance scores for the input columns of o_proj / down_proj, and the choice of what to keep.
 
-Pure functions of a weight matrix (d_out x d_in) and InputStats; see DESIGN.md section 2.
+Pure functions of a weight matrix (d_out x d_in) and InputStats; see DESIGN.md section 2. Every
+score is one entry of SCORES, which also feeds validation and --help.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
+from .arch import LayerShape
 from .stats import InputStats
+from .widths import LayerWidths
 
-SCORES = ("rcpu", "rcpu-l2", "wanda-sp", "magnitude")
+
+@dataclass(frozen=True)
+class Score:
+    name: str
+    columns: Callable[[torch.Tensor, InputStats], torch.Tensor]  # (W, stats) -> one score per input column
+    help: str
+    # A head's score from its head_dim column scores (the sum, unless the method says otherwise).
+    head: Callable[[torch.Tensor], torch.Tensor] = lambda cols: cols.sum(-1)
+
+
+def _rcpu(w, s):  # the official code's form: ||W_:,j||_2 * E|x_j| * Var_j
+    return w.norm(dim=0) * s.mean_abs * s.variance
+
+
+def _rcpu_l2(w, s):  # the paper text's form: ||W_:,j||_2 * ||X_j||_2 * Var_j
+    return w.norm(dim=0) * s.l2_norm * s.variance
+
+
+def _wanda_sp(w, s):  # RCPU's baseline: ||W_:,j||_1 * E|x_j|
+    return w.abs().sum(0) * s.mean_abs
+
+
+def _flap(w, s):  # FLAP's fluctuation metric (WIFV): Var_j * ||W_:,j||^2
+    return s.variance * w.square().sum(0)
+
+
+def _magnitude(w, s):
+    return w.norm(dim=0)
+
+
+SCORES: dict[str, Score] = {score.name: score for score in (
+    Score("rcpu", _rcpu, "||W[:,j]||_2 * E|x_j| * Var(x_j), RCPU's variance-aware score (the official code's form)"),
+    Score("rcpu-l2", _rcpu_l2, "||W[:,j]||_2 * ||X_j||_2 * Var(x_j) (the RCPU paper text's form)"),
+    Score("wanda-sp", _wanda_sp, "||W[:,j]||_1 * E|x_j|, RCPU's Wanda-sp baseline"),
+    # FLAP squares the o_proj metric before summing a head's columns.
+    Score("flap", _flap, "Var(x_j) * ||W[:,j]||_2^2, FLAP's fluctuation; a head sums its squared column scores",
+          head=lambda cols: cols.square().sum(-1)),
+    Score("magnitude", _magnitude, "||W[:,j]||_2"),
+)}
+
+
+def _score(method: str) -> Score:
+    if method not in SCORES:
+        raise ValueError(f"unknown score {method!r}; choose one of {', '.join(SCORES)}")
+    return SCORES[method]
 
 
 def column_scores(method: str, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
     """Score of every input column j of `weight`; higher means more important."""
-    w = weight.to(stats.gram.dtype)
-    if method == "rcpu":  # the official code's form: ||W_:,j||_2 * E|x_j| * Var_j
-        return w.norm(dim=0) * stats.mean_abs * stats.variance
-    if method == "rcpu-l2":  # the paper text's form: ||W_:,j||_2 * ||X_j||_2 * Var_j
-        return w.norm(dim=0) * stats.l2_norm * stats.variance
-    if method == "wanda-sp":  # RCPU's baseline: ||W_:,j||_1 * E|x_j|
-        return w.abs().sum(0) * stats.mean_abs
-    if method == "magnitude":
-        return w.norm(dim=0)
-    raise ValueError(f"unknown score {method!r}; choose one of {', '.join(SCORES)}")
+    return _score(method).columns(weight.to(stats.sum.dtype), stats)
 
 
-def head_scores(columns: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """A head's score is the sum of its head_dim column scores."""
-    return columns.reshape(-1, head_dim).sum(1)
+def head_scores(columns: torch.Tensor, head_dim: int, method: str = "rcpu") -> torch.Tensor:
+    """A head's score from its head_dim column scores (the sum for every score but flap)."""
+    return _score(method).head(columns.reshape(-1, head_dim))
 
 
 def n_removed(ratio: float, n: int) -> int:
@@ -44,25 +85,36 @@ def drop_lowest(scores: torch.Tensor, n_drop: int) -> torch.Tensor:
     return torch.sort(order[n_drop:]).values
 
 
-def kept_channels(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Sorted indices of the MLP channels that survive."""
-    return drop_lowest(scores, n_removed(ratio, scores.numel()))
+def kept_channels(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Sorted indices of the `keep` highest-scoring MLP channels."""
+    return drop_lowest(scores, scores.numel() - keep)
 
 
-def kept_heads(scores: torch.Tensor, n_kv_heads: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted indices of the surviving query heads and key/value heads.
+def kept_heads(scores: torch.Tensor, n_kv_heads: int, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted indices of the `keep` surviving query heads and of the key/value heads.
 
-    Multi-head attention (as many KV heads as query heads): int(ratio * n_heads) heads go, with
-    their k/v rows. Grouped-query attention: Hugging Face needs the same number of query heads per
-    KV head, so int(ratio * n_heads) // n_kv_heads query heads go from *every* group (floor, so
-    the achieved ratio can be lower than asked) and all KV heads stay.
+    Multi-head attention (as many KV heads as query heads): the lowest heads go with their k/v
+    rows. Grouped-query attention: Hugging Face needs the same number of query heads per KV head,
+    so `keep` must be a multiple of n_kv_heads, each group keeps keep // n_kv_heads of its own
+    heads (its highest), and all KV heads stay.
     """
     n_heads = scores.numel()
     if n_kv_heads == n_heads:
-        kept = kept_channels(scores, ratio)
+        kept = kept_channels(scores, keep)
         return kept, kept.clone()
+    if keep % n_kv_heads:
+        raise ValueError(f"{keep} query heads cannot be split evenly over {n_kv_heads} key/value groups")
     per_group = n_heads // n_kv_heads
-    drop = n_removed(ratio, n_heads) // n_kv_heads
     groups = scores.reshape(n_kv_heads, per_group)
-    kept = [drop_lowest(groups[g], drop) + g * per_group for g in range(n_kv_heads)]
+    kept = [drop_lowest(groups[g], per_group - keep // n_kv_heads) + g * per_group for g in range(n_kv_heads)]
     return torch.cat(kept), torch.arange(n_kv_heads)
+
+
+def select(method: str, weights: dict[str, torch.Tensor], stats: dict[str, InputStats], shape: LayerShape,
+           widths: LayerWidths) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kept query heads, KV heads and MLP channels of one layer (sorted, on the host)."""
+    columns = column_scores(method, weights["o_proj"], stats["o_proj"])
+    heads, kv_heads = kept_heads(head_scores(columns, shape.head_dim, method), shape.num_key_value_heads,
+                                 widths.heads)
+    channels = kept_channels(column_scores(method, weights["down_proj"], stats["down_proj"]), widths.channels)
+    return heads.cpu(), kv_heads.cpu(), channels.cpu()

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from rcpu_lite import scoring
+from rcpu_lite import scoring, widths
+from rcpu_lite.arch import LayerShape
 from rcpu_lite.stats import InputStats
 
 
@@ -33,13 +34,14 @@ def _direct(method, w, x):
             "rcpu": l2w * e_abs * var,
             "rcpu-l2": l2w * l2x * var,
             "wanda-sp": l1w * e_abs,
+            "flap": var * (col**2).sum(),  # FLAP's fluctuation (WIFV)
             "magnitude": l2w,
         }[method]
     return out
 
 
 def test_score_names():
-    assert set(scoring.SCORES) == {"rcpu", "rcpu-l2", "wanda-sp", "magnitude"}
+    assert set(scoring.SCORES) == {"rcpu", "rcpu-l2", "wanda-sp", "flap", "magnitude"}
 
 
 @pytest.mark.parametrize("method", scoring.SCORES)
@@ -66,6 +68,15 @@ def test_unknown_score_raises():
         scoring.column_scores("flapp", w, stats)
 
 
+def test_flap_head_score_sums_squared_column_scores():
+    """FLAP squares the o_proj metric before a head sums its columns; the other scores sum them as they are."""
+    w, x, stats = _setup(seed=4, d_in=8)
+    columns = scoring.column_scores("flap", w, stats)
+    direct = _direct("flap", w, x).reshape(2, 4)
+    torch.testing.assert_close(scoring.head_scores(columns, 4, "flap"), direct.square().sum(1), rtol=1e-10, atol=0)
+    torch.testing.assert_close(scoring.head_scores(columns, 4, "rcpu"), direct.sum(1), rtol=1e-10, atol=0)
+
+
 def test_head_scores_sum_consecutive_columns():
     g = torch.Generator().manual_seed(1)
     cols = torch.rand(4 * 6, generator=g, dtype=torch.float64)
@@ -79,7 +90,7 @@ def test_head_scores_sum_consecutive_columns():
 def test_kept_channels_drops_exactly_the_lowest(n, ratio):
     g = torch.Generator().manual_seed(n)
     scores = torch.randn(n, generator=g)
-    kept = scoring.kept_channels(scores, ratio)
+    kept = scoring.kept_channels(scores, n - int(ratio * n))
     n_drop = int(ratio * n)
     assert kept.numel() == n - n_drop
     expected = sorted(torch.argsort(scores.double())[n_drop:].tolist())
@@ -91,14 +102,24 @@ def test_kept_channels_drops_exactly_the_lowest(n, ratio):
 
 
 def test_kept_channels_paper_count():
-    kept = scoring.kept_channels(torch.rand(11008, generator=torch.Generator().manual_seed(0)), 0.2)
+    kept = scoring.kept_channels(torch.rand(11008, generator=torch.Generator().manual_seed(0)), _keep(11008, 11008, 0.2))
     assert 11008 - kept.numel() == 2201
+
+
+def _keep(n_heads, n_kv, ratio):
+    """Query heads the uniform plan keeps (channels: n_heads = n_kv gives n - int(ratio * n))."""
+    return widths.heads_kept(LayerShape(64, n_heads, n_kv, 8, 96), ratio)[0]
+
+
+def test_kept_heads_gqa_refuses_uneven_groups():
+    with pytest.raises(ValueError, match="evenly"):
+        scoring.kept_heads(torch.randn(8), 2, 5)
 
 
 def test_kept_heads_mha():
     g = torch.Generator().manual_seed(5)
     scores = torch.randn(32, generator=g)
-    heads, kv = scoring.kept_heads(scores, 32, 0.2)
+    heads, kv = scoring.kept_heads(scores, 32, _keep(32, 32, 0.2))
     assert 32 - heads.numel() == int(0.2 * 32) == 6
     assert heads.tolist() == sorted(torch.argsort(scores)[6:].tolist())
     assert kv.tolist() == heads.tolist()
@@ -123,7 +144,7 @@ def _direct_gqa(scores, n_kv, ratio):
 def test_kept_heads_gqa_even_within_groups(n_heads, n_kv, ratio, per_group_drop):
     g = torch.Generator().manual_seed(n_heads * 100 + n_kv)
     scores = torch.randn(n_heads, generator=g)
-    heads, kv = scoring.kept_heads(scores, n_kv, ratio)
+    heads, kv = scoring.kept_heads(scores, n_kv, _keep(n_heads, n_kv, ratio))
     expected, drop = _direct_gqa(scores, n_kv, ratio)
     assert drop == per_group_drop
     assert heads.tolist() == expected
@@ -137,13 +158,13 @@ def test_kept_heads_gqa_even_within_groups(n_heads, n_kv, ratio, per_group_drop)
 def test_kept_heads_gqa_not_global_lowest():
     # all the globally lowest heads sit in group 0; the removal must still be one per group
     scores = torch.tensor([0.0, 0.1, 0.2, 0.3, 5.0, 6.0, 7.0, 8.0])
-    heads, kv = scoring.kept_heads(scores, 2, 0.25)  # int(2) // 2 = 1 per group
+    heads, kv = scoring.kept_heads(scores, 2, _keep(8, 2, 0.25))  # int(2) // 2 = 1 per group
     assert heads.tolist() == [1, 2, 3, 5, 6, 7]
     assert kv.tolist() == [0, 1]
 
 
 def test_kept_heads_gqa_nothing_removed():
     scores = torch.randn(9, generator=torch.Generator().manual_seed(0))
-    heads, kv = scoring.kept_heads(scores, 3, 0.2)
+    heads, kv = scoring.kept_heads(scores, 3, _keep(9, 3, 0.2))
     assert heads.tolist() == list(range(9))
     assert kv.tolist() == [0, 1, 2]

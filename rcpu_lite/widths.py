@@ -1,0 +1,169 @@
+"""How many heads and MLP channels every layer keeps: the width plan, and the allocations that make it.
+
+Pure functions of shapes (and, for `adaptive`, of every layer's unit scores). A plan is decided
+before the first layer is cut; `uniform` (the paper's setting) is the plan where every layer is
+the same. Budgets are in parameters of the decoder layers, so that on grouped-query models, where
+heads can only go a group-multiple at a time, the MLP channels can take up what the heads cannot.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .arch import LayerShape, UnitCosts
+
+
+@dataclass(frozen=True)
+class LayerWidths:
+    heads: int  # query heads kept
+    kv_heads: int  # key/value heads kept
+    channels: int  # MLP channels kept
+
+
+@dataclass(frozen=True)
+class WidthPlan:
+    allocation: str
+    layers: tuple[LayerWidths, ...]
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.layers)) <= 1
+
+    def removes_heads(self, shape: LayerShape) -> bool:
+        return any(w.heads < shape.num_attention_heads for w in self.layers)
+
+    def removes_channels(self, shape: LayerShape) -> bool:
+        return any(w.channels < shape.intermediate_size for w in self.layers)
+
+    def params_removed(self, shape: LayerShape, costs: UnitCosts) -> int:
+        return sum(_removed_params(shape, costs, w) for w in self.layers)
+
+    def as_json(self) -> dict:
+        return {"allocation": self.allocation, "layers": [asdict(w) for w in self.layers]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "WidthPlan":
+        return cls(data["allocation"], tuple(LayerWidths(**w) for w in data["layers"]))
+
+
+def _removed_params(shape: LayerShape, costs: UnitCosts, w: LayerWidths) -> int:
+    return ((shape.num_attention_heads - w.heads) * costs.query_head
+            + (shape.num_key_value_heads - w.kv_heads) * costs.kv_head
+            + (shape.intermediate_size - w.channels) * costs.channel)
+
+
+def heads_kept(shape: LayerShape, ratio: float) -> tuple[int, int]:
+    """Query and KV heads kept at `ratio`: int(ratio * n) heads go (multi-head attention); with grouped
+    queries int(ratio * n) // n_kv go from every group (the floor: small ratios may remove none)."""
+    n, kv = shape.num_attention_heads, shape.num_key_value_heads
+    if kv == n:
+        keep = n - int(ratio * n)
+        return keep, keep
+    return n - (int(ratio * n) // kv) * kv, kv
+
+
+def uniform(shape: LayerShape, n_layers: int, ratio: float) -> WidthPlan:
+    """The paper's plan: int(ratio * n) units of each kind go from every layer."""
+    heads, kv = heads_kept(shape, ratio)
+    widths = LayerWidths(heads, kv, shape.intermediate_size - int(ratio * shape.intermediate_size))
+    return WidthPlan("uniform", (widths,) * n_layers)
+
+
+def target_params(shape: LayerShape, n_layers: int, ratio: float, costs: UnitCosts) -> WidthPlan:
+    """Uniform widths that remove `ratio` of the decoder layers' parameters: heads go as uniform() would
+    remove them, and the MLP channels take the rest of the budget (rounded to the nearest channel)."""
+    heads, kv = heads_kept(shape, ratio)
+    left = ratio * costs.layer - _removed_params(shape, costs, LayerWidths(heads, kv, shape.intermediate_size))
+    drop = min(max(round(left / costs.channel), 0), shape.intermediate_size - 1)
+    return WidthPlan("uniform", (LayerWidths(heads, kv, shape.intermediate_size - drop),) * n_layers)
+
+
+def depth(shape: LayerShape, n_layers: int, ratio: float, costs: UnitCosts, spread: float = 0.5) -> WidthPlan:
+    """SlimGPT-like: the ratio rises linearly with depth from ratio*(1-spread) to ratio*(1+spread); heads
+    follow each layer's ratio, and the channels are then scaled so the whole model loses `ratio` of
+    its decoder-layer parameters (to the nearest channel)."""
+    ratios = [min(ratio * (1 - spread + 2 * spread * i / max(n_layers - 1, 1)), 0.95) for i in range(n_layers)]
+    heads = [heads_kept(shape, r) for r in ratios]
+    budget = ratio * costs.layer * n_layers - sum(
+        _removed_params(shape, costs, LayerWidths(h, kv, shape.intermediate_size)) for h, kv in heads)
+    channels = _spread_channels(shape, budget, ratios, costs)
+    return WidthPlan("depth", tuple(LayerWidths(h, kv, shape.intermediate_size - c)
+                                    for (h, kv), c in zip(heads, channels)))
+
+
+def _spread_channels(shape: LayerShape, budget: float, weights: list[float], costs: UnitCosts) -> list[int]:
+    """Channels to remove per layer, proportional to `weights`, summing to budget / channel cost
+    (largest remainders get the rounding), each within [0, intermediate_size - 1]."""
+    total = max(round(budget / costs.channel), 0)
+    cap = shape.intermediate_size - 1
+    total = min(total, cap * len(weights))
+    share = torch.tensor(weights, dtype=torch.float64)
+    share = share / share.sum() * total if share.sum() > 0 else torch.full_like(share, total / len(weights))
+    out = share.floor().clamp(max=cap).long()
+    while int(out.sum()) < total:  # hand out the rest, largest remainder first, to layers with room
+        room = (out < cap)
+        rest = torch.where(room, share - out, torch.tensor(-1.0, dtype=torch.float64))
+        out[int(rest.argmax())] += 1
+    return out.tolist()
+
+
+def adaptive(shape: LayerShape, n_layers: int, ratio: float, costs: UnitCosts,
+             o_columns: list[torch.Tensor], channel_scores: list[torch.Tensor]) -> WidthPlan:
+    """FLAP's global allocation: every layer's o_proj column scores and channel scores are standardised
+    within the layer; a head scores the mean of its standardised columns. One threshold over all
+    layers then removes the lowest units, each head weighed by its parameter cost against a
+    channel's, until `ratio` of the decoder-layer parameters is removed.
+
+    Grouped-query heads can only go in multiples of the KV groups: each layer's head count is rounded
+    down to one, and the channels take up the budget left (to the nearest channel). Every layer
+    keeps at least one head per group and one channel.
+    """
+    budget = ratio * costs.layer * n_layers
+    n, kv, inter = shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size
+    mha = kv == n
+    head_cost = costs.query_head + (costs.kv_head if mha else 0)
+    units = []  # (standardised score, cost, layer, is_head)
+    for i in range(n_layers):
+        heads = _standardised(o_columns[i]).reshape(n, -1).mean(1)
+        units += [(s, head_cost, i, True) for s in heads.tolist()]
+        units += [(s, costs.channel, i, False) for s in _standardised(channel_scores[i]).tolist()]
+    units.sort(key=lambda u: u[0])
+    heads_drop, removed = [0] * n_layers, 0.0
+    min_heads = 1 if mha else kv
+    for score, cost, layer, is_head in units:
+        if removed + cost / 2 > budget:
+            break
+        if is_head and n - heads_drop[layer] > min_heads:
+            heads_drop[layer] += 1
+            removed += cost
+        elif not is_head:
+            removed += cost  # channels are counted again below, once the head counts are final
+    if not mha:
+        heads_drop = [d // kv * kv for d in heads_drop]
+    left = budget - sum(d * head_cost for d in heads_drop)
+    ranked = sorted(((s, i) for i in range(n_layers) for s in _standardised(channel_scores[i]).tolist()))
+    channels_drop, removed = [0] * n_layers, 0.0
+    for score, layer in ranked:
+        if removed + costs.channel / 2 > left:
+            break
+        if channels_drop[layer] < inter - 1:
+            channels_drop[layer] += 1
+            removed += costs.channel
+    return WidthPlan("adaptive", tuple(
+        LayerWidths(n - heads_drop[i], (n - heads_drop[i]) if mha else kv, inter - channels_drop[i])
+        for i in range(n_layers)))
+
+
+def _standardised(scores: torch.Tensor) -> torch.Tensor:
+    scores = scores.double().cpu()
+    std = scores.std() if scores.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
+    return (scores - scores.mean()) / std if std > 0 else scores - scores.mean()
+
+
+# name -> what it does (feeds validation and --help; the pipeline picks the function)
+ALLOCATIONS: dict[str, str] = {
+    "uniform": "every layer loses the same share (the paper's setting)",
+    "adaptive": "FLAP's global threshold over every layer's standardised scores (a scoring pass first)",
+    "depth": "the ratio rises linearly with depth, from ratio*(1-spread) to ratio*(1+spread) (SlimGPT-like)",
+}
