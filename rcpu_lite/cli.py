@@ -9,7 +9,19 @@ from typing import Optional
 
 import typer
 
+from .compensation import COMPENSATIONS
 from .config import PruneSettings
+from .scoring import SCORES
+from .widths import ALLOCATIONS
+
+SCORE_HELP = {name: score.help for name, score in SCORES.items()}
+COMPENSATION_HELP = {name: method.help for name, method in COMPENSATIONS.items()}
+ALLOCATION_HELP = ALLOCATIONS
+
+
+def _choices(table: dict[str, str]) -> str:
+    """One option's help from its registry: 'name: what it does; ...'."""
+    return "; ".join(f"{name}: {text}" for name, text in table.items()) + "."
 
 app = typer.Typer(
     add_completion=False,
@@ -54,8 +66,14 @@ def prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
     ratio: Optional[float] = typer.Option(None, help="Fraction of attention heads and MLP channels removed in every layer, in [0, 1). (default: 0.2)"),
-    score: Optional[str] = typer.Option(None, help="Importance score: rcpu (variance-aware), rcpu-l2, wanda-sp or magnitude. (default: rcpu)"),
-    compensate: Optional[str] = typer.Option(None, help="Repair of o_proj/down_proj: rotation, rotation-scale or none. (default: rotation)"),
+    score: Optional[str] = typer.Option(None, help=f"Importance score. {_choices(SCORE_HELP)} (default: rcpu)"),
+    compensate: Optional[str] = typer.Option(None, help=f"Repair of o_proj/down_proj. {_choices(COMPENSATION_HELP)} Add +bias (e.g. rotation+bias, lstsq+bias) for FLAP's bias on top; bias alone is FLAP's. (default: rotation)"),
+    damp: Optional[float] = typer.Option(None, help="lstsq: ridge lambda = damp * mean(diag C_KK), as GPTQ damps; a failed Cholesky retries with 10x more and the report gives the lambda used. (default: 0.01)"),
+    damp_abs: Optional[float] = typer.Option(None, help="lstsq: an absolute lambda on the summed Gram sum x x^T instead of --damp (the RCPU reference code uses 1e-4). (default: 0 = use --damp)"),
+    compensate_on: Optional[str] = typer.Option(None, help="Which projections are compensated: o_proj, down_proj or both, comma-separated (the others are only pruned). (default: o_proj,down_proj)"),
+    allocation: Optional[str] = typer.Option(None, help=f"Widths per layer. {_choices(ALLOCATION_HELP)} Non-uniform widths write a checkpoint that loads with trust_remote_code=True or rcpu_lite.load_pruned. (default: uniform)"),
+    target_params: Optional[float] = typer.Option(None, help="Remove this fraction of the decoder layers' parameters: heads go as --ratio would remove them, MLP channels take the rest (for GQA models, where few heads can go). With adaptive/depth it is their budget. (default: off; adaptive/depth then read --ratio as the parameter fraction)"),
+    depth_spread: Optional[float] = typer.Option(None, help="depth allocation: layer ratios run from ratio*(1-spread) to ratio*(1+spread). (default: 0.5)"),
     calib: Optional[str] = typer.Option(None, help="Calibration text: a UTF-8 file, a .jsonl file with a \"text\" field, or a built-in name: c4 (bundled C4 sample) or wikitext2 (WikiText-2 validation split). (default: c4)"),
     nsamples: Optional[int] = typer.Option(None, help="Number of calibration windows. (default: 128)"),
     seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window. (default: 128)"),
@@ -79,7 +97,9 @@ def prune(
         settings = PruneSettings.merged(config, ratio=ratio, score=score, compensate=compensate, calib=calib,
                                         nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                                         micro_batch=micro_batch, decomposition=decomposition,
-                                        max_gpu_memory=max_gpu_memory, matmul=matmul)
+                                        max_gpu_memory=max_gpu_memory, matmul=matmul, damp=damp, damp_abs=damp_abs,
+                                        compensate_on=compensate_on, allocation=allocation,
+                                        target_params=target_params, depth_spread=depth_spread)
         run_prune(model, out, settings, overwrite=overwrite, resume=resume)
     except (Exception, KeyboardInterrupt) as e:
         _fail(e, debug, settings.micro_batch if "settings" in locals() else "?", resumable=True)

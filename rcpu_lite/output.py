@@ -142,9 +142,9 @@ class OutputFormat:
 
 
 def _remote_format() -> OutputFormat:
-    from . import remote  # the remote-code format's only home
+    from .modeling_rcpu import MODEL_TYPE  # the remote-code format (remote.py writes its config)
 
-    return OutputFormat(True, remote.MODEL_TYPE)
+    return OutputFormat(True, MODEL_TYPE)
 
 
 def choose_format(cfg, plan: WidthPlan, biases: frozenset[str]) -> OutputFormat:

@@ -1,0 +1,112 @@
+"""The compensations added beside the rotation, against direct fp64 computations on activations:
+ridge least squares (normal equations), FLAP's bias, and their composition."""
+import pytest
+import torch
+
+from rcpu_lite import compensation as comp
+from rcpu_lite.stats import InputStats
+
+
+def _problem(seed=0, d_out=6, d_in=12, n=300, kept=(0, 2, 3, 5, 6, 8, 9, 11)):
+    """W, activations X (tokens x d_in, correlated, non-zero mean), their fp64 statistics, kept K."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    x = torch.randn(n, d_in, generator=g, dtype=torch.float64) @ torch.randn(d_in, d_in, generator=g,
+                                                                           dtype=torch.float64) + 0.4
+    stats = InputStats(d_in, dtype=torch.float64)
+    for chunk in x.split(64):
+        stats.update(chunk)
+    return w, x, stats, torch.tensor(kept)
+
+
+def _rel(y, z):
+    return float((y - z).norm() / y.norm())
+
+
+@pytest.mark.parametrize("damp", [0.01, 0.1])
+def test_lstsq_solves_the_ridge_normal_equations(damp):
+    w, x, stats, k = _problem(seed=1)
+    c_kk = x[:, k].T @ x[:, k]
+    lam = damp * float(c_kk.diagonal().mean())  # GPTQ's relative damping
+    direct = torch.linalg.solve(c_kk + lam * torch.eye(k.numel(), dtype=torch.float64),
+                                (w @ x.T @ x[:, k] + lam * w[:, k]).T).T
+    got = comp.compensate(w, stats, k, "lstsq", comp.CompensationOptions(damp=damp))
+    torch.testing.assert_close(got.weight, direct, rtol=1e-9, atol=1e-9)
+    assert got.damp_used == pytest.approx(lam, rel=1e-12)
+    y = x @ w.T
+    assert got.error_pruned == pytest.approx(_rel(y, x[:, k] @ w[:, k].T), rel=1e-9)
+    assert got.error_compensated == pytest.approx(_rel(y, x[:, k] @ direct.T), rel=1e-9)
+
+
+def test_lstsq_absolute_damping_and_it_beats_rotation_with_many_tokens():
+    w, x, stats, k = _problem(seed=2, n=2000)
+    got = comp.compensate(w, stats, k, "lstsq", comp.CompensationOptions(damp_abs=1e-4))
+    c_kk = x[:, k].T @ x[:, k]
+    direct = torch.linalg.solve(c_kk + 1e-4 * torch.eye(k.numel(), dtype=torch.float64), (w @ x.T @ x[:, k]
+                                                                                          + 1e-4 * w[:, k]).T).T
+    torch.testing.assert_close(got.weight, direct, rtol=1e-9, atol=1e-9)
+    assert got.damp_used == 1e-4
+    # Nearly unconstrained least squares is the best linear fit on these tokens: below the rotation's error.
+    rotation = comp.compensate(w, stats, k, "rotation")
+    assert got.error_compensated < rotation.error_compensated < got.error_pruned
+
+
+def test_lstsq_retries_with_more_damping_and_reports_it():
+    """A Gram that is not positive definite (here: negated) fails the Cholesky until lambda outgrows it."""
+    w, _, stats, k = _problem(seed=3)
+    stats.gram = -torch.eye(w.shape[1], dtype=torch.float64)
+    got = comp.compensate(w, stats, k, "lstsq", comp.CompensationOptions(damp_abs=1e-3))
+    assert got.damp_used == pytest.approx(10.0)  # 1e-3 -> ... -> 10: the first lambda with C_KK + l I > 0
+    stats.gram = -torch.eye(w.shape[1], dtype=torch.float64)
+    with pytest.raises(ValueError, match="not positive definite"):
+        comp.compensate(w, stats, k, "lstsq", comp.CompensationOptions(damp_abs=1e-3, max_damp_retries=2))
+
+
+def test_bias_is_the_removed_columns_mean_contribution():
+    w, x, stats, k = _problem(seed=4)
+    removed = [j for j in range(w.shape[1]) if j not in k.tolist()]
+    got = comp.compensate(w, stats, k, "bias")
+    direct_bias = w[:, removed] @ x[:, removed].mean(0)  # FLAP: b = W[:, not K] mu_not K
+    torch.testing.assert_close(got.bias, direct_bias, rtol=1e-10, atol=1e-12)
+    assert torch.equal(got.weight, w[:, k])
+    y = x @ w.T
+    assert got.error_compensated == pytest.approx(_rel(y, x[:, k] @ w[:, k].T + got.bias), rel=1e-8)
+    assert got.error_compensated < got.error_pruned
+
+
+@pytest.mark.parametrize("method", ["rotation+bias", "rotation-scale+bias", "lstsq+bias"])
+def test_bias_composes_with_each_weight_compensation(method):
+    """b = mean(Y - W' X_K): the residual of the weight compensation loses its mean, and the error
+    the method reports is the direct one."""
+    w, x, stats, k = _problem(seed=5)
+    base = comp.compensate(w, stats, k, method.split("+")[0])
+    got = comp.compensate(w, stats, k, method)
+    torch.testing.assert_close(got.weight, base.weight, rtol=0, atol=0)
+    y = x @ w.T
+    residual_mean = (y - x[:, k] @ base.weight.T).mean(0)
+    torch.testing.assert_close(got.bias, residual_mean, rtol=1e-9, atol=1e-10)
+    assert got.error_compensated == pytest.approx(_rel(y, x[:, k] @ got.weight.T + got.bias), rel=1e-8)
+    assert got.error_compensated <= base.error_compensated
+
+
+def test_method_names_and_refusals():
+    names = comp.method_names()
+    for name in ("none", "rotation", "rotation-scale", "lstsq", "bias", "rotation+bias", "lstsq+bias"):
+        assert name in names
+    assert comp.parse_method("lstsq+bias") == ("lstsq", True) and comp.parse_method("bias") == ("none", True)
+    for bad in ("none+bias", "ridge", "rotation+bias+bias", ""):
+        with pytest.raises(ValueError, match="unknown compensation"):
+            comp.parse_method(bad)
+
+
+@pytest.mark.parametrize("method", ["lstsq", "bias", "lstsq+bias", "rotation+bias"])
+def test_nothing_removed_leaves_the_weight_and_adds_no_bias(method):
+    w, _, stats, _ = _problem(seed=6)
+    got = comp.compensate(w, stats, torch.arange(w.shape[1]), method)
+    assert torch.equal(got.weight, w) and got.bias is None and got.error_compensated == 0.0
+
+
+def test_release_frees_the_gram():
+    w, _, stats, k = _problem(seed=7)
+    comp.compensate(w, stats, k, "lstsq+bias", release=True)
+    assert stats.gram is None

@@ -1,0 +1,87 @@
+"""Width plans: the uniform paper counts, and the parameter budgets of target-params, depth and adaptive."""
+import pytest
+import torch
+
+from rcpu_lite import widths
+from rcpu_lite.arch import LayerShape, UnitCosts
+
+LLAMA_7B = LayerShape(4096, 32, 32, 128, 11008)
+SMOLLM2 = LayerShape(576, 9, 3, 64, 1536)
+
+
+def _costs(shape: LayerShape) -> UnitCosts:
+    h, d = shape.hidden_size, shape.head_dim
+    layer = 2 * h * d * (shape.num_attention_heads + shape.num_key_value_heads) + 3 * h * shape.intermediate_size + 2 * h
+    return UnitCosts(2 * h * d, 2 * h * d, 3 * h, layer)
+
+
+def _fraction_removed(plan, shape):
+    costs = _costs(shape)
+    return plan.params_removed(shape, costs) / (costs.layer * len(plan.layers))
+
+
+def test_uniform_is_the_paper_count():
+    plan = widths.uniform(LLAMA_7B, 32, 0.2)
+    assert plan.uniform and plan.layers[0] == widths.LayerWidths(26, 26, 11008 - 2201)
+    assert widths.uniform(SMOLLM2, 30, 0.2).layers[0] == widths.LayerWidths(9, 3, 1536 - 307)  # no head can go
+
+
+@pytest.mark.parametrize("target", [0.1, 0.2, 0.3])
+def test_target_params_hits_the_budget_on_gqa(target):
+    plan = widths.target_params(SMOLLM2, 30, target, _costs(SMOLLM2))
+    assert plan.uniform
+    channel_share = _costs(SMOLLM2).channel / _costs(SMOLLM2).layer
+    assert abs(_fraction_removed(plan, SMOLLM2) - target) <= channel_share / 2 + 1e-12  # nearest channel
+    assert _fraction_removed(widths.uniform(SMOLLM2, 30, target), SMOLLM2) < 0.8 * target  # what uniform falls short
+
+
+@pytest.mark.parametrize("shape", [LLAMA_7B, SMOLLM2])
+def test_depth_rises_with_depth_and_hits_the_budget(shape):
+    n_layers = 12
+    plan = widths.depth(shape, n_layers, 0.3, _costs(shape), spread=0.5)
+    assert not plan.uniform
+    channels = [w.channels for w in plan.layers]
+    assert channels == sorted(channels, reverse=True)  # deeper layers keep fewer channels
+    budget = 0.3 * _costs(shape).layer * n_layers
+    assert abs(plan.params_removed(shape, _costs(shape)) - budget) <= _costs(shape).channel
+
+
+def _adaptive_inputs(shape, n_layers, seed=0, low_layer=None):
+    g = torch.Generator().manual_seed(seed)
+    o = [torch.rand(shape.num_attention_heads * shape.head_dim, generator=g) for _ in range(n_layers)]
+    ch = [torch.rand(shape.intermediate_size, generator=g) for _ in range(n_layers)]
+    return o, ch
+
+
+@pytest.mark.parametrize("shape", [LayerShape(64, 8, 8, 8, 96), LayerShape(64, 8, 2, 8, 96)])
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
+def test_adaptive_hits_the_budget_within_one_unit(shape, ratio):
+    n_layers, costs = 4, _costs(shape)
+    plan = widths.adaptive(shape, n_layers, ratio, costs, *_adaptive_inputs(shape, n_layers))
+    budget = ratio * costs.layer * n_layers
+    assert abs(plan.params_removed(shape, costs) - budget) <= costs.channel / 2 + 1e-9
+    for w in plan.layers:
+        mha = shape.num_key_value_heads == shape.num_attention_heads
+        assert w.channels >= 1 and w.heads >= 1
+        if mha:
+            assert w.kv_heads == w.heads
+        else:  # GQA: equal query heads per group, every KV head stays
+            assert w.heads % shape.num_key_value_heads == 0 and w.kv_heads == shape.num_key_value_heads
+
+
+def test_adaptive_follows_standardised_scores_not_raw_scale():
+    """FLAP standardises within each layer: a layer whose scores are 1000x larger but equally spread is
+    not spared, and a layer's far-below-the-rest units all go."""
+    shape, n_layers = LayerShape(64, 8, 8, 8, 96), 3
+    o, ch = _adaptive_inputs(shape, n_layers, seed=1)
+    o[1], ch[1] = o[1] * 1000, ch[1] * 1000
+    ch[2][:30] = -10.0  # 30 channels far below the rest of layer 2
+    plan = widths.adaptive(shape, n_layers, 0.2, _costs(shape), o, ch)
+    kept = [w.channels for w in plan.layers]
+    assert kept[2] <= 96 - 30
+    assert abs(kept[0] - kept[1]) <= 5  # the scale of layer 1 did not protect it
+
+
+def test_plan_round_trips_through_json():
+    plan = widths.depth(LLAMA_7B, 4, 0.2, _costs(LLAMA_7B))
+    assert widths.WidthPlan.from_json(plan.as_json()) == plan
