@@ -1,4 +1,8 @@
-"""Perplexity computed layer by layer, so a model larger than memory can be evaluated too."""
+"""Perplexity computed layer by layer, so a model larger than memory can be evaluated too.
+
+Plain checkpoints of the supported families and rcpu-lite's per-layer-width format (rcpu_lite.remote) are
+evaluated; anything else is refused with one line before any layer runs.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,9 +12,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig
 
-from . import arch, calibration
+from . import arch, calibration, remote
 from .checkpoint import CheckpointReader
 from .models import load_tokenizer, resolve_model
 from .runtime import peak_rss_bytes, pick_device, run_layer_batched, to_compute
@@ -46,15 +49,19 @@ def perplexity(
     started = time.perf_counter()
     model_dir = resolve_model(model)
     reader = CheckpointReader(model_dir)
-    config = arch.compute_config(AutoConfig.from_pretrained(model_dir))
-    arch.check_supported(config)
+    config, layer_configs = remote.layer_configs(model_dir)
+    names = remote.layer_tensor_names(layer_configs[0]) if layer_configs else []  # the same for every layer
+    check_shapes(reader, config, layer_configs, names)
     dev = pick_device(device)
     tokenizer = load_tokenizer(model_dir)
     windows = calibration.consecutive_windows(
         calibration.tokenize(tokenizer, calibration.evaluation_text(text_path)), seqlen, max_windows
     )
+    vocab = reader.shape(arch.EMBED)[0]
+    if windows.numel() and int(windows.max()) >= vocab:
+        raise ValueError(f"the tokenizer of {model_dir} gives token id {int(windows.max())} but the model has only "
+                         f"{vocab} embeddings; the tokenizer files do not belong to this model")
     inputs = arch.layer_inputs(config, seqlen, dev, torch.float32)
-    names = arch.layer_tensor_names(config)
     per_window = seqlen * config.hidden_size * 4
     chunk = max(1, int(max_hidden_gb * 2**30 // per_window))
 
@@ -67,7 +74,7 @@ def perplexity(
         for i in range(config.num_hidden_layers):
             stored = next(layer_reads)  # not enumerate(): it would keep the previous layer alive
             tensors = to_compute(stored, dev, consume=True)
-            layer = arch.build_layer(config, i, tensors)
+            layer = arch.build_layer(layer_configs[i], i, tensors)
             run_layer_batched(layer, hidden, inputs, config, i, micro_batch)
             del layer, tensors
             log.info("windows %d-%d of %d: layer %d/%d", start + 1, start + ids.shape[0], windows.shape[0], i + 1,
@@ -92,3 +99,21 @@ def perplexity(
         "seconds": round(time.perf_counter() - started, 3),
         "peak_rss_bytes": peak_rss_bytes(),
     }
+
+
+def check_shapes(reader: CheckpointReader, config, layer_configs: list, names: list[str]) -> None:
+    """Refuse, before any work, a checkpoint whose tensors are missing or whose layers do not have the shapes
+    config.json gives them (per-layer widths under a plain config.json, for example)."""
+    prefixes = [arch.layer_prefix(i) for i in range(len(layer_configs))]
+    reader.require([arch.EMBED, *arch.final_tensor_names(config), *(p + n for p in prefixes for n in names)])
+    shapes: dict[int, dict] = {}  # by config: a plain checkpoint has one config for every layer
+    for prefix, cfg in zip(prefixes, layer_configs):
+        if id(cfg) not in shapes:
+            shapes[id(cfg)] = {n: list(s) for n, s in arch.layer_tensor_shapes(cfg).items()}
+        expected = shapes[id(cfg)]
+        for n in names:
+            want = expected.get(n, [cfg.hidden_size])  # an o_proj / down_proj bias the family's class lacks
+            got = reader.shape(prefix + n)
+            if got != want:
+                raise ValueError(f"{reader.path}: {prefix + n} has shape {got} but config.json gives {want}; the "
+                                 f"checkpoint's layers do not match its config.json")

@@ -1,0 +1,311 @@
+"""The per-layer-width ("remote code") output format, its loaders, and its perplexity.
+
+Outputs are built here without the pipeline: the layers of a tiny checkpoint are sliced by hand to
+different widths (GQA keeps the same query heads per kept group), optionally given o_proj / down_proj
+biases, and written with ShardWriter, remote.config_json and remote.install_code. The reference is a
+plain model assembled by hand from the same tensors: transformers' own decoder layers, each built with
+its own config, between the embeddings and the final norm and head.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+import rcpu_lite
+from rcpu_lite import arch, calibration, remote
+from rcpu_lite.checkpoint import CheckpointReader, ShardWriter, copy_side_files
+from rcpu_lite.evaluate import perplexity
+from rcpu_lite.widths import LayerWidths
+
+W = LayerWidths
+# name -> (tiny spec, overrides, widths per layer, biases added)
+CASES = {
+    # 3 heads do not divide hidden_size 64, which LlamaConfig refuses as a global head count
+    "llama_mha_biases": ("llama_mha", {}, [W(3, 3, 80), W(2, 2, 50)], {"o_proj", "down_proj"}),
+    # one layer left whole, one that loses a whole KV group; tied embeddings
+    "llama_gqa_tied": ("llama_gqa_tied", {"num_hidden_layers": 3}, [W(8, 2, 96), W(6, 2, 70), W(2, 1, 40)], set()),
+    "qwen2_o_bias": ("qwen2_gqa", {}, [W(4, 2, 60), W(6, 2, 90)], {"o_proj"}),
+    # explicit head_dim (8 x 16 != 64)
+    "mistral_down_bias": ("mistral_gqa", {}, [W(4, 1, 50), W(8, 2, 30)], {"down_proj"}),
+}
+SEQLEN = 24
+PROJECTIONS = {"o_proj": "self_attn.o_proj", "down_proj": "mlp.down_proj"}
+
+
+def kept_units(shape: arch.LayerShape, w: LayerWidths, g: torch.Generator) -> tuple[list[int], list[int], list[int]]:
+    """Random kept query heads, KV heads and channels: w.heads // w.kv_heads query heads in each kept group."""
+    group = shape.num_attention_heads // shape.num_key_value_heads
+    kv = sorted(torch.randperm(shape.num_key_value_heads, generator=g)[:w.kv_heads].tolist())
+    heads = [k * group + j for k in kv
+             for j in sorted(torch.randperm(group, generator=g)[:w.heads // w.kv_heads].tolist())]
+    channels = sorted(torch.randperm(shape.intermediate_size, generator=g)[:w.channels].tolist())
+    return heads, kv, channels
+
+
+def slice_layer(tensors: dict[str, torch.Tensor], shape: arch.LayerShape, w: LayerWidths, biases: set[str],
+                g: torch.Generator) -> dict[str, torch.Tensor]:
+    heads, kv, channels = kept_units(shape, w, g)
+    d = shape.head_dim
+    rows = lambda units: torch.tensor([u * d + t for u in units for t in range(d)])  # noqa: E731
+    q, k, c = rows(heads), rows(kv), torch.tensor(channels)
+    out = {}
+    for name, t in tensors.items():
+        if name.startswith("self_attn.q_proj."):
+            t = t[q]
+        elif name.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+            t = t[k]
+        elif name == "self_attn.o_proj.weight":
+            t = t[:, q]
+        elif name.startswith(("mlp.gate_proj.", "mlp.up_proj.")):
+            t = t[c]
+        elif name == "mlp.down_proj.weight":
+            t = t[:, c]
+        out[name] = t.clone()
+    for bias in sorted(biases):
+        out[PROJECTIONS[bias] + ".bias"] = 0.2 * torch.randn(shape.hidden_size, generator=g)
+    return out
+
+
+def write_output(src: Path, out: Path, widths: list[LayerWidths], biases: set[str], remote_format: bool = True,
+                 seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """A pruned output of `src` with the given widths; returns each layer's tensors as written."""
+    config = AutoConfig.from_pretrained(src)
+    shape = arch.layer_shape(config)
+    reader = CheckpointReader(src)
+    n = config.num_hidden_layers
+    out.mkdir(parents=True)
+    writer = ShardWriter(out, n + 2)
+    writer.write(0, {arch.EMBED: reader.get(arch.EMBED)})
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for i, w in enumerate(widths):
+        tensors = slice_layer(reader.get_many(arch.layer_tensor_names(config), arch.layer_prefix(i)), shape, w,
+                              biases, g)
+        writer.write(i + 1, {arch.layer_prefix(i) + k: v for k, v in tensors.items()})
+        layers.append(tensors)
+    writer.write(n + 1, {name: reader.get(name) for name in arch.final_tensor_names(config)})
+    writer.finish()
+    raw = json.loads((src / "config.json").read_text())
+    if remote_format:
+        written = remote.config_json(raw, widths, shape.head_dim, frozenset(biases))
+        remote.install_code(out)
+    else:  # uniform, as the pipeline writes it
+        assert len(set(widths)) == 1 and not biases
+        written = dict(raw, num_attention_heads=widths[0].heads, num_key_value_heads=widths[0].kv_heads,
+                       intermediate_size=widths[0].channels, head_dim=shape.head_dim)
+    (out / "config.json").write_text(json.dumps(written, indent=2) + "\n")
+    copy_side_files(src, out)
+    return layers
+
+
+@torch.no_grad()
+def reference_logits(src: Path, widths: list[LayerWidths], layers: list[dict[str, torch.Tensor]],
+                     ids: torch.Tensor) -> torch.Tensor:
+    """The pruned model assembled by hand: stock decoder layers, each with a config of its own widths."""
+    config = arch.compute_config(AutoConfig.from_pretrained(src))
+    reader = CheckpointReader(src)
+    inputs = arch.layer_inputs(config, ids.shape[1], torch.device("cpu"), torch.float32)
+    hidden = reader.get(arch.EMBED)[ids]
+    for i, (w, tensors) in enumerate(zip(widths, layers)):
+        layer = arch.build_layer(arch.pruned_config(config, w.heads, w.kv_heads, w.channels), i, dict(tensors))
+        hidden = arch.run_layer(layer, hidden, inputs, config, i)
+    norm = arch.final_norm(config, reader.get(arch.FINAL_NORM))
+    return norm(hidden) @ reader.get(arch.head_weight_name(config)).T
+
+
+def token_ids(vocab: int, batch: int = 2, seqlen: int = SEQLEN, seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def model_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits
+
+
+def assert_clean_load(info: dict) -> None:
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        assert not info.get(key), f"{key}: {info[key]}"
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def output(request, tiny_checkpoint, tmp_path_factory):
+    spec, overrides, widths, biases = CASES[request.param]
+    src = tiny_checkpoint(spec, **overrides)
+    out = tmp_path_factory.mktemp(request.param) / "out"
+    layers = write_output(src, out, widths, biases)
+    ids = token_ids(AutoConfig.from_pretrained(src).vocab_size)
+    return {"src": src, "out": out, "widths": widths, "biases": biases, "ids": ids,
+            "reference": reference_logits(src, widths, layers, ids)}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_reference_is_the_stock_model_at_full_width(tiny_checkpoint, tmp_path):
+    src = tiny_checkpoint("qwen2_gqa")
+    config = AutoConfig.from_pretrained(src)
+    full = [W(config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)] * 2
+    layers = write_output(src, tmp_path / "out", full, set())
+    ids = token_ids(config.vocab_size)
+    stock = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    delta = (reference_logits(src, full, layers, ids) - model_logits(stock, ids)).abs().max().item()
+    assert delta <= 1e-4
+
+
+def test_config_json_contract(output):
+    written = json.loads((output["out"] / "config.json").read_text())
+    src = json.loads((output["src"] / "config.json").read_text())
+    base = src["model_type"]
+    family = arch.FAMILIES[base]
+    assert written["model_type"] == "rcpu_pruned" and written["base_model_type"] == base
+    assert written["architectures"] == [f"Pruned{family}ForCausalLM"]
+    assert written["auto_map"] == {"AutoConfig": f"modeling_rcpu.Pruned{family}Config",
+                                   "AutoModelForCausalLM": f"modeling_rcpu.Pruned{family}ForCausalLM"}
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size", "vocab_size",
+                "tie_word_embeddings"):
+        assert written[key] == src[key]
+    assert written["head_dim"] == arch.layer_shape(AutoConfig.from_pretrained(output["src"])).head_dim
+    assert written["layer_widths"] == [{"heads": w.heads, "kv_heads": w.kv_heads, "channels": w.channels}
+                                       for w in output["widths"]]
+    assert written["o_proj_bias"] == ("o_proj" in output["biases"])
+    assert written["down_proj_bias"] == ("down_proj" in output["biases"])
+    code = (output["out"] / "modeling_rcpu.py").read_text()
+    imports = [line.split()[1] for line in code.splitlines() if line.startswith(("import ", "from "))]
+    assert {m.split(".")[0] for m in imports} <= {"copy", "torch", "transformers"}  # self-contained
+
+
+def test_trust_remote_code_loads_and_reproduces_logits(output):
+    model, info = AutoModelForCausalLM.from_pretrained(output["out"], trust_remote_code=True, dtype=torch.float32,
+                                                       output_loading_info=True)
+    assert_clean_load(info)
+    assert type(model).__name__.startswith("Pruned")
+    delta = (model_logits(model, output["ids"]) - output["reference"]).abs().max().item()
+    assert delta <= 1e-4, f"trust_remote_code model differs from the reference by {delta}"
+
+    # generation with the (dynamic) KV cache gives what recomputing every step gives
+    prompt = output["ids"][:1, :6]
+    cached = model.generate(prompt, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    uncached = model.generate(prompt, max_new_tokens=4, do_sample=False, min_new_tokens=4, use_cache=False)
+    assert cached.shape == (1, 10) and torch.equal(cached, uncached)
+
+
+def test_load_pruned_reproduces_logits_without_remote_code(output, tmp_path):
+    model, info = rcpu_lite.load_pruned(output["out"], dtype=torch.float32, output_loading_info=True)
+    assert_clean_load(info)
+    assert type(model).__module__ == "rcpu_lite.modeling_rcpu"  # rcpu-lite's own copy, not the one beside the weights
+    delta = (model_logits(model, output["ids"]) - output["reference"]).abs().max().item()
+    assert delta <= 1e-4, f"load_pruned model differs from the reference by {delta}"
+
+    # the layers follow a change of attention implementation (they hold their own config copies)
+    model.set_attn_implementation("eager")
+    assert all(layer.self_attn.config._attn_implementation == "eager" for layer in model.model.layers)
+    delta = (model_logits(model, output["ids"]) - output["reference"]).abs().max().item()
+    assert delta <= 1e-4
+
+    # save_pretrained keeps the format: the code file is copied and auto_map kept
+    model.save_pretrained(tmp_path / "resaved")
+    assert (tmp_path / "resaved" / "modeling_rcpu.py").is_file()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", trust_remote_code=True, dtype=torch.float32)
+    assert (model_logits(again, output["ids"]) - output["reference"]).abs().max().item() <= 1e-4
+
+
+def test_stock_loading_needs_trust_remote_code(output):
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForCausalLM.from_pretrained(output["out"])
+
+
+def test_perplexity_equals_the_loaded_models(output, calib_file):
+    got = perplexity(output["out"], calib_file, seqlen=SEQLEN, max_windows=5, device="cpu", micro_batch=2)
+    tokenizer = AutoTokenizer.from_pretrained(output["out"])
+    windows = calibration.consecutive_windows(
+        calibration.tokenize(tokenizer, calibration.evaluation_text(calib_file)), SEQLEN, 5)
+    model = rcpu_lite.load_pruned(output["out"], dtype=torch.float32)
+    logits = model_logits(model, windows)
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert got["windows"] == 5 and got["tokens"] == 5 * (SEQLEN - 1)
+    assert got["ppl"] == pytest.approx(math.exp(float(nll)), rel=1e-4)
+
+
+def test_layer_configs(output):
+    config, layers = remote.layer_configs(output["out"])
+    base = json.loads((output["src"] / "config.json").read_text())["model_type"]
+    assert config.model_type == base and config._attn_implementation == "sdpa" and not config.use_cache
+    assert [(c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) for c in layers] == \
+           [(w.heads, w.kv_heads, w.channels) for w in output["widths"]]
+    assert all(type(c) is type(config) and c.head_dim == config.head_dim for c in layers)
+    names = remote.layer_tensor_names(layers[0])
+    assert ("self_attn.o_proj.bias" in names) == ("o_proj" in output["biases"])
+    assert ("mlp.down_proj.bias" in names) == ("down_proj" in output["biases"])
+
+
+def test_layer_configs_of_a_plain_checkpoint(tiny_checkpoint):
+    src = tiny_checkpoint("mistral_gqa")
+    config, layers = remote.layer_configs(src)
+    assert config.model_type == "mistral" and config._attn_implementation == "sdpa"
+    assert len(layers) == config.num_hidden_layers and all(c is config for c in layers)
+    assert remote.layer_tensor_names(config) == arch.layer_tensor_names(config)
+
+
+def test_load_pruned_on_a_uniform_plain_output(tiny_checkpoint, tmp_path, calib_file):
+    src = tiny_checkpoint("llama_gqa")
+    widths = [W(4, 2, 64)] * 2
+    layers = write_output(src, tmp_path / "out", widths, set(), remote_format=False)
+    model, info = rcpu_lite.load_pruned(tmp_path / "out", dtype=torch.float32, output_loading_info=True)
+    assert_clean_load(info)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    ids = token_ids(model.config.vocab_size)
+    delta = (model_logits(model, ids) - reference_logits(src, widths, layers, ids)).abs().max().item()
+    assert delta <= 1e-4
+    # the same through stock loading
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert torch.allclose(model_logits(stock, ids), model_logits(model, ids), atol=1e-6)
+
+
+def test_config_json_refuses_what_it_cannot_describe(tiny_checkpoint):
+    raw = json.loads((tiny_checkpoint("llama_gqa") / "config.json").read_text())
+    good = [W(8, 2, 96)] * 2
+    with pytest.raises(ValueError, match="2 layers"):
+        remote.config_json(raw, good[:1], 8, frozenset())
+    with pytest.raises(ValueError, match="multiple"):
+        remote.config_json(raw, [W(3, 2, 96), W(8, 2, 96)], 8, frozenset())
+    with pytest.raises(ValueError, match="q_proj"):
+        remote.config_json(raw, good, 8, frozenset({"q_proj"}))
+    with pytest.raises(arch.UnsupportedModel):
+        remote.config_json(dict(raw, model_type="gemma"), good, 8, frozenset())
+    # a remote config as input (pruning a pruned model) keeps its base family
+    again = remote.config_json(remote.config_json(raw, good, 8, frozenset({"o_proj"})), good, 8, frozenset())
+    assert again["base_model_type"] == "llama" and again["o_proj_bias"] is False
+
+
+def test_perplexity_refuses_layers_that_do_not_match_config(tiny_checkpoint, tmp_path, calib_file):
+    src = tiny_checkpoint("llama_mha")
+    out = tmp_path / "out"
+    write_output(src, out, [W(3, 3, 80), W(2, 2, 50)], set())
+    # per-layer widths under a plain config.json: refused before any layer runs, in one line
+    (out / "config.json").write_text((src / "config.json").read_text())
+    with pytest.raises(ValueError, match="do not match its config.json") as e:
+        perplexity(out, calib_file, seqlen=SEQLEN, max_windows=2, device="cpu")
+    assert "\n" not in str(e.value)
+    # an unknown base family
+    config = remote.config_json(json.loads((src / "config.json").read_text()), [W(3, 3, 80), W(2, 2, 50)], 16,
+                                frozenset())
+    (out / "config.json").write_text(json.dumps(dict(config, base_model_type="gemma")))
+    with pytest.raises(ValueError, match="base_model_type 'gemma'") as e:
+        perplexity(out, calib_file, seqlen=SEQLEN, max_windows=2, device="cpu")
+    assert "\n" not in str(e.value)
+    # widths the family's layers cannot have
+    bad = dict(config, layer_widths=[{"heads": 3, "kv_heads": 2, "channels": 80}, config["layer_widths"][1]])
+    (out / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="layer 0: 3 heads, 2 KV heads, 80 channels is not a valid layer"):
+        perplexity(out, calib_file, seqlen=SEQLEN, max_windows=2, device="cpu")
+    # transformers' per_layer_config, which the layer-by-layer evaluation would ignore
+    (out / "config.json").write_text(json.dumps(dict(json.loads((src / "config.json").read_text()),
+                                                     per_layer_config={"0": {"intermediate_size": 80}})))
+    with pytest.raises(ValueError, match="per_layer_config"):
+        perplexity(out, calib_file, seqlen=SEQLEN, max_windows=2, device="cpu")
