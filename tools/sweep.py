@@ -32,28 +32,49 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+# Keys of a [[sweep.method]] table that are not prune options.
+JOB_KEYS = ("name", "model", "ratios", "nsamples")
+
+
 def jobs(sweep: dict) -> list[dict]:
-    out = [{"name": "dense", "ratio": 0.0, "method": None}]
-    for ratio in sweep["ratios"]:
-        for method in sweep["method"]:
-            out.append({"name": f"{slug(method['name'])}-{int(round(ratio * 100))}", "ratio": ratio, "method": method})
+    """A dense row per model used, then every method at each of its ratios (the sweep's unless it has its own).
+
+    A method table names any prune options (score, compensate, damp_abs, allocation, target_params, ...);
+    it may also override the model, the ratios and nsamples.
+    """
+    out, models = [], []
+    for method in sweep["method"]:
+        model = method.get("model", sweep["model"])
+        if model not in models:
+            models.append(model)
+            name = "dense" if model == sweep["model"] else f"dense-{slug(Path(model).name)}"
+            out.append({"name": name, "ratio": 0.0, "method": None, "model": model})
+    for method in sweep["method"]:
+        for ratio in method.get("ratios", sweep["ratios"]):
+            out.append({"name": f"{slug(method['name'])}-{int(round(ratio * 100))}", "ratio": ratio, "method": method,
+                        "model": method.get("model", sweep["model"])})
     return out
 
 
 def commands(sweep: dict, job: dict, max_windows: int | None) -> tuple[list[str] | None, list[str], Path | None]:
-    """The prune command (None for the dense row), the eval command, and the pruned checkpoint's path."""
-    prune_cmd, ckpt, model = None, None, sweep["model"]
+    """The prune command (None for a dense row), the eval command, and the pruned checkpoint's path."""
+    prune_cmd, ckpt, model = None, None, job["model"]
     if job["method"]:
+        method = job["method"]
         ckpt = Path(sweep["results"]) / "checkpoints" / job["name"]
-        prune_cmd = ["rcpu-lite", "prune", sweep["model"], "--out", str(ckpt), "--ratio", str(job["ratio"]),
-                     "--score", job["method"]["score"], "--compensate", job["method"]["compensate"],
-                     "--calib", sweep["calib"], "--nsamples", str(sweep["nsamples"]),
-                     "--seqlen", str(sweep["seqlen"]), "--overwrite", "--quiet"]
+        prune_cmd = ["rcpu-lite", "prune", model, "--out", str(ckpt), "--ratio", str(job["ratio"]),
+                     "--calib", sweep["calib"], "--nsamples", str(method.get("nsamples", sweep["nsamples"])),
+                     "--seqlen", str(sweep["seqlen"])]
+        for key, value in method.items():
+            if key not in JOB_KEYS:
+                prune_cmd += [f"--{key.replace('_', '-')}", str(value)]
+        prune_cmd += ["--overwrite", "--quiet"]
         model = str(ckpt)
     eval_cmd = ["rcpu-lite", "eval", model, "--ppl", sweep["eval"], "--seqlen", str(sweep["seqlen"]), "--json",
                 "--quiet"]
-    if max_windows:
-        eval_cmd += ["--max-windows", str(max_windows)]
+    windows = max_windows or sweep.get("max_windows")
+    if windows:
+        eval_cmd += ["--max-windows", str(windows)]
     return prune_cmd, eval_cmd, ckpt
 
 
@@ -87,7 +108,8 @@ def main() -> None:
                     and old.get("eval_command") == shlex.join(eval_cmd):
                 rows.append(old)
                 continue
-        record = {"job": job["name"], "ratio": job["ratio"], "method": job["method"]["name"] if job["method"] else "dense"}
+        record = {"job": job["name"], "ratio": job["ratio"], "model": job["model"],
+                  "method": job["method"]["name"] if job["method"] else job["name"]}
         if prune_cmd:
             run(exe + prune_cmd[1:])
             report = json.loads((ckpt / "rcpu_report.json").read_text())
@@ -99,7 +121,7 @@ def main() -> None:
                       eval_seconds=result["seconds"])
         if ckpt and not args.keep_checkpoints:
             shutil.rmtree(ckpt)
-        if not args.max_windows:  # quick looks are not recorded as results
+        if not args.max_windows:  # quick looks (--max-windows) are not recorded as results
             record_path.write_text(json.dumps(record, indent=2) + "\n")
         rows.append(record)
         print(json.dumps({k: record[k] for k in ("job", "ppl")}), flush=True)
