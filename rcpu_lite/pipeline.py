@@ -204,12 +204,10 @@ def prune(
     fp = fingerprint(model_dir, settings, windows)
     manifest = _resumed_manifest(work, fp) if resume else None
     inputs = arch.layer_inputs(cfg, settings.seqlen, device, torch.float32)
-    embed = reader.get(arch.EMBED)
-    _check_finite("embeddings", {arch.EMBED: embed})
     if manifest is not None and manifest.plan is not None:
         plan = WidthPlan.from_json(manifest.plan)
     else:
-        plan = _width_plan(settings, cfg, reader, names, embed, windows, inputs, run)
+        plan = _width_plan(settings, cfg, reader, names, windows, inputs, run)
     biases = output_biases(settings, plan, shape)
     fmt = choose_format(cfg, plan, biases)  # refuses early what could not be loaded
     _log_plan(plan, shape, costs, fmt)
@@ -226,6 +224,7 @@ def prune(
 
     # What the output stores too (a tied lm_head some checkpoints also store counts on neither side).
     params_before = sum(torch.Size(reader.shape(n)).numel() for n in needed)
+    embed = _embeddings(reader)
     hidden = _hidden_states(embed, windows, run, device)
     if not manifest.done(0):
         write(0, {arch.EMBED: embed})
@@ -357,13 +356,21 @@ def _hidden_states(embed: torch.Tensor, windows: torch.Tensor, run: Placement, d
         hidden.pin_memory() if device.type == "cuda" else hidden)  # pinned: copied to the GPU every layer
 
 
-def _width_plan(settings: PruneSettings, cfg, reader: CheckpointReader, names: list[str], embed: torch.Tensor,
-                windows: torch.Tensor, inputs: arch.LayerInputs, run: Placement) -> WidthPlan:
+def _embeddings(reader: CheckpointReader) -> torch.Tensor:
+    embed = reader.get(arch.EMBED)
+    _check_finite("embeddings", {arch.EMBED: embed})
+    return embed
+
+
+def _width_plan(settings: PruneSettings, cfg, reader: CheckpointReader, names: list[str], windows: torch.Tensor,
+                inputs: arch.LayerInputs, run: Placement) -> WidthPlan:
     """The widths of every layer, decided before the first layer is cut."""
     shape, n_layers, costs = arch.layer_shape(cfg), cfg.num_hidden_layers, arch.unit_costs(cfg)
     if settings.allocation == "adaptive":
-        o_columns, channels = _scoring_pass(settings, cfg, reader, names,
-                                            _hidden_states(embed, windows, run, run.device), inputs, run)
+        # The embeddings are read again for the prune: only one layer's tensors are alive during the pass.
+        hidden = _hidden_states(_embeddings(reader), windows, run, run.device)
+        o_columns, channels = _scoring_pass(settings, cfg, reader, names, hidden, inputs, run)
+        del hidden
         return widths.adaptive(shape, n_layers, settings.budget, costs, o_columns, channels)
     if settings.allocation == "depth":
         return widths.depth(shape, n_layers, settings.budget, costs, settings.depth_spread)

@@ -272,13 +272,14 @@ def test_streamed_matches_in_memory_reference(tiny_checkpoint, calib_file, tmp_p
 # 3. memory does not grow with depth
 
 
-def test_peak_weight_bytes_independent_of_depth(tiny_checkpoint, calib_file, tmp_path):
-    settings = make_settings(calib_file, nsamples=4, seqlen=16)
+@pytest.mark.parametrize("allocation", ["uniform", "adaptive"])  # adaptive streams a scoring pass first
+def test_peak_weight_bytes_independent_of_depth(tiny_checkpoint, calib_file, tmp_path, allocation):
+    settings = make_settings(calib_file, nsamples=4, seqlen=16, allocation=allocation)
     peaks = {}
     for n_layers in (4, 16):
         src = tiny_checkpoint("llama_gqa", num_hidden_layers=n_layers)
         report = prune(src, tmp_path / f"out{n_layers}", settings)
-        assert len(report["layers"]) == n_layers
+        assert len(report["layers"]) == n_layers and report["width_plan"]["allocation"] == allocation
         peaks[n_layers] = report["peak_weight_bytes"]
 
         # never more than the largest of: the embeddings, one decoder layer, the final norm + lm_head
