@@ -77,8 +77,9 @@ def test_memory_benchmark_prunes_in_a_fresh_process_with_the_flags_it_is_given(t
     tool = load_tool("bench_memory")
     src = tiny_checkpoint("llama_gqa", num_hidden_layers=2)
     args = argparse.Namespace(ratio=0.25, nsamples=4, seqlen=16, compensate="rotation", device="cpu", matmul="fp32",
-                              max_gpu_memory=None)
+                              max_gpu_memory=None, prune_args="--compensate lstsq+bias --allocation depth")
     report = tool.prune_once(src, tmp_path / "out", args)
     assert report["settings"]["ratio"] == 0.25 and report["device_name"] == "cpu"
+    assert report["settings"]["compensate"] == "lstsq+bias" and report["settings"]["allocation"] == "depth"
     assert report["peak_rss_bytes"] > 0 and report["peak_gpu_bytes"] is None
     assert not (tmp_path / "out").exists()  # removed once measured
