@@ -137,8 +137,9 @@ class CompensationOptions:
     max_damp_retries: int = 6  # least squares: each failed Cholesky retries with 10x the damping
 
 
-# A method: (W, statistics with .gram, kept columns, options, release) -> Compensation. With `release`
-# the method drops stats.gram as soon as it no longer needs it (the largest temporary of a layer).
+# A method: (W, statistics, kept columns, options, release) -> Compensation. The statistics give the
+# Gram (and, for dense targets, the cross-Gram, the target's energy and mean; see stats.py). With
+# `release` the method drops them as soon as it no longer needs them (the largest temporaries).
 CompensationFn = Callable[[torch.Tensor, "InputStats", torch.Tensor, CompensationOptions, bool], Compensation]
 
 
@@ -162,9 +163,9 @@ def register(name: str, help: str):
 
 def _from_products(method: str):
     def fn(weight, stats, kept, options, release):
-        p = products(weight, stats.gram, kept, with_m=method != "none")
+        p = products(weight, stats, kept, with_m=method != "none")
         if release:
-            stats.gram = None  # freed before the decomposition
+            stats.release()  # freed before the decomposition
         return compensate_products(p, method, options.decomposition)
     return fn
 
@@ -182,18 +183,23 @@ def least_squares(weight: torch.Tensor, stats, kept: torch.Tensor, options: Comp
 
     If the factorisation fails, lambda grows tenfold (up to max_damp_retries times); the lambda used
     is reported. Errors: ||Y - W' X_K||^2 = ||Y||^2 - 2 <W', H> + tr(W' C_KK W'^T) with H = W C[:, K].
+    With dense targets H = W C_cross[:, K] (C_cross = sum x x_hat^T) and C_KK is the pruned stream's.
     """
-    gram = stats.gram
+    gram, cross = stats.gram, stats.cross
     removed = _complement(kept, weight.shape[1])
-    h = _weight_times_gram_columns(weight, gram, kept)
+    h = _weight_times_gram_columns(weight, gram if cross is None else cross, kept)  # W C[:, K] (or C_cross)
     a = gram.index_select(0, kept).index_select(1, kept)
-    removed_energy = _quadratic(weight[:, removed], gram, removed)
-    del gram
+    removed_energy = _quadratic(weight[:, removed], gram, removed) if cross is None else 0.0
+    del gram, cross
     if release:
-        stats.gram = None
+        stats.release()
     w_kept = weight[:, kept]
     z_energy = _sum64((w_kept @ a) * w_kept)
-    y_energy = 2 * _sum64(h * w_kept) - z_energy + removed_energy
+    if stats.target_energy is None:  # local targets: ||Y||^2 from the Gram
+        y_energy = 2 * _sum64(h * w_kept) - z_energy + removed_energy
+    else:  # dense targets: ||Y||^2 was accumulated; ||Y - W_K X_K||^2 = ||Y||^2 - 2 <W_K, H> + ||Z||^2
+        y_energy = stats.target_energy
+        removed_energy = y_energy - 2 * _sum64(h * w_kept) + z_energy
     lam = options.damp_abs if options.damp_abs > 0 else options.damp * float(a.diagonal().mean())
     lam = max(lam, torch.finfo(a.dtype).tiny)
     for _ in range(options.max_damp_retries + 1):
@@ -213,12 +219,12 @@ def least_squares(weight: torch.Tensor, stats, kept: torch.Tensor, options: Comp
 
 
 def add_bias(result: Compensation, weight: torch.Tensor, stats, kept: torch.Tensor) -> Compensation:
-    """FLAP's bias: b = mean(Y - W' X_K) = W mu - W' mu_K, which for W' = W_K is W[:, not K] mu_not K.
+    """FLAP's bias: b = mean(Y - W' X_K) = W mu - W' mu_K, which for W' = W_K is W[:, not K] mu_not K
+    (dense targets: mu is the dense stream's input mean, mu_K the pruned stream's).
 
     The residual then loses its mean: ||R - b 1^T||^2 = ||R||^2 - N ||b||^2.
     """
-    mean = stats.mean.to(weight.dtype)
-    bias = weight @ mean - result.weight @ mean[kept]
+    bias = weight @ stats.target_mean.to(weight.dtype) - result.weight @ stats.mean.to(weight.dtype)[kept]
     energy = (result.error_compensated ** 2) * result.y_energy - stats.count * _sum64(bias.square())
     result.bias = bias
     result.error_compensated = _ratio(energy, result.y_energy)
@@ -249,15 +255,16 @@ def compensate(weight: torch.Tensor, stats, kept: torch.Tensor, method: str,
     options = options or CompensationOptions()
     if options.decomposition not in DECOMPOSITIONS:
         raise ValueError(f"unknown decomposition {options.decomposition!r}; choose one of {', '.join(DECOMPOSITIONS)}")
-    if kept.numel() == weight.shape[1]:  # nothing removed, nothing to repair
+    # Nothing removed, nothing to repair (with dense targets too, so that ratio 0 writes the input as is).
+    if kept.numel() == weight.shape[1]:
         if release:
-            stats.gram = None
+            stats.release()
         return Compensation(weight[:, kept].clone(), 0.0, 0.0)
     result = COMPENSATIONS[base].fn(weight, stats, kept, options, release)
     return add_bias(result, weight, stats, kept) if with_bias else result
 
 
-def products(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, with_m: bool = True) -> Products:
+def products(weight: torch.Tensor, stats, kept: torch.Tensor, with_m: bool = True) -> Products:
     """M and the energies from one product G = C[:, K] W_K^T (d_in x d_out):
 
       M = W G,  ||Z||^2 = <W_K, G_K^T>,  ||Y - Z||^2 = tr(W_R C_RR W_R^T)  (R: removed columns),
@@ -265,12 +272,21 @@ def products(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, with_
 
     This costs d_out*d_in*(|K| + d_out) multiply-adds instead of the 3*d_out*d_in^2 of evaluating
     the quadratic forms of relative_error() directly (Llama-7B down_proj: 1.2 instead of 6 TFLOP).
+    Dense targets (stats.cross set): G = C_cross[:, K] W_K^T, ||Z||^2 = tr(W_K C_KK W_K^T) from the
+    pruned stream's Gram, ||Y||^2 accumulated, and ||Y - Z||^2 = ||Y||^2 - 2 tr(M) + ||Z||^2.
     """
-    removed = _complement(kept, weight.shape[1])
-    g = _gram_times_kept(weight, gram, kept)
-    z_energy = _inner(weight, g, kept)
-    removed_energy = _quadratic(weight[:, removed], gram, removed)
-    y_energy = z_energy + 2 * _inner(weight, g, removed) + removed_energy
+    gram, cross = stats.gram, stats.cross
+    if cross is None:
+        removed = _complement(kept, weight.shape[1])
+        g = _gram_times_kept(weight, gram, kept)
+        z_energy = _inner(weight, g, kept)
+        removed_energy = _quadratic(weight[:, removed], gram, removed)
+        y_energy = z_energy + 2 * _inner(weight, g, removed) + removed_energy
+    else:
+        g = _gram_times_kept(weight, cross, kept)
+        z_energy = _quadratic(weight[:, kept], gram, kept)
+        y_energy = stats.target_energy
+        removed_energy = y_energy - 2 * _inner(weight, g, torch.arange(weight.shape[1], device=kept.device)) + z_energy
     m = weight @ g if with_m else None  # only a rotation needs M (d_out^2 * d_in multiply-adds)
     return Products(m, weight[:, kept], y_energy, z_energy, removed_energy)
 

@@ -10,7 +10,15 @@ from .runtime import cuda_matmul_precision
 
 
 class InputStats:
-    """Per-column count, sum, sum of squares, sum of |x| and the Gram matrix sum_t x_t x_t^T."""
+    """Per-column count, sum, sum of squares, sum of |x| and the Gram matrix sum_t x_t x_t^T.
+
+    These are the statistics of the inputs x the compact layer will see. Compensation aims at the
+    dense projection's output on the same inputs (local targets): `cross` and `target_energy` are
+    None and `target_mean` is the mean. PairedStats aims at the dense model's own inputs instead.
+    """
+
+    cross: torch.Tensor | None = None
+    target_energy: float | None = None
 
     def __init__(self, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.dim = dim
@@ -32,6 +40,15 @@ class InputStats:
     @property
     def mean(self) -> torch.Tensor:
         return self.sum / self.count
+
+    @property
+    def target_mean(self) -> torch.Tensor:
+        """The mean input of the target output (local targets: the same inputs)."""
+        return self.mean
+
+    def release(self) -> None:
+        """Drop the d x d matrices (the largest temporaries of a layer) once compensation has used them."""
+        self.gram = None
 
     @property
     def variance(self) -> torch.Tensor:
@@ -59,3 +76,39 @@ class InputStats:
             self.update(args[0].detach())
 
         return _hook
+
+
+class PairedStats(InputStats):
+    """Dense targets ("global propagation" in Shin et al. 2024): the statistics of the pruned stream's
+    inputs x_hat, plus, on the same tokens of the dense model's stream, its inputs x:
+
+      cross = sum_t x_hat_t x_t^T  (stored so that cross[K, :] = C_cross[:, K]^T with C_cross = sum x x_hat^T),
+      target_sum = sum_t x_t,  target_energy = sum_t ||W x_t||^2  (the dense output's energy).
+    """
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        super().__init__(dim, device, dtype)
+        self.cross = torch.zeros(dim, dim, device=device, dtype=dtype)
+        self.target_sum = torch.zeros(dim, device=device, dtype=dtype)
+        self.target_energy = 0.0
+
+    def update_pair(self, x_hat: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+        self.update(x_hat)
+        x_hat = x_hat.reshape(-1, self.dim).to(self.gram.dtype)
+        x = x.reshape(-1, self.dim).to(self.gram.dtype)
+        self.target_sum += x.sum(0)
+        with cuda_matmul_precision("ieee"):
+            self.cross.addmm_(x_hat.T, x)
+            self.target_energy += float((x @ weight.to(x.dtype).T).square().sum(dtype=torch.float64))
+
+    @property
+    def target_mean(self) -> torch.Tensor:
+        return self.target_sum / self.count
+
+    def release(self) -> None:
+        self.gram = None
+        self.cross = None
+
+    def is_finite(self) -> bool:
+        return super().is_finite() and bool(torch.isfinite(self.target_sum).all()) and all(
+            bool(torch.isfinite(rows).all()) for rows in self.cross.split(512))

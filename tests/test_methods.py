@@ -110,3 +110,63 @@ def test_release_frees_the_gram():
     w, _, stats, k = _problem(seed=7)
     comp.compensate(w, stats, k, "lstsq+bias", release=True)
     assert stats.gram is None
+
+
+# ---------------------------------------------------------------------------------------------
+# dense targets: the pruned stream's inputs x_hat aim at the dense model's outputs W x
+
+
+def _dense_problem(seed=20, d_out=6, d_in=12, n=400, kept=(0, 2, 3, 5, 6, 8, 9, 11)):
+    """x (the dense stream's inputs) and x_hat = x + drift (what the already pruned layers pass on)."""
+    from rcpu_lite.stats import PairedStats
+
+    w, x, _, k = _problem(seed, d_out, d_in, n, kept)
+    g = torch.Generator().manual_seed(seed + 1)
+    x_hat = x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64) @ torch.randn(
+        d_in, d_in, generator=g, dtype=torch.float64) * 0.3
+    stats = PairedStats(d_in, dtype=torch.float64)
+    for a, b in zip(x_hat.split(64), x.split(64)):
+        stats.update_pair(a, b, w)
+    return w, x, x_hat, stats, k
+
+
+@pytest.mark.parametrize("method", ["none", "rotation", "rotation-scale"])
+def test_dense_target_rotation_uses_the_cross_gram(method):
+    w, x, x_hat, stats, k = _dense_problem()
+    y, z = x @ w.T, x_hat[:, k] @ w[:, k].T  # tokens x d_out
+    u, sing, vh = torch.linalg.svd(y.T @ z)  # M = Y Z^T with Y, Z as d_out x N
+    q = u @ vh
+    direct = {"none": w[:, k], "rotation": q @ w[:, k],
+              "rotation-scale": float(sing.sum() / z.square().sum()) * q @ w[:, k]}[method]
+    got = comp.compensate(w, stats, k, method)
+    torch.testing.assert_close(got.weight, direct, rtol=1e-8, atol=1e-8)
+    assert got.error_pruned == pytest.approx(_rel(y, z), rel=1e-8)
+    assert got.error_compensated == pytest.approx(_rel(y, x_hat[:, k] @ direct.T), rel=1e-8)
+
+
+def test_dense_target_least_squares_and_bias():
+    w, x, x_hat, stats, k = _dense_problem(seed=21)
+    xk = x_hat[:, k]
+    lam = 0.01 * float((xk.T @ xk).diagonal().mean())
+    direct = torch.linalg.solve(xk.T @ xk + lam * torch.eye(k.numel(), dtype=torch.float64),
+                                (w @ x.T @ xk + lam * w[:, k]).T).T
+    got = comp.compensate(w, stats, k, "lstsq+bias")
+    torch.testing.assert_close(got.weight, direct, rtol=1e-8, atol=1e-8)
+    y = x @ w.T
+    torch.testing.assert_close(got.bias, (y - xk @ direct.T).mean(0), rtol=1e-8, atol=1e-9)
+    assert got.error_pruned == pytest.approx(_rel(y, xk @ w[:, k].T), rel=1e-8)
+    assert got.error_compensated == pytest.approx(_rel(y, xk @ direct.T + got.bias), rel=1e-8)
+
+
+def test_dense_targets_on_the_same_stream_are_local_targets():
+    """When the pruned stream is the dense one (nothing pruned before), dense and local targets agree."""
+    from rcpu_lite.stats import PairedStats
+
+    w, x, local, k = _problem(seed=22)
+    paired = PairedStats(x.shape[1], dtype=torch.float64)
+    for chunk in x.split(64):
+        paired.update_pair(chunk, chunk, w)
+    for method in ("rotation", "lstsq+bias"):
+        a, b = comp.compensate(w, local, k, method), comp.compensate(w, paired, k, method)
+        torch.testing.assert_close(a.weight, b.weight, rtol=1e-9, atol=1e-9)
+        assert a.error_compensated == pytest.approx(b.error_compensated, rel=1e-7)
