@@ -131,5 +131,24 @@ def evaluate(
         typer.echo(f"perplexity {result['ppl']:.3f} over {result['tokens']} tokens ({result['windows']} windows of {seqlen})")
 
 
+calib_app = typer.Typer(no_args_is_help=True, help="Calibration data: inspect self-generated calibration files.")
+app.add_typer(calib_app, name="calib")
+
+
+@calib_app.command("show")
+def calib_show(
+    file: Path = typer.Argument(..., help="A self-generated calibration file (JSONL, in ~/.cache/rcpu-lite/selfgen or $RCPU_LITE_CACHE/selfgen)."),
+    max_windows: Optional[int] = typer.Option(None, "--max", help="Print only the first N windows."),
+    debug: bool = typer.Option(False, help="Show the full traceback on errors."),
+) -> None:
+    """Print a self-generated calibration file: its settings, then each window's text."""
+    from .selfgen import show
+
+    try:
+        typer.echo(show(file, max_windows))
+    except (Exception, KeyboardInterrupt) as e:
+        _fail(e, debug)
+
+
 if __name__ == "__main__":
     app()
