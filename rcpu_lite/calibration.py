@@ -93,14 +93,42 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """nsamples windows of seqlen tokens at seeded random offsets (nsamples x seqlen)."""
+    return _gather(tokens, random_starts(tokens, nsamples, seqlen, seed), seqlen)
+
+
+def random_starts(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> list[int]:
     if tokens.numel() - seqlen < nsamples:  # fewer distinct window starts than windows asked for
         raise CalibrationError(
             f"calibration text has {tokens.numel()} tokens, too few for {nsamples} windows of {seqlen} (at least "
             f"{nsamples + seqlen} needed); give more text or lower --nsamples / --seqlen"
         )
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=g)
-    return torch.stack([tokens[s:s + seqlen] for s in starts.tolist()])
+    return torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=g).tolist()
+
+
+def unused_windows(tokens: torch.Tensor, used_starts: list[int], n: int, seqlen: int, seed: int) -> torch.Tensor:
+    """n windows that share no token with the windows at used_starts, nor with each other (held-out
+    windows from the calibration text itself), at seeded random places among the free ones."""
+    free = torch.ones(tokens.numel(), dtype=torch.bool)
+    for s in used_starts:
+        free[s:s + seqlen] = False
+    # A start is possible when its whole window is free: a running count of free tokens tells.
+    counts = torch.cat([torch.zeros(1, dtype=torch.long), free.long().cumsum(0)])
+    possible = ((counts[seqlen:] - counts[:-seqlen]) == seqlen).nonzero().squeeze(1)
+    order = possible[torch.randperm(possible.numel(), generator=torch.Generator().manual_seed(seed))]
+    chosen: list[int] = []
+    for s in order.tolist():
+        if all(abs(s - c) >= seqlen for c in chosen):
+            chosen.append(s)
+            if len(chosen) == n:
+                return _gather(tokens, sorted(chosen), seqlen)
+    raise CalibrationError(f"the calibration text has room for only {len(chosen)} held-out windows of {seqlen} tokens "
+                           f"beside the calibration windows, {n} were asked for; give --holdout FILE, more text, or "
+                           f"lower --holdout-nsamples")
+
+
+def _gather(tokens: torch.Tensor, starts: list[int], seqlen: int) -> torch.Tensor:
+    return torch.stack([tokens[s:s + seqlen] for s in starts])
 
 
 def consecutive_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

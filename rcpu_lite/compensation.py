@@ -243,6 +243,11 @@ def parse_method(method: str) -> tuple[str, bool]:
     return base, with_bias
 
 
+def has_bias(method: str) -> bool:
+    """Whether a --compensate value writes a compensating bias ('bias', or any method + bias)."""
+    return method == "bias" or method.endswith(BIAS_SUFFIX)
+
+
 def method_names() -> list[str]:
     """Every accepted --compensate value: each registered method, 'bias', and each method + bias."""
     return [*COMPENSATIONS, "bias", *(m + BIAS_SUFFIX for m in COMPENSATIONS if m != "none")]

@@ -24,6 +24,19 @@ class SettingsError(ValueError):
 
 
 MATMUL_PRECISIONS = ("fp32", "tf32")
+AUTO_METHODS = ("auto", "auto+bias")
+# Settings with a fixed set of values (validation and --help).
+CHOICES = {
+    "targets": ("local", "dense"),
+    "reconstruct": ("none", "block"),
+    "recon_train": ("all", "out"),
+    "recon_norms": ("frozen", "train"),
+    "gen_quant": ("none", "4bit"),
+}
+
+
+def compensate_choices() -> list[str]:
+    return [*method_names(), *AUTO_METHODS]
 
 
 @dataclass
@@ -46,6 +59,17 @@ class PruneSettings:
     allocation: str = "uniform"
     target_params: float = 0.0  # 0: off; else the fraction of decoder-layer parameters to remove
     depth_spread: float = 0.5
+    targets: str = "local"  # local: the dense layer on the pruned stream; dense: the dense model's own outputs
+    holdout: str = ""  # "": a part of the calibration text no window used; "none": off; else a text
+    holdout_nsamples: int = 16
+    reconstruct: str = "none"  # none | block
+    recon_epochs: int = 5
+    recon_lr: float = 2e-4
+    recon_micro_batch: int = 8
+    recon_train: str = "all"  # all | out (o_proj and down_proj only)
+    recon_norms: str = "frozen"  # frozen | train
+    self_nsamples: int = 0  # generated windows added to the real ones (not used by the scores)
+    gen_quant: str = "none"  # none | 4bit (CUDA, bitsandbytes)
 
     @property
     def compensated_projections(self) -> tuple[str, ...]:
@@ -62,8 +86,26 @@ class PruneSettings:
             raise SettingsError(f"--ratio must be in [0, 1), got {self.ratio}")
         if self.score not in SCORES:
             raise SettingsError(f"--score must be one of {', '.join(SCORES)}, got {self.score!r}")
-        if self.compensate not in method_names():
-            raise SettingsError(f"--compensate must be one of {', '.join(method_names())}, got {self.compensate!r}")
+        if self.compensate not in compensate_choices():
+            raise SettingsError(f"--compensate must be one of {', '.join(compensate_choices())}, got "
+                                f"{self.compensate!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise SettingsError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got "
+                                    f"{getattr(self, name)!r}")
+        if self.compensate in AUTO_METHODS and (self.holdout == "none" or self.holdout_nsamples < 1):
+            raise SettingsError("--compensate auto chooses by held-out error: keep a held-out set (--holdout, "
+                                "--holdout-nsamples at least 1)")
+        for name in ("recon_epochs", "recon_micro_batch"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.recon_lr <= 0:
+            raise SettingsError(f"--recon-lr must be positive, got {self.recon_lr}")
+        if self.holdout_nsamples < 0 or self.self_nsamples < 0:
+            raise SettingsError("--holdout-nsamples and --self-nsamples must be at least 0")
+        if self.calib == "self" and self.self_nsamples:
+            raise SettingsError("--calib self already generates every window; --self-nsamples adds generated windows "
+                                "to real ones: use one or the other")
         if self.allocation not in ALLOCATIONS:
             raise SettingsError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         unknown = [p for p in self.compensated_projections if p not in PROJECTIONS]

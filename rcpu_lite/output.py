@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from . import arch
 from .checkpoint import CheckpointReader
-from .compensation import parse_method
+from .compensation import has_bias
 from .widths import LayerWidths, WidthPlan
 from .progress import MANIFEST_NAME, fsync_dir
 
@@ -118,7 +118,7 @@ def human_bytes(n: float) -> str:
 def output_biases(settings, plan: WidthPlan, shape: arch.LayerShape) -> frozenset[str]:
     """The projections that get a compensating bias in every layer: those compensated with '+bias' (or
     'bias') whose inputs lose a unit somewhere. Nothing removed, no bias: ratio 0 writes the input as is."""
-    _, with_bias = parse_method(settings.compensate)
+    with_bias = has_bias(settings.compensate)
     removes = {"o_proj": plan.removes_heads(shape), "down_proj": plan.removes_channels(shape)}
     return frozenset(p for p in settings.compensated_projections if with_bias and removes[p])
 

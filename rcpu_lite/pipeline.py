@@ -1,6 +1,7 @@
 """The streaming prune loop: read one layer -> statistics -> decide -> compensate -> write -> propagate.
 
-The pipeline only moves data; the algorithms live in scoring.py and compensation.py, and every
+The pipeline only moves data; the per-layer work is in layer.py, the algorithms in scoring.py,
+compensation.py, auto.py and reconstruct.py, and every
 architecture detail in arch.py. Peak memory is one layer, fixed-size statistics and the
 calibration hidden states, whatever the number of layers.
 """
@@ -19,24 +20,23 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from . import __version__, arch, calibration, compensation, scoring, surgery, widths
-from .compensation import CompensationOptions
+from . import __version__, arch, calibration, scoring, widths
 from .checkpoint import CheckpointReader, ShardWriter, copy_side_files
 from .config import PruneSettings
 from .models import load_tokenizer, resolve_model
 from .output import (DiskFull, OutputError, OutputFormat, check_free_space, check_output, choose_format,
                      expected_shard_bytes, human_bytes, output_biases, publish, pruned_config_json, working_dir)
 from .progress import Manifest, differences, fingerprint
-from .records import LayerResult, ProjectionResult
+from .layer import dense_pass, propagate, prune_layer
+from .records import LayerResult
+from .streams import Streams
 from .widths import LayerWidths, WidthPlan
-from .widths import uniform as uniform_widths
 from .memory_plan import MemoryPlan, parse_size
 from .memory_plan import plan as plan_memory
 from .runtime import (Placement, Stopwatch, current_rss_bytes, peak_gpu_bytes, peak_rss_bytes, pick_device,
-                      run_layer_batched, to_compute)
-from .stats import InputStats
+                      to_compute)
 
-__all__ = ["prune", "prune_layer", "Interrupted", "OutputError", "DiskFull", "working_dir", "REPORT_NAME"]
+__all__ = ["prune", "Interrupted", "OutputError", "DiskFull", "working_dir", "REPORT_NAME"]
 log = logging.getLogger("rcpu_lite")
 REPORT_NAME = "rcpu_report.json"
 
@@ -52,94 +52,6 @@ def _check_finite(what: str, tensors: dict[str, torch.Tensor]) -> None:
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError(f"{what}: {name} contains NaN or Inf; the checkpoint is damaged or comes from a "
                              f"diverged model: use an intact copy")
-
-
-def collect_stats(cfg, index: int, tensors: dict[str, torch.Tensor], hidden: torch.Tensor, inputs: arch.LayerInputs,
-                  run: Placement) -> dict[str, InputStats]:
-    """One dense fp32 pass of the layer over the calibration windows, accumulating the input statistics
-    of o_proj and down_proj (no activations kept)."""
-    shape = arch.layer_shape(cfg)
-    stats = {"o_proj": InputStats(shape.num_attention_heads * shape.head_dim, run.device),
-             "down_proj": InputStats(shape.intermediate_size, run.device)}
-    layer = arch.build_layer(cfg, index, tensors)
-    for name, s in stats.items():
-        arch.projection(layer, name).register_forward_pre_hook(s.hook())
-    run_layer_batched(layer, hidden, inputs, cfg, index, run.micro_batch, update=False, device=run.device,
-                      matmul=run.matmul)
-    del layer
-    for name, s in stats.items():
-        if not s.is_finite():
-            raise ValueError(f"layer {index}: the {name} input statistics contain NaN or Inf")
-    return stats
-
-
-def prune_layer(
-    cfg,
-    index: int,
-    stored: dict[str, torch.Tensor],
-    hidden: torch.Tensor,
-    inputs: arch.LayerInputs,
-    settings: PruneSettings,
-    widths: LayerWidths | None = None,
-    biases: frozenset[str] = frozenset(),
-    watch: Stopwatch | None = None,
-    placement: Placement | None = None,
-) -> tuple[dict[str, torch.Tensor], LayerResult]:
-    """Prune one decoder layer to `widths` (default: the uniform plan of settings.ratio); return its
-    compact tensors (on the host, in their stored dtypes) and its record.
-
-    Order (DESIGN.md section 2): one dense fp32 pass collects the o_proj and down_proj input
-    statistics; then score, select, compensate both projections, and slice. `stored` is consumed so
-    that the stored and the fp32 copy of the layer are never both resident; each compensation frees
-    its Gram as soon as it can. `biases` names the projections that get a bias in every layer.
-    """
-    shape = arch.layer_shape(cfg)
-    widths = widths or uniform_widths(shape, 1, settings.ratio).layers[0]
-    run = placement or Placement(hidden.device, hidden.device, settings.micro_batch)
-    watch = watch or Stopwatch(run.device)
-    dtypes = {k: v.dtype for k, v in stored.items()}
-    tensors = to_compute(stored, run.device, consume=True)
-    stats = collect_stats(cfg, index, tensors, hidden, inputs, run)
-    watch.lap("statistics")
-
-    weights = {name: tensors.pop(arch.PROJECTIONS[name] + ".weight") for name in stats}
-    heads, kv_heads, channels = scoring.select(settings.score, weights, stats, shape, widths)
-    on_device = [t.to(run.device) for t in (heads, kv_heads, channels)]
-    kept_columns = {"o_proj": surgery.head_columns(heads, shape.head_dim).to(run.device), "down_proj": on_device[2]}
-    watch.lap("scores")
-
-    # Slice the other tensors first, one at a time back to the host in their own dtype.
-    compact = {}
-    for name in list(tensors):
-        if name in (arch.PROJECTIONS[p] + ".bias" for p in stats):
-            continue  # an output bias keeps its shape; a compensating bias is added to it below
-        t = tensors.pop(name)
-        compact[name] = surgery.slice_tensor(name, t, shape, *on_device).to("cpu", dtypes[name])
-        del t
-    options = CompensationOptions(settings.decomposition, settings.damp, settings.damp_abs)
-    projections, decomposition_seconds = {}, 0.0
-    # down_proj first: its Gram (11008^2 floats for Llama-7B) is then freed before o_proj's decomposition
-    for name in ("down_proj", "o_proj"):
-        module = arch.PROJECTIONS[name]
-        method = settings.compensate if name in settings.compensated_projections else "none"
-        w = weights.pop(name)
-        result = compensation.compensate(w, stats[name], kept_columns[name], method, options, release=True)
-        compact[module + ".weight"] = result.weight.to("cpu", dtypes[module + ".weight"])
-        bias = tensors.pop(module + ".bias", None)
-        if name in biases or bias is not None:
-            total = torch.zeros(w.shape[0], device=w.device) if bias is None else bias
-            if result.bias is not None:
-                total = total + result.bias
-            compact[module + ".bias"] = total.to("cpu", dtypes.get(module + ".bias", dtypes[module + ".weight"]))
-        projections[name] = ProjectionResult(result.error_pruned, result.error_compensated, method,
-                                             result.damp_used, result.bias is not None)
-        decomposition_seconds += result.decomposition_seconds
-        del w, result
-    watch.lap("compensation")
-    watch.move("compensation", "decomposition", decomposition_seconds)
-    record = LayerResult(index, heads.tolist(), kv_heads.tolist(), channels.tolist(),
-                         {name: projections[name] for name in ("o_proj", "down_proj")})
-    return compact, record
 
 
 class _StopFlag:
@@ -198,16 +110,14 @@ def prune(
     device = pick_device(settings.device)
     run, memory = _placement(settings, shape, device)  # a budget too small is refused before any work
 
-    tokenizer = load_tokenizer(model_dir)
-    tokens = calibration.tokenize(tokenizer, calibration.read_text(settings.calib))
-    windows = calibration.random_windows(tokens, settings.nsamples, settings.seqlen, settings.seed)
-    fp = fingerprint(model_dir, settings, windows)
+    windows, n_real, holdout = _calibration_sets(settings, model_dir)
+    fp = fingerprint(model_dir, settings, torch.cat([windows, holdout]) if holdout is not None else windows)
     manifest = _resumed_manifest(work, fp) if resume else None
     inputs = arch.layer_inputs(cfg, settings.seqlen, device, torch.float32)
     if manifest is not None and manifest.plan is not None:
         plan = WidthPlan.from_json(manifest.plan)
     else:
-        plan = _width_plan(settings, cfg, reader, names, windows, inputs, run)
+        plan = _width_plan(settings, cfg, reader, names, windows[:n_real], inputs, run)
     biases = output_biases(settings, plan, shape)
     fmt = choose_format(cfg, plan, biases)  # refuses early what could not be loaded
     _log_plan(plan, shape, costs, fmt)
@@ -225,7 +135,8 @@ def prune(
     # What the output stores too (a tied lm_head some checkpoints also store counts on neither side).
     params_before = sum(torch.Size(reader.shape(n)).numel() for n in needed)
     embed = _embeddings(reader)
-    hidden = _hidden_states(embed, windows, run, device)
+    streams = Streams.start(embed, windows, holdout, settings.targets == "dense", n_real,
+                            lambda t: _placed(t, run, device))
     if not manifest.done(0):
         write(0, {arch.EMBED: embed})
     del embed
@@ -233,11 +144,8 @@ def prune(
     first_todo = next((i for i in range(n_layers) if not manifest.done(i + 1)), n_layers)
     if first_todo:
         log.info("resuming: %d of %d layers were finished", first_todo, n_layers)
-    if first_todo < n_layers:  # rebuild the hidden states by replaying the finished compact layers
-        for i in range(first_todo):
-            prefix = arch.layer_prefix(i)
-            written = {k[len(prefix):]: v for k, v in writer.read(i + 1).items()}
-            _propagate(cfg, i, written, LayerResult.from_json(manifest.layers[i]).widths, hidden, inputs, run)
+    if first_todo < n_layers:  # rebuild the streams by replaying the finished layers
+        _replay(cfg, reader, names, writer, manifest, first_todo, streams, inputs, run)
     todo = list(range(first_todo, n_layers))
     layer_reads = reader.layers(names, [arch.layer_prefix(i) for i in todo], background=device.type == "cuda")
     with _StopFlag() as stop:
@@ -249,11 +157,8 @@ def prune(
             prefix = arch.layer_prefix(i)
             _check_finite(f"layer {i}", stored)
             watch.lap("read")
-            written, record = prune_layer(cfg, i, stored, hidden, inputs, settings, plan.layers[i], biases, watch, run)
+            written, record = prune_layer(cfg, i, stored, streams, inputs, settings, plan.layers[i], biases, watch, run)
             del stored
-            # Propagate through the weights exactly as written, so layer i+1 sees what the saved model computes.
-            _propagate(cfg, i, written, record.widths, hidden, inputs, run)
-            watch.lap("propagate")
             record.seconds = round(time.perf_counter() - t0, 3)
             record.seconds_by_stage = watch.seconds  # write() adds "write"
             record.rss_bytes = current_rss_bytes()
@@ -341,19 +246,61 @@ class _Shards:
         self.manifest.record(index, size, record.to_json() if record is not None else None)
 
 
-def _propagate(cfg, index: int, written: dict[str, torch.Tensor], layer_widths: LayerWidths, hidden: torch.Tensor,
-               inputs: arch.LayerInputs, run: Placement) -> None:
-    """Run the compact layer (of the given widths) over the hidden states, in place."""
-    pruned_cfg = arch.pruned_config(cfg, layer_widths.heads, layer_widths.kv_heads, layer_widths.channels)
-    layer = arch.build_layer(pruned_cfg, index, to_compute(written, run.device))
-    run_layer_batched(layer, hidden, inputs, pruned_cfg, index, run.micro_batch, device=run.device, matmul=run.matmul)
-
-
-def _hidden_states(embed: torch.Tensor, windows: torch.Tensor, run: Placement, device: torch.device) -> torch.Tensor:
-    """The calibration windows' embeddings in fp32, where the run keeps its hidden states."""
-    hidden = embed[windows].to(dtype=torch.float32)
+def _placed(hidden: torch.Tensor, run: Placement, device: torch.device) -> torch.Tensor:
+    """Where the run keeps its hidden states: on the GPU, in pinned host memory, or on the CPU."""
     return hidden.to(run.hidden_device) if run.hidden_device.type == "cuda" else (
         hidden.pin_memory() if device.type == "cuda" else hidden)  # pinned: copied to the GPU every layer
+
+
+def _calibration_sets(settings: PruneSettings, model_dir: Path) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """The calibration windows (real ones first, then generated ones), how many are real, and the
+    held-out windows (None when there are none)."""
+    tokenizer = load_tokenizer(model_dir)
+    real, holdout, n_real = None, None, settings.nsamples
+    if settings.calib == "self":
+        windows = _generated(settings, model_dir, settings.nsamples)
+    else:
+        tokens = calibration.tokenize(tokenizer, calibration.read_text(settings.calib))
+        starts = calibration.random_starts(tokens, settings.nsamples, settings.seqlen, settings.seed)
+        real = windows = torch.stack([tokens[s:s + settings.seqlen] for s in starts])
+        if settings.self_nsamples:
+            windows = torch.cat([real, _generated(settings, model_dir, settings.self_nsamples)])
+    if settings.holdout_nsamples and settings.holdout != "none":
+        if settings.holdout:  # a text of its own
+            held_tokens = calibration.tokenize(tokenizer, calibration.read_text(settings.holdout))
+            holdout = calibration.random_windows(held_tokens, settings.holdout_nsamples, settings.seqlen,
+                                                 settings.seed + 1)
+        elif real is not None:
+            holdout = calibration.unused_windows(tokens, starts, settings.holdout_nsamples, settings.seqlen,
+                                                 settings.seed + 1)
+        else:  # --calib self: more generated windows, after the calibration ones
+            holdout = _generated(settings, model_dir, settings.nsamples + settings.holdout_nsamples)[settings.nsamples:]
+    return windows, n_real, holdout
+
+
+def _generated(settings: PruneSettings, model_dir: Path, n: int) -> torch.Tensor:
+    from .selfgen import self_generated  # loads the whole model: only when asked for
+
+    return self_generated(model_dir, n, settings.seqlen, settings.seed, device=settings.device,
+                          quant=settings.gen_quant)
+
+
+def _replay(cfg, reader: CheckpointReader, names: list[str], writer: ShardWriter, manifest: Manifest, n_done: int,
+            streams: Streams, inputs: arch.LayerInputs, run: Placement) -> None:
+    """Resume: run the finished compact layers (as written) over the pruned streams, and the input's
+    dense layers over the dense streams."""
+    reads = reader.layers(names, [arch.layer_prefix(i) for i in range(n_done)]) if streams.dense is not None else None
+    for i in range(n_done):
+        prefix = arch.layer_prefix(i)
+        written = {k[len(prefix):]: v for k, v in writer.read(i + 1).items()}
+        widths = LayerResult.from_json(manifest.layers[i]).widths
+        propagate(arch.pruned_config(cfg, widths.heads, widths.kv_heads, widths.channels), i, written,
+                  Streams(streams.calib, holdout=streams.holdout), inputs, run)
+        del written
+        if reads is not None:
+            dense = to_compute(next(reads), run.device, consume=True)
+            propagate(cfg, i, dense, Streams(streams.dense, holdout=streams.holdout_dense), inputs, run)
+            del dense
 
 
 def _embeddings(reader: CheckpointReader) -> torch.Tensor:
@@ -368,7 +315,7 @@ def _width_plan(settings: PruneSettings, cfg, reader: CheckpointReader, names: l
     shape, n_layers, costs = arch.layer_shape(cfg), cfg.num_hidden_layers, arch.unit_costs(cfg)
     if settings.allocation == "adaptive":
         # The embeddings are read again for the prune: only one layer's tensors are alive during the pass.
-        hidden = _hidden_states(_embeddings(reader), windows, run, run.device)
+        hidden = _placed(_embeddings(reader)[windows].to(dtype=torch.float32), run, run.device)
         o_columns, channels = _scoring_pass(settings, cfg, reader, names, hidden, inputs, run)
         del hidden
         return widths.adaptive(shape, n_layers, settings.budget, costs, o_columns, channels)
@@ -391,14 +338,13 @@ def _scoring_pass(settings: PruneSettings, cfg, reader: CheckpointReader, names:
         stored = next(layer_reads)
         _check_finite(f"layer {i}", stored)
         tensors = to_compute(stored, run.device, consume=True)
-        stats = collect_stats(cfg, i, tensors, hidden, inputs, run)
+        stats = dense_pass(cfg, i, tensors, Streams(hidden), inputs, run, keep_targets=False).stats
         for name, s in stats.items():
-            s.gram = None  # scores need only the per-column sums
+            s.release()  # scores need only the per-column sums
             columns = scoring.column_scores(settings.score, tensors[arch.PROJECTIONS[name] + ".weight"], s).cpu()
             (o_columns if name == "o_proj" else channels).append(columns)
-        layer = arch.build_layer(cfg, i, tensors)
-        run_layer_batched(layer, hidden, inputs, cfg, i, run.micro_batch, device=run.device, matmul=run.matmul)
-        del layer, tensors, stored
+        propagate(cfg, i, tensors, Streams(hidden), inputs, run)
+        del tensors, stored, stats
         log.info("scoring pass: layer %d/%d", i + 1, n_layers)
     return o_columns, channels
 

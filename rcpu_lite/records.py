@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from .widths import LayerWidths
 
 PROJECTIONS = ("o_proj", "down_proj")
+BLOCK_FIELDS = ("block_error_pruned", "block_error", "held_out_block_error_pruned", "held_out_block_error",
+                "reconstruct_seconds")
 
 
 @dataclass
@@ -18,6 +20,11 @@ class ProjectionResult:
     method: str
     damp: float | None = None  # the ridge lambda actually used (least squares only)
     bias: bool = False  # whether a compensating bias was written
+    held_out_error_pruned: float | None = None  # the same errors on the held-out windows
+    held_out_error_compensated: float | None = None
+
+    FIELDS = ("error_pruned", "error_compensated", "method", "damp", "bias", "held_out_error_pruned",
+              "held_out_error_compensated")
 
 
 @dataclass
@@ -27,6 +34,13 @@ class LayerResult:
     kept_kv_heads: list[int]
     kept_channels: list[int]
     projections: dict[str, ProjectionResult]
+    # ||dense target - block output|| / ||dense target|| on the calibration and held-out windows, before
+    # compensation (the compact layer with W_K) and as written (after compensation and reconstruction)
+    block_error_pruned: float | None = None
+    block_error: float | None = None
+    held_out_block_error_pruned: float | None = None
+    held_out_block_error: float | None = None
+    reconstruct_seconds: float | None = None
     seconds: float = 0.0
     seconds_by_stage: dict[str, float] = field(default_factory=dict)
     rss_bytes: int = 0
@@ -39,16 +53,16 @@ class LayerResult:
         out = {"layer": self.layer, "kept_heads": self.kept_heads, "kept_kv_heads": self.kept_kv_heads,
                "kept_channels": self.kept_channels}
         for name, p in self.projections.items():
-            out.update({f"{name}_error_pruned": p.error_pruned, f"{name}_error_compensated": p.error_compensated,
-                        f"{name}_method": p.method, f"{name}_damp": p.damp, f"{name}_bias": p.bias})
+            out.update({f"{name}_{f}": getattr(p, f) for f in ProjectionResult.FIELDS})
+        out.update({f: getattr(self, f) for f in BLOCK_FIELDS})
         out.update(seconds=self.seconds, seconds_by_stage=self.seconds_by_stage, rss_bytes=self.rss_bytes)
         return out
 
     @classmethod
     def from_json(cls, data: dict) -> "LayerResult":
-        projections = {name: ProjectionResult(data[f"{name}_error_pruned"], data[f"{name}_error_compensated"],
-                                              data[f"{name}_method"], data.get(f"{name}_damp"),
-                                              data.get(f"{name}_bias", False))
+        projections = {name: ProjectionResult(**{f: data[f"{name}_{f}"] for f in ProjectionResult.FIELDS
+                                                 if f"{name}_{f}" in data})
                        for name in PROJECTIONS if f"{name}_error_pruned" in data}
         return cls(data["layer"], data["kept_heads"], data["kept_kv_heads"], data["kept_channels"], projections,
-                   data.get("seconds", 0.0), data.get("seconds_by_stage", {}), data.get("rss_bytes", 0))
+                   **{f: data.get(f) for f in BLOCK_FIELDS}, seconds=data.get("seconds", 0.0),
+                   seconds_by_stage=data.get("seconds_by_stage", {}), rss_bytes=data.get("rss_bytes", 0))

@@ -1,0 +1,56 @@
+"""--compensate auto: per projection, the compensation that generalises, chosen by held-out error.
+
+Which closed-form repair generalises depends on how many calibration tokens there are per input
+dimension: least squares fits best when tokens are plenty and overfits when they are few; the
+rotation is constrained and holds up. Every candidate is fitted on the calibration statistics and
+scored on the held-out windows; the winner is then refitted on all tokens.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from .compensation import Compensation, CompensationOptions, compensate
+
+DAMP_GRID = (1e-4, 1e-3, 1e-2, 1e-1)  # least squares: lambda = damp * mean(diag C_KK)
+METHODS = ("auto", "auto+bias")  # the --compensate values that choose
+
+
+def candidates(with_bias: bool) -> dict[str, tuple[str, float | None]]:
+    """Label -> (method, relative damping or None)."""
+    suffix = "+bias" if with_bias else ""
+    out = {m + suffix: (m + suffix, None) for m in ("rotation", "rotation-scale")}
+    out["none" + suffix if with_bias else "none"] = ("bias" if with_bias else "none", None)
+    for damp in DAMP_GRID:
+        out[f"lstsq(damp={damp:g}){suffix}"] = ("lstsq" + suffix, damp)
+    return out
+
+
+@dataclass
+class Choice:
+    label: str  # e.g. "rotation" or "lstsq(damp=0.01)+bias"
+    result: Compensation  # the winner refitted on every token
+    held_out_error: float  # the winner's held-out error when fitted on the calibration tokens only
+    held_out_errors: dict[str, float]  # every candidate's
+
+
+def choose(weight: torch.Tensor, stats, kept: torch.Tensor, held_out, options: CompensationOptions,
+           with_bias: bool, refit: Callable[[object], None]) -> Choice:
+    """Fit every candidate on `stats`, score it with held_out.error, refit the best after refit(stats)
+    has added the held-out tokens to the statistics."""
+    if not held_out.y:
+        raise ValueError("--compensate auto chooses by held-out error: it needs held-out windows (--holdout-nsamples "
+                         "at least 1)")
+    errors, fitted = {}, {}
+    for label, (method, damp) in candidates(with_bias).items():
+        opts = options if damp is None else replace(options, damp=damp, damp_abs=0.0)
+        result = compensate(weight, stats, kept, method, opts)
+        errors[label] = held_out.error(kept, result.weight, result.bias)
+        fitted[label] = (method, opts)
+        del result
+    best = min(errors, key=errors.get)
+    refit(stats)
+    method, opts = fitted[best]
+    return Choice(best, compensate(weight, stats, kept, method, opts, release=True), errors[best], errors)

@@ -1,0 +1,283 @@
+"""The work on one decoder layer: a dense pass that collects statistics (and targets), then select,
+compensate, optionally reconstruct, and measure the errors on calibration and held-out windows.
+
+The pipeline moves the data (streams.Streams) from layer to layer; the algorithms live in
+scoring.py, compensation.py, auto.py and reconstruct.py; module names and shapes in arch.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import arch, auto, compensation, scoring, surgery
+from .compensation import CompensationOptions
+from .config import PruneSettings
+from .records import LayerResult, ProjectionResult
+from .reconstruct import ReconstructOptions, block_error, reconstruct
+from .runtime import Placement, Stopwatch, cuda_matmul_precision, to_compute
+from .stats import InputStats, PairedStats
+from .streams import Streams
+from .widths import LayerWidths
+
+
+@dataclass
+class HeldOut:
+    """One projection on the held-out windows: the pruned stream's inputs and the dense target outputs."""
+
+    x_hat: list[torch.Tensor] = field(default_factory=list)  # tokens x d_in, a micro-batch each
+    y: list[torch.Tensor] = field(default_factory=list)  # tokens x d_out: W x (dense) or W x_hat (local)
+
+    def error(self, kept: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> float:
+        """||Y - (W' X_K + b)|| / ||Y|| over the held-out tokens."""
+        err = ref = 0.0
+        for x_hat, y in zip(self.x_hat, self.y):
+            z = x_hat[:, kept] @ weight.T
+            if bias is not None:
+                z += bias
+            err += float((y - z).square().sum(dtype=torch.float64))
+            ref += float(y.square().sum(dtype=torch.float64))
+        return (err / ref) ** 0.5 if ref > 0 else 0.0
+
+    def add_to(self, stats: InputStats, dense_inputs: list[torch.Tensor] | None, weight: torch.Tensor
+                        ) -> None:
+        """Add the held-out tokens to the statistics (auto refits the chosen method on every token)."""
+        for i, x_hat in enumerate(self.x_hat):
+            if isinstance(stats, PairedStats):
+                stats.update_pair(x_hat, dense_inputs[i], weight)
+            else:
+                stats.update(x_hat)
+
+
+@dataclass
+class DensePass:
+    """What one dense pass of a layer over the streams leaves: statistics for compensation and for
+    scores (the real windows only), held-out inputs and targets, and the calibration targets."""
+
+    stats: dict[str, InputStats]
+    score_stats: dict[str, InputStats]
+    held_out: dict[str, HeldOut]
+    held_out_dense_inputs: dict[str, list[torch.Tensor]]
+    targets: torch.Tensor | None  # the dense layer on the calibration stream (local targets); None: streams.dense
+    held_out_targets: torch.Tensor | None
+
+
+def dense_pass(cfg, index: int, tensors: dict[str, torch.Tensor], streams: Streams, inputs: arch.LayerInputs,
+               run: Placement, keep_targets: bool) -> DensePass:
+    """Run the dense layer over the calibration (and held-out) windows of every stream.
+
+    Local targets: the statistics are of the pruned stream's projection inputs. Dense targets: the
+    dense stream runs beside it, micro-batch by micro-batch, so its inputs pair with the pruned ones
+    token by token (PairedStats), and the dense stream moves on to the next layer in place.
+    """
+    shape = arch.layer_shape(cfg)
+    dims = {"o_proj": shape.num_attention_heads * shape.head_dim, "down_proj": shape.intermediate_size}
+    paired = streams.dense is not None
+    kind = PairedStats if paired else InputStats
+    stats = {n: kind(d, run.device) for n, d in dims.items()}
+    separate_scores = streams.n_real < streams.calib.shape[0]  # generated windows: scores use the real ones
+    score_stats = {n: InputStats(d, run.device) for n, d in dims.items()} if separate_scores else stats
+    layer = arch.build_layer(cfg, index, tensors)
+    weights = {n: arch.projection(layer, n).weight for n in dims}
+    captured: dict[str, torch.Tensor] = {}
+    for n in dims:
+        arch.projection(layer, n).register_forward_pre_hook(
+            lambda module, args, name=n: captured.__setitem__(name, args[0].detach().reshape(-1, dims[name])))
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        captured.clear()
+        with cuda_matmul_precision(run.matmul):
+            return arch.run_layer(layer, hidden.to(run.device, non_blocking=True), inputs, cfg, index)
+
+    targets = torch.empty_like(streams.calib) if keep_targets and not paired else None
+    with torch.inference_mode():
+        for start, end in _batches(streams.calib.shape[0], run.micro_batch):
+            out = forward(streams.calib[start:end])
+            pruned_inputs = dict(captured)
+            if paired:
+                dense_out = forward(streams.dense[start:end])
+                for n in dims:
+                    stats[n].update_pair(pruned_inputs[n], captured[n], weights[n])
+                streams.dense[start:end].copy_(dense_out)  # the dense stream moves on
+            else:
+                for n in dims:
+                    stats[n].update(pruned_inputs[n])
+                if targets is not None:
+                    targets[start:end].copy_(out)
+            if separate_scores and start < streams.n_real:
+                for n in dims:
+                    real_tokens = (min(end, streams.n_real) - start) * streams.calib.shape[1]
+                    score_stats[n].update(pruned_inputs[n][:real_tokens])
+        held_out = {n: HeldOut() for n in dims}
+        dense_inputs = {n: [] for n in dims}
+        held_out_targets = None
+        if streams.holdout is not None:
+            held_out_targets = None if paired else torch.empty_like(streams.holdout)
+            for start, end in _batches(streams.holdout.shape[0], run.micro_batch):
+                out = forward(streams.holdout[start:end])
+                pruned_inputs = dict(captured)
+                if paired:
+                    streams.holdout_dense[start:end].copy_(forward(streams.holdout_dense[start:end]))
+                for n in dims:
+                    x = captured[n] if paired else pruned_inputs[n]
+                    held_out[n].x_hat.append(pruned_inputs[n].clone())
+                    held_out[n].y.append(x @ weights[n].T)
+                    if paired:
+                        dense_inputs[n].append(x.clone())
+                if held_out_targets is not None:
+                    held_out_targets[start:end].copy_(out)
+    for n, s in stats.items():
+        if not s.is_finite():
+            raise ValueError(f"layer {index}: the {n} input statistics contain NaN or Inf")
+    return DensePass(stats, score_stats, held_out, dense_inputs, targets, held_out_targets)
+
+
+def _batches(n: int, micro_batch: int):
+    for start in range(0, n, micro_batch):
+        yield start, min(start + micro_batch, n)
+
+
+def prune_layer(
+    cfg,
+    index: int,
+    stored: dict[str, torch.Tensor],
+    streams: Streams | torch.Tensor,
+    inputs: arch.LayerInputs,
+    settings: PruneSettings,
+    widths: LayerWidths | None = None,
+    biases: frozenset[str] = frozenset(),
+    watch: Stopwatch | None = None,
+    placement: Placement | None = None,
+) -> tuple[dict[str, torch.Tensor], LayerResult]:
+    """Prune one decoder layer to `widths`, repair it, and move the streams past it.
+
+    Returns its compact tensors (on the host, in their stored dtypes) and its record. Order (DESIGN.md
+    section 2): one dense fp32 pass collects the o_proj and down_proj input statistics; then score,
+    select, compensate both projections (down_proj first: its Gram is the largest and goes first),
+    optionally reconstruct the block, and run the compact layer over the streams (in place).
+    `stored` is consumed so that the stored and the fp32 copy of the layer are never both resident.
+    `biases` names the projections that get a bias in every layer.
+    """
+    streams = streams if isinstance(streams, Streams) else Streams(streams)
+    shape = arch.layer_shape(cfg)
+    widths = widths or _uniform_widths(shape, settings.ratio)
+    run = placement or Placement(streams.calib.device, streams.calib.device, settings.micro_batch)
+    watch = watch or Stopwatch(run.device)
+    dtypes = {k: v.dtype for k, v in stored.items()}
+    tensors = to_compute(stored, run.device, consume=True)
+    keep_targets = settings.reconstruct != "none" or streams.holdout is not None
+    dense = dense_pass(cfg, index, tensors, streams, inputs, run, keep_targets)
+    watch.lap("statistics")
+
+    weights = {name: tensors.pop(arch.PROJECTIONS[name] + ".weight") for name in dense.stats}
+    heads, kv_heads, channels = scoring.select(settings.score, weights, dense.score_stats, shape, widths)
+    on_device = [t.to(run.device) for t in (heads, kv_heads, channels)]
+    kept_columns = {"o_proj": surgery.head_columns(heads, shape.head_dim).to(run.device), "down_proj": on_device[2]}
+    watch.lap("scores")
+
+    compact = {}  # fp32, on the compute device, until written
+    for name in list(tensors):
+        if name in (arch.PROJECTIONS[p] + ".bias" for p in dense.stats):
+            continue  # an output bias keeps its shape; a compensating bias is added to it below
+        compact[name] = surgery.slice_tensor(name, tensors.pop(name), shape, *on_device)
+    options = CompensationOptions(settings.decomposition, settings.damp, settings.damp_abs)
+    projections, uncompensated, decomposition_seconds = {}, {}, 0.0
+    for name in ("down_proj", "o_proj"):
+        module, kept, held = arch.PROJECTIONS[name], kept_columns[name], dense.held_out[name]
+        method = settings.compensate if name in settings.compensated_projections else "none"
+        w = weights.pop(name)
+        own_bias = tensors.pop(module + ".bias", None)
+        uncompensated[name] = (w[:, kept].clone(), own_bias)
+        held_pruned = held.error(kept, w[:, kept]) if held.y else None
+        if method in auto.METHODS:
+            choice = auto.choose(w, dense.stats[name], kept, held, options, method.endswith("+bias"),
+                                 refit=lambda s, n=name, w=w: held.add_to(s, dense.held_out_dense_inputs[n], w))
+            chosen, result, held_compensated = choice.label, choice.result, choice.held_out_error
+        else:
+            chosen, result = method, compensation.compensate(w, dense.stats[name], kept, method, options, release=True)
+            held_compensated = held.error(kept, result.weight, result.bias) if held.y else None
+        compact[module + ".weight"] = result.weight
+        if name in biases or own_bias is not None:
+            total = torch.zeros(w.shape[0], device=w.device) if own_bias is None else own_bias
+            compact[module + ".bias"] = total if result.bias is None else total + result.bias
+        held_errors = (held_pruned, held_compensated)
+        projections[name] = ProjectionResult(result.error_pruned, result.error_compensated, chosen, result.damp_used,
+                                             result.bias is not None, *held_errors)
+        decomposition_seconds += result.decomposition_seconds
+        del w, result
+    del dense.held_out, dense.stats
+    watch.lap("compensation")
+    watch.move("compensation", "decomposition", decomposition_seconds)
+
+    record = LayerResult(index, heads.tolist(), kv_heads.tolist(), channels.tolist(),
+                         {name: projections[name] for name in ("o_proj", "down_proj")})
+    layer_cfg = arch.pruned_config(cfg, widths.heads, widths.kv_heads, widths.channels)
+    targets = streams.dense if streams.dense is not None else dense.targets
+    held_targets = streams.holdout_dense if streams.holdout_dense is not None else dense.held_out_targets
+    if keep_targets:  # the block's error before compensation: the compact layer with W_K (and its own biases)
+        pruned = dict(compact)
+        for name, (w_kept, own_bias) in uncompensated.items():
+            pruned[arch.PROJECTIONS[name] + ".weight"] = w_kept
+            pruned.pop(arch.PROJECTIONS[name] + ".bias", None)
+            if own_bias is not None or name in biases:
+                pruned[arch.PROJECTIONS[name] + ".bias"] = own_bias if own_bias is not None else torch.zeros(
+                    w_kept.shape[0], device=w_kept.device)
+        block = [(arch.build_layer(layer_cfg, index, pruned), layer_cfg, index)]
+        record.block_error_pruned = block_error(block, streams.calib, targets, inputs, run.micro_batch, run.device)
+        if streams.holdout is not None:
+            record.held_out_block_error_pruned = block_error(block, streams.holdout, held_targets, inputs,
+                                                             run.micro_batch, run.device)
+        del block, pruned
+    del uncompensated
+    if settings.reconstruct == "block":
+        layer = arch.build_layer(layer_cfg, index, compact)
+        result = reconstruct([(layer, layer_cfg, index)], streams.calib, targets, inputs, _reconstruct_options(settings),
+                             device=run.device, matmul=run.matmul)
+        compact = {k: v.detach() for k, v in layer.state_dict().items()}
+        record.reconstruct_seconds = round(result.seconds, 3)
+        watch.lap("reconstruction")
+    written = {name: t.to("cpu", dtypes.get(name, torch.float32)) for name, t in compact.items()}
+    del compact
+    # Propagate through the weights exactly as written, so the next layer sees what the saved model computes.
+    errors = propagate(layer_cfg, index, written, streams, inputs, run, targets, held_targets)
+    record.block_error, record.held_out_block_error = errors
+    del dense
+    watch.lap("propagate")
+    return written, record
+
+
+def propagate(layer_cfg, index: int, written: dict[str, torch.Tensor], streams: Streams, inputs: arch.LayerInputs,
+              run: Placement, targets: torch.Tensor | None = None, held_targets: torch.Tensor | None = None
+              ) -> tuple[float | None, float | None]:
+    """Run the compact layer over the pruned streams in place; with targets, return its relative errors
+    against them on the calibration and held-out windows."""
+    layer = arch.build_layer(layer_cfg, index, to_compute(written, run.device))
+    errors = []
+    for hidden, target in ((streams.calib, targets), (streams.holdout, held_targets)):
+        if hidden is None:
+            errors.append(None)
+            continue
+        err = ref = 0.0
+        with torch.inference_mode(), cuda_matmul_precision(run.matmul):
+            for start, end in _batches(hidden.shape[0], run.micro_batch):
+                out = arch.run_layer(layer, hidden[start:end].to(run.device, non_blocking=True), inputs, layer_cfg,
+                                     index)
+                if target is not None:
+                    t = target[start:end].to(out.device)
+                    err += float((out - t).square().sum(dtype=torch.float64))
+                    ref += float(t.square().sum(dtype=torch.float64))
+                hidden[start:end].copy_(out)
+        errors.append((err / ref) ** 0.5 if target is not None and ref > 0 else None)
+    return errors[0], errors[1]
+
+
+def _uniform_widths(shape: arch.LayerShape, ratio: float) -> LayerWidths:
+    from .widths import uniform
+
+    return uniform(shape, 1, ratio).layers[0]
+
+
+def _reconstruct_options(settings: PruneSettings) -> ReconstructOptions:
+    return ReconstructOptions(epochs=settings.recon_epochs, lr=settings.recon_lr, micro_batch=settings.recon_micro_batch,
+                              train=settings.recon_train, train_norms=settings.recon_norms == "train",
+                              seed=settings.seed).validate()
