@@ -93,3 +93,30 @@ def test_unsupported_architecture_names_its_model_type(tmp_path):
     result = invoke("prune", model, "--out", tmp_path / "out")
     assert result.exit_code == 2
     assert "'gpt2'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_every_setting_has_a_prune_option_that_reaches_it(tiny, tmp_path, monkeypatch):
+    """Each PruneSettings field is a --flag of `rcpu-lite prune`, and a value given there arrives."""
+    import dataclasses
+
+    from rcpu_lite import pipeline
+    from rcpu_lite.config import PruneSettings
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "prune", lambda model, out, settings, **kw: seen.setdefault("s", settings))
+    values = {"targets": "dense", "holdout": "none", "holdout_nsamples": "3", "reconstruct": "block",
+              "recon_epochs": "2", "recon_lr": "0.01", "recon_micro_batch": "2", "recon_train": "out",
+              "recon_norms": "train", "self_nsamples": "0", "gen_quant": "none", "damp": "0.05", "damp_abs": "0.001",
+              "compensate_on": "o_proj", "allocation": "depth", "target_params": "0.3", "depth_spread": "0.25",
+              "compensate": "lstsq+bias", "score": "flap"}
+    args = ["prune", str(tiny), "--out", str(tmp_path / "o")]
+    for name, value in values.items():
+        args += [f"--{name.replace('_', '-')}", value]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    settings = seen["s"]
+    for name, value in values.items():
+        assert str(getattr(settings, name)) == value, name
+    help_text = CliRunner().invoke(app, ["prune", "--help"], terminal_width=200).output
+    for field in dataclasses.fields(PruneSettings):
+        assert f"--{field.name.replace('_', '-')}" in help_text, field.name

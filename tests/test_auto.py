@@ -1,0 +1,76 @@
+"""--compensate auto: least squares where tokens per dimension are plenty, the rotation where they are few."""
+import torch
+
+from rcpu_lite import auto
+from rcpu_lite.compensation import CompensationOptions
+from rcpu_lite.layer import HeldOut
+from rcpu_lite.stats import InputStats
+
+
+def _problem(n_calib: int, seed: int = 0, d_out: int = 24, d_in: int = 48, noise: float = 0.6):
+    """Inputs x with a low-dimensional signal plus wide noise; the held-out tokens come from the same law."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    mix = torch.randn(6, d_in, generator=g, dtype=torch.float64)
+
+    def draw(n):
+        return torch.randn(n, 6, generator=g, dtype=torch.float64) @ mix + noise * torch.randn(
+            n, d_in, generator=g, dtype=torch.float64)
+
+    x, x_held = draw(n_calib), draw(2000)
+    stats = InputStats(d_in, dtype=torch.float64)
+    stats.update(x)
+    held = HeldOut([x_held], [x_held @ w.T])
+    return w, stats, held, torch.arange(0, d_in, 2)  # half the columns go
+
+
+def _choose(n_calib, seed=0):
+    w, stats, held, kept = _problem(n_calib, seed)
+    return auto.choose(w, stats, kept, held, CompensationOptions(), False, refit=lambda s: None)
+
+
+def test_auto_picks_least_squares_with_many_tokens_per_dimension():
+    choice = _choose(n_calib=20_000)
+    assert choice.label.startswith("lstsq"), choice.held_out_errors
+    assert choice.held_out_error < choice.held_out_errors["rotation"]
+
+
+def _rotation_problem(n_calib: int, seed: int = 1, d_out: int = 8, kept: int = 32):
+    """The removed columns' contribution is, up to noise, a rotation of the kept ones': Y = Q W_K x_K.
+    A rotation has d_out(d_out-1)/2 parameters and least squares d_out * |K|: with fewer tokens than
+    kept columns, least squares cannot pin down W' while the rotation can."""
+    g = torch.Generator().manual_seed(seed)
+    w_k, w_r = (torch.randn(d_out, kept, generator=g, dtype=torch.float64) for _ in range(2))
+    q, _ = torch.linalg.qr(torch.randn(d_out, d_out, generator=g, dtype=torch.float64))
+    a = torch.linalg.pinv(w_r) @ (q - torch.eye(d_out, dtype=torch.float64)) @ w_k  # W_R A = (Q - I) W_K
+
+    def draw(n):
+        x_k = torch.randn(n, kept, generator=g, dtype=torch.float64)
+        return torch.cat([x_k, x_k @ a.T + 0.05 * torch.randn(n, kept, generator=g, dtype=torch.float64)], 1)
+
+    w = torch.cat([w_k, w_r], 1)
+    x, x_held = draw(n_calib), draw(2000)
+    stats = InputStats(2 * kept, dtype=torch.float64)
+    stats.update(x)
+    return w, stats, HeldOut([x_held], [x_held @ w.T]), torch.arange(kept)
+
+
+def test_auto_picks_the_rotation_with_few_tokens_per_dimension():
+    w, stats, held, kept = _rotation_problem(n_calib=16)
+    choice = auto.choose(w, stats, kept, held, CompensationOptions(), False, refit=lambda s: None)
+    assert choice.label.startswith("rotation"), choice.held_out_errors
+    assert choice.held_out_error < min(e for label, e in choice.held_out_errors.items() if label.startswith("lstsq"))
+
+
+def test_auto_refits_the_winner_after_adding_the_held_out_tokens():
+    w, stats, held, kept = _problem(2000, seed=2)
+    seen = []
+
+    def refit(s):
+        seen.append(s.count)
+        s.update(held.x_hat[0])
+
+    choice = auto.choose(w, stats, kept, held, CompensationOptions(), True, refit)
+    assert seen == [2000] and stats.gram is None  # refit once, then the Gram is released
+    assert choice.label.endswith("+bias") and choice.result.bias is not None
+    assert set(choice.held_out_errors) == set(auto.candidates(True))

@@ -1,0 +1,125 @@
+"""Shin et al. 2024 in the pipeline: dense targets, held-out errors, block reconstruction, generated
+calibration windows and --compensate auto, end to end on tiny checkpoints (CPU, no network)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rcpu_lite import calibration
+from rcpu_lite.auto import candidates
+from rcpu_lite.pipeline import REPORT_NAME, prune
+from test_pipeline import make_settings, read_shards
+from test_resume import assert_same_output
+
+
+def _layers(report: dict) -> list[dict]:
+    return report["layers"]
+
+
+def test_ratio_zero_dense_targets_equal_local_targets(tiny_checkpoint, calib_file, tmp_path):
+    src = tiny_checkpoint("qwen2_gqa")
+    outs = {t: tmp_path / t for t in ("local", "dense")}
+    for targets, out in outs.items():
+        prune(src, out, make_settings(calib_file, ratio=0.0, targets=targets, compensate="lstsq+bias"))
+    before, local, dense = read_shards(src), read_shards(outs["local"]), read_shards(outs["dense"])
+    assert local.keys() == dense.keys() == before.keys()
+    for name in before:
+        assert torch.equal(local[name], dense[name]) and torch.equal(local[name], before[name]), name
+
+
+def test_dense_targets_differ_from_local_only_after_the_first_layer(tiny_checkpoint, calib_file, tmp_path):
+    """Layer 0 sees the same inputs either way; from layer 1 on the pruned stream has drifted from the
+    dense one, and the dense targets are the dense model's own outputs."""
+    src = tiny_checkpoint("llama_mha", num_hidden_layers=3)
+    local = prune(src, tmp_path / "local", make_settings(calib_file, ratio=0.5))
+    dense = prune(src, tmp_path / "dense", make_settings(calib_file, ratio=0.5, targets="dense"))
+    first_l, first_d = _layers(local)[0], _layers(dense)[0]
+    assert first_l["kept_heads"] == first_d["kept_heads"] and first_l["kept_channels"] == first_d["kept_channels"]
+    for key in ("o_proj_error_compensated", "down_proj_error_compensated", "block_error"):
+        assert first_d[key] == pytest.approx(first_l[key], rel=1e-4), key
+    later = [abs(a["down_proj_error_pruned"] - b["down_proj_error_pruned"]) for a, b in
+             zip(_layers(local)[1:], _layers(dense)[1:])]
+    assert max(later) > 1e-3  # the targets really differ
+
+
+def test_every_layer_reports_calibration_and_held_out_errors(tiny_checkpoint, calib_file, tmp_path):
+    src = tiny_checkpoint("llama_mha")
+    report = prune(src, tmp_path / "out", make_settings(calib_file, ratio=0.5, holdout_nsamples=4))
+    for layer in _layers(report):
+        for key in ("block_error_pruned", "block_error", "held_out_block_error_pruned", "held_out_block_error",
+                    "o_proj_held_out_error_pruned", "o_proj_held_out_error_compensated",
+                    "down_proj_held_out_error_pruned", "down_proj_held_out_error_compensated"):
+            assert isinstance(layer[key], float) and 0 < layer[key] < 10, key
+        assert layer["block_error"] < layer["block_error_pruned"]  # the rotation helps on its own tokens
+        assert layer["o_proj_error_compensated"] < layer["o_proj_error_pruned"]
+    off = prune(src, tmp_path / "off", make_settings(calib_file, ratio=0.5, holdout="none"))
+    assert all(layer["held_out_block_error"] is None for layer in _layers(off))
+    assert read_shards(tmp_path / "off").keys() == read_shards(tmp_path / "out").keys()
+
+
+def test_held_out_windows_share_no_token_with_the_calibration_windows():
+    tokens = torch.arange(1000)
+    starts = calibration.random_starts(tokens, 20, 16, seed=0)
+    held = calibration.unused_windows(tokens, starts, 10, 16, seed=1)
+    used = {int(t) for s in starts for t in tokens[s:s + 16]}
+    seen = [int(t) for t in held.flatten()]
+    assert held.shape == (10, 16) and not used & set(seen) and len(set(seen)) == len(seen)
+    with pytest.raises(ValueError, match="room for only"):
+        calibration.unused_windows(tokens, starts, 100, 16, seed=1)
+
+
+def test_block_reconstruction_lowers_the_block_error_and_keeps_the_widths(tiny_checkpoint, calib_file, tmp_path):
+    src = tiny_checkpoint("llama_mha")
+    base = make_settings(calib_file, ratio=0.5, holdout_nsamples=4)
+    plain = prune(src, tmp_path / "plain", base)
+    trained = prune(src, tmp_path / "trained", make_settings(calib_file, ratio=0.5, holdout_nsamples=4,
+                                                              reconstruct="block", recon_epochs=8, recon_lr=1e-2,
+                                                              recon_micro_batch=4))
+    first_p, first_t = _layers(plain)[0], _layers(trained)[0]
+    assert first_t["block_error"] < 0.9 * first_p["block_error"]  # same inputs and targets for layer 0
+    assert first_t["reconstruct_seconds"] > 0
+    a, b = read_shards(tmp_path / "plain"), read_shards(tmp_path / "trained")
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert torch.equal(a["model.layers.0.input_layernorm.weight"], b["model.layers.0.input_layernorm.weight"])
+
+
+def test_generated_windows_feed_compensation_but_not_the_scores(tiny_checkpoint, calib_file, tmp_path):
+    src = tiny_checkpoint("llama_mha")
+    real = prune(src, tmp_path / "real", make_settings(calib_file, ratio=0.5))
+    mixed = prune(src, tmp_path / "mixed", make_settings(calib_file, ratio=0.5, self_nsamples=4))
+    assert mixed["calibration_tokens"] == real["calibration_tokens"] + 4 * 32
+    first_r, first_m = _layers(real)[0], _layers(mixed)[0]
+    assert first_r["kept_heads"] == first_m["kept_heads"] and first_r["kept_channels"] == first_m["kept_channels"]
+    assert first_r["o_proj_error_compensated"] != first_m["o_proj_error_compensated"]
+
+
+def test_auto_reports_its_choice_per_layer_and_projection(tiny_checkpoint, calib_file, tmp_path):
+    src = tiny_checkpoint("llama_mha")
+    report = prune(src, tmp_path / "out", make_settings(calib_file, ratio=0.5, compensate="auto", holdout_nsamples=4))
+    labels = set(candidates(False))
+    for layer in _layers(report):
+        assert layer["o_proj_method"] in labels and layer["down_proj_method"] in labels
+
+
+def test_dense_targets_sigkill_then_resume_matches_an_uninterrupted_run(tiny_checkpoint, calib_file, tmp_path):
+    src = tiny_checkpoint("llama_gqa", num_hidden_layers=4)
+    settings = make_settings(calib_file, targets="dense", holdout_nsamples=4)
+    prune(src, tmp_path / "reference", settings)
+    out = tmp_path / "out"
+    args = ["prune", str(src), "--out", str(out), "--ratio", str(settings.ratio), "--calib", str(calib_file),
+            "--nsamples", str(settings.nsamples), "--seqlen", str(settings.seqlen), "--micro-batch",
+            str(settings.micro_batch), "--device", "cpu", "--targets", "dense", "--holdout-nsamples", "4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", RCPU_LITE_FAULT="before_shard:3:kill")  # dies before layer 2
+    proc = subprocess.run([sys.executable, "-m", "rcpu_lite.cli", *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    env.pop("RCPU_LITE_FAULT")
+    proc = subprocess.run([sys.executable, "-m", "rcpu_lite.cli", *args, "--resume"], env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / REPORT_NAME).read_text())["resumed_at_layer"] == 2
+    assert_same_output(tmp_path / "reference", out)
