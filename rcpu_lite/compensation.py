@@ -202,18 +202,23 @@ def least_squares(weight: torch.Tensor, stats, kept: torch.Tensor, options: Comp
         removed_energy = y_energy - 2 * _sum64(h * w_kept) + z_energy
     lam = options.damp_abs if options.damp_abs > 0 else options.damp * float(a.diagonal().mean())
     lam = max(lam, torch.finfo(a.dtype).tiny)
+    added = 0.0  # a holds C_KK + added * I: damped in place, so no second |K| x |K| copy exists
     for _ in range(options.max_damp_retries + 1):
-        factor, info = torch.linalg.cholesky_ex(a + lam * torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
+        a.diagonal().add_(lam - added)
+        added = lam
+        factor, info = torch.linalg.cholesky_ex(a)
         if int(info) == 0:
             break
+        del factor
         lam *= 10
     else:
-        raise ValueError(f"least squares: C_KK + lambda I is not positive definite even at lambda {lam:.3g}; the "
+        raise ValueError(f"least squares: C_KK + lambda I is not positive definite even at lambda {added:.3g}; the "
                          f"calibration statistics are degenerate (use more calibration windows or --compensate rotation)")
     rhs = (h + lam * w_kept).T  # (C_KK + l I) W'^T = (W C[:,K] + l W_K)^T
     new = torch.cholesky_solve(rhs, factor).T.contiguous()
     del factor, rhs
-    error = y_energy - 2 * _sum64(new * h) + _sum64((new @ a) * new)
+    # tr(W' C_KK W'^T) = tr(W' (C_KK + l I) W'^T) - l ||W'||^2
+    error = y_energy - 2 * _sum64(new * h) + _sum64((new @ a) * new) - lam * _sum64(new.square())
     return Compensation(new, _ratio(removed_energy, y_energy), _ratio(error, y_energy), damp_used=lam,
                         y_energy=y_energy)
 
