@@ -83,3 +83,15 @@ def test_memory_benchmark_prunes_in_a_fresh_process_with_the_flags_it_is_given(t
     assert report["settings"]["compensate"] == "lstsq+bias" and report["settings"]["allocation"] == "depth"
     assert report["peak_rss_bytes"] > 0 and report["peak_gpu_bytes"] is None
     assert not (tmp_path / "out").exists()  # removed once measured
+
+
+def test_sweep_table_shows_calibration_and_held_out_errors_where_reported():
+    sweep = load_tool("sweep")
+    layers = [{"block_error": 0.2, "held_out_block_error": 0.3}, {"block_error": 0.4, "held_out_block_error": 0.5}]
+    errors = sweep.mean_errors(layers)
+    assert errors == pytest.approx({"mean_block_error": 0.3, "mean_held_out_block_error": 0.4})
+    rows = [dict(method="dense", ratio=0.0, ppl=10.0), dict(method="m", ratio=0.2, ppl=12.0, **errors)]
+    lines = sweep.table(rows).splitlines()
+    assert lines[0] == "| method | ratio | params | PPL | calib. error | held-out error | prune time | prune peak RSS |"
+    assert lines[3] == "| m | 20 % | dense | 12.00 | 0.3000 | 0.4000 |  |  |"
+    assert "error" not in sweep.table(rows[:1])  # older records without errors keep the old columns

@@ -115,7 +115,8 @@ def main() -> None:
             report = json.loads((ckpt / "rcpu_report.json").read_text())
             record.update(prune_command=shlex.join(prune_cmd), prune_seconds=report["wall_seconds"],
                           prune_peak_rss_bytes=report["peak_rss_bytes"], params=report["params_after"],
-                          param_reduction=report["param_reduction"], shape_after=report["shape_after"])
+                          param_reduction=report["param_reduction"], shape_after=report["shape_after"],
+                          **mean_errors(report["layers"]))
         result = json.loads(run(exe + eval_cmd[1:]).strip().splitlines()[-1])
         record.update(eval_command=shlex.join(eval_cmd), ppl=result["ppl"], eval_tokens=result["tokens"],
                       eval_seconds=result["seconds"])
@@ -133,13 +134,30 @@ def commands_block(record: dict) -> str:
     return "\n".join([head] + [record[k] for k in ("prune_command", "eval_command") if k in record])
 
 
+ERROR_COLUMNS = {"mean_block_error": "calib. error", "mean_held_out_block_error": "held-out error"}
+
+
+def mean_errors(layers: list[dict]) -> dict:
+    """The mean over layers of the block's relative error on calibration and held-out windows (where reported)."""
+    out = {}
+    for key, layer_key in (("mean_block_error", "block_error"), ("mean_held_out_block_error", "held_out_block_error")):
+        values = [layer[layer_key] for layer in layers if layer.get(layer_key) is not None]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| method | ratio | params | PPL | prune time | prune peak RSS |", "|---|---|---|---|---|---|"]
+    errors = [k for k in ERROR_COLUMNS if any(k in r for r in rows)]  # columns only where some run reported them
+    head = ["method", "ratio", "params", "PPL", *(ERROR_COLUMNS[k] for k in errors), "prune time", "prune peak RSS"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         params = f"{r['params'] / 1e6:.1f} M ({100 * r['param_reduction']:.1f} % fewer)" if "params" in r else "dense"
         prune_time = f"{r['prune_seconds']:.0f} s" if "prune_seconds" in r else ""
         rss = f"{r['prune_peak_rss_bytes'] / 2**30:.2f} GiB" if "prune_peak_rss_bytes" in r else ""
-        lines.append(f"| {r['method']} | {int(round(100 * r['ratio']))} % | {params} | {r['ppl']:.2f} | {prune_time} | {rss} |")
+        cells = [r["method"], f"{int(round(100 * r['ratio']))} %", params, f"{r['ppl']:.2f}",
+                 *(f"{r[k]:.4f}" if k in r else "" for k in errors), prune_time, rss]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
