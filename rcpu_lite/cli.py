@@ -77,7 +77,7 @@ def prune(
     targets: Optional[str] = typer.Option(None, help="What compensation and reconstruction aim at: local (the dense layer on the pruned model's own hidden states) or dense (the dense model's outputs: a dense stream runs beside the pruned one; Shin et al.'s global propagation). (default: local)"),
     holdout: Optional[str] = typer.Option(None, help="Held-out text for the per-layer held-out errors (and --compensate auto): a file or built-in name, or none. (default: a part of the calibration text that no calibration window used)"),
     holdout_nsamples: Optional[int] = typer.Option(None, help="Held-out windows (0: none). (default: 16)"),
-    reconstruct: Optional[str] = typer.Option(None, help="After the closed-form compensation: none, or block (train the compact layer's weights with AdamW on the MSE to its targets; Shin et al.). (default: none)"),
+    reconstruct: Optional[str] = typer.Option(None, help="After the closed-form compensation: none, block (train the compact layer's weights with AdamW on the MSE to its targets; Shin et al.), or cross (train each window of two adjacent compact layers together against the target after the second; Shin et al.'s cross-block reconstruction). (default: none)"),
     recon_epochs: Optional[int] = typer.Option(None, help="Block reconstruction epochs. (default: 5)"),
     recon_lr: Optional[float] = typer.Option(None, help="Block reconstruction learning rate (AdamW, betas 0.9/0.95, linear decay). (default: 2e-4)"),
     recon_micro_batch: Optional[int] = typer.Option(None, help="Windows per reconstruction step. (default: 8)"),

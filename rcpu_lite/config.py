@@ -28,7 +28,7 @@ AUTO_METHODS = ("auto", "auto+bias")
 # Settings with a fixed set of values (validation and --help).
 CHOICES = {
     "targets": ("local", "dense"),
-    "reconstruct": ("none", "block"),
+    "reconstruct": ("none", "block", "cross"),
     "recon_train": ("all", "out"),
     "recon_norms": ("frozen", "train"),
     "gen_quant": ("none", "4bit"),
@@ -62,7 +62,7 @@ class PruneSettings:
     targets: str = "local"  # local: the dense layer on the pruned stream; dense: the dense model's own outputs
     holdout: str = ""  # "": a part of the calibration text no window used; "none": off; else a text
     holdout_nsamples: int = 16
-    reconstruct: str = "none"  # none | block
+    reconstruct: str = "none"  # none | block | cross
     recon_epochs: int = 5
     recon_lr: float = 2e-4
     recon_micro_batch: int = 8

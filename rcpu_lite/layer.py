@@ -50,6 +50,16 @@ class HeldOut:
 
 
 @dataclass
+class Carry:
+    """Local targets carried from one layer to the next (cross-block reconstruction): `previous` (the
+    previous layer's dense outputs) is moved on by this layer's dense pass; `own` receives this
+    layer's (the dense layer on the calibration and held-out streams it was pruned on)."""
+
+    previous: tuple[torch.Tensor, ...] = ()
+    own: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+
+
+@dataclass
 class DensePass:
     """What one dense pass of a layer over the streams leaves: statistics for compensation and for
     scores (the real windows only), held-out inputs and targets, and the calibration targets."""
@@ -63,7 +73,7 @@ class DensePass:
 
 
 def dense_pass(cfg, index: int, tensors: dict[str, torch.Tensor], streams: Streams, inputs: arch.LayerInputs,
-               run: Placement, keep_targets: bool) -> DensePass:
+               run: Placement, keep_targets: bool, advance: tuple[torch.Tensor, ...] = ()) -> DensePass:
     """Run the dense layer over the calibration (and held-out) windows of every stream.
 
     Local targets: the statistics are of the pruned stream's projection inputs. Dense targets: the
@@ -126,6 +136,9 @@ def dense_pass(cfg, index: int, tensors: dict[str, torch.Tensor], streams: Strea
                         dense_inputs[n].append(x.clone())
                 if held_out_targets is not None:
                     held_out_targets[start:end].copy_(out)
+        for hidden in advance:
+            for start, end in _batches(hidden.shape[0], run.micro_batch):
+                hidden[start:end].copy_(forward(hidden[start:end]))
     for n, s in stats.items():
         if not s.is_finite():
             raise ValueError(f"layer {index}: the {n} input statistics contain NaN or Inf")
@@ -148,6 +161,7 @@ def prune_layer(
     biases: frozenset[str] = frozenset(),
     watch: Stopwatch | None = None,
     placement: Placement | None = None,
+    carry: Carry | None = None,
 ) -> tuple[dict[str, torch.Tensor], LayerResult]:
     """Prune one decoder layer to `widths`, repair it, and move the streams past it.
 
@@ -156,7 +170,8 @@ def prune_layer(
     select, compensate both projections (down_proj first: its Gram is the largest and goes first),
     optionally reconstruct the block, and run the compact layer over the streams (in place).
     `stored` is consumed so that the stored and the fp32 copy of the layer are never both resident.
-    `biases` names the projections that get a bias in every layer.
+    `biases` names the projections that get a bias in every layer. With `carry`, the dense pass also
+    moves carry.previous on and leaves this layer's local targets in carry.own (--reconstruct cross).
     """
     streams = streams if isinstance(streams, Streams) else Streams(streams)
     shape = arch.layer_shape(cfg)
@@ -166,7 +181,9 @@ def prune_layer(
     dtypes = {k: v.dtype for k, v in stored.items()}
     tensors = to_compute(stored, run.device, consume=True)
     keep_targets = settings.reconstruct != "none" or streams.holdout is not None
-    dense = dense_pass(cfg, index, tensors, streams, inputs, run, keep_targets)
+    dense = dense_pass(cfg, index, tensors, streams, inputs, run, keep_targets, carry.previous if carry else ())
+    if carry is not None:
+        carry.own = (dense.targets, dense.held_out_targets)
     watch.lap("statistics")
 
     weights = {name: tensors.pop(arch.PROJECTIONS[name] + ".weight") for name in dense.stats}

@@ -3,7 +3,8 @@
 The pipeline only moves data; the per-layer work is in layer.py, the algorithms in scoring.py,
 compensation.py, auto.py and reconstruct.py, and every
 architecture detail in arch.py. Peak memory is one layer, fixed-size statistics and the
-calibration hidden states, whatever the number of layers.
+calibration hidden states, whatever the number of layers (--reconstruct cross, cross.py: one more
+compact layer, the stream entering it and its local targets).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from .models import load_tokenizer, resolve_model
 from .output import (DiskFull, OutputError, OutputFormat, check_free_space, check_output, choose_format,
                      expected_shard_bytes, human_bytes, output_biases, publish, pruned_config_json, working_dir)
 from .progress import Manifest, differences, fingerprint
+from .cross import CrossWindows
 from .layer import dense_pass, propagate, prune_layer
 from .records import LayerResult
 from .streams import Streams
@@ -144,9 +146,20 @@ def prune(
     first_todo = next((i for i in range(n_layers) if not manifest.done(i + 1)), n_layers)
     if first_todo:
         log.info("resuming: %d of %d layers were finished", first_todo, n_layers)
+
+    def write_layer(i: int, written: dict[str, torch.Tensor], record: LayerResult) -> None:
+        written.update(fmt.zero_biases(record.widths, shape))
+        write(i + 1, {arch.layer_prefix(i) + k: v for k, v in written.items()}, record)
+        _log_layer(record, n_layers, shape)
+
+    cross = CrossWindows(cfg, streams, inputs, settings, run, work, write_layer) if settings.reconstruct == "cross" \
+        else None
+    start = first_todo + 1 if cross and 0 < first_todo < n_layers else first_todo  # + the pending layer
     if first_todo < n_layers:  # rebuild the streams by replaying the finished layers
-        _replay(cfg, reader, names, writer, manifest, first_todo, streams, inputs, run)
-    todo = list(range(first_todo, n_layers))
+        _replay(cfg, reader, names, writer, manifest, first_todo, streams, inputs, run, n_dense=start)
+        if start > first_todo:
+            cross.resume(first_todo)
+    todo = list(range(start, n_layers))
     layer_reads = reader.layers(names, [arch.layer_prefix(i) for i in todo], background=device.type == "cuda")
     with _StopFlag() as stop:
         for i in todo:
@@ -154,21 +167,25 @@ def prune(
             watch = Stopwatch(device)
             # next() rather than zip/enumerate: those keep the previous item alive while the next is read
             stored = next(layer_reads)
-            prefix = arch.layer_prefix(i)
             _check_finite(f"layer {i}", stored)
             watch.lap("read")
-            written, record = prune_layer(cfg, i, stored, streams, inputs, settings, plan.layers[i], biases, watch, run)
+            if cross:  # writes layer i-1; layer i waits for its second window
+                written, record = None, cross.step(i, stored, plan.layers[i], biases, watch)
+            else:
+                written, record = prune_layer(cfg, i, stored, streams, inputs, settings, plan.layers[i], biases, watch,
+                                              run)
             del stored
             record.seconds = round(time.perf_counter() - t0, 3)
             record.seconds_by_stage = watch.seconds  # write() adds "write"
             record.rss_bytes = current_rss_bytes()
-            written.update(fmt.zero_biases(record.widths, shape))
-            write(i + 1, {prefix + k: v for k, v in written.items()}, record)
+            if written is not None:
+                write_layer(i, written, record)
             del written
-            _log_layer(record, n_layers, shape)
             if stop.signal:
                 raise Interrupted(f"stopped by {stop.signal} after layer {i + 1} of {n_layers}; the finished layers "
                                   f"are kept in {work}: rerun the same command with --resume to continue")
+    if cross:
+        cross.finish()
 
     if not manifest.done(n_layers + 1):
         final = {n: reader.get(n) for n in final_names}
@@ -286,21 +303,23 @@ def _generated(settings: PruneSettings, model_dir: Path, n: int) -> torch.Tensor
 
 
 def _replay(cfg, reader: CheckpointReader, names: list[str], writer: ShardWriter, manifest: Manifest, n_done: int,
-            streams: Streams, inputs: arch.LayerInputs, run: Placement) -> None:
+            streams: Streams, inputs: arch.LayerInputs, run: Placement, n_dense: int) -> None:
     """Resume: run the finished compact layers (as written) over the pruned streams, and the input's
-    dense layers over the dense streams."""
-    reads = reader.layers(names, [arch.layer_prefix(i) for i in range(n_done)]) if streams.dense is not None else None
-    for i in range(n_done):
+    first n_dense dense layers over the dense streams."""
+    reads = reader.layers(names, [arch.layer_prefix(i) for i in range(n_dense)]) if streams.dense is not None else None
+    for i in range(n_dense):
+        if reads is not None:
+            dense = to_compute(next(reads), run.device, consume=True)
+            propagate(cfg, i, dense, Streams(streams.dense, holdout=streams.holdout_dense), inputs, run)
+            del dense
+        if i >= n_done:
+            continue
         prefix = arch.layer_prefix(i)
         written = {k[len(prefix):]: v for k, v in writer.read(i + 1).items()}
         widths = LayerResult.from_json(manifest.layers[i]).widths
         propagate(arch.pruned_config(cfg, widths.heads, widths.kv_heads, widths.channels), i, written,
                   Streams(streams.calib, holdout=streams.holdout), inputs, run)
         del written
-        if reads is not None:
-            dense = to_compute(next(reads), run.device, consume=True)
-            propagate(cfg, i, dense, Streams(streams.dense, holdout=streams.holdout_dense), inputs, run)
-            del dense
 
 
 def _embeddings(reader: CheckpointReader) -> torch.Tensor:

@@ -14,7 +14,7 @@ from rcpu_lite import calibration
 from rcpu_lite.auto import candidates
 from rcpu_lite.pipeline import REPORT_NAME, prune
 from test_pipeline import make_settings, read_shards
-from test_resume import assert_same_output
+from test_resume import assert_same_output, digests, stable_report
 
 
 def _layers(report: dict) -> list[dict]:
@@ -123,3 +123,71 @@ def test_dense_targets_sigkill_then_resume_matches_an_uninterrupted_run(tiny_che
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / REPORT_NAME).read_text())["resumed_at_layer"] == 2
     assert_same_output(tmp_path / "reference", out)
+
+
+CROSS = dict(reconstruct="cross", recon_epochs=8, recon_lr=1e-2, recon_micro_batch=4)
+
+
+def test_cross_reconstruction_lowers_every_window_error_and_holds_one_layer(tiny_checkpoint, calib_file, tmp_path):
+    """With dense targets a layer's block error is the pruned model's stream against the dense one after it,
+    whichever the reconstruction: each window (j-1, j) lowers it at layer j. The reader still holds one
+    layer (the two compact layers of a window are copies), and the output loads with the planned shapes."""
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_checkpoint("llama_mha", num_hidden_layers=4)
+    plain = prune(src, tmp_path / "plain", make_settings(calib_file, ratio=0.5, targets="dense", holdout_nsamples=4))
+    cross = prune(src, tmp_path / "cross", make_settings(calib_file, ratio=0.5, targets="dense", holdout_nsamples=4,
+                                                         **CROSS))
+    for p, c in zip(_layers(plain)[1:], _layers(cross)[1:]):
+        assert c["block_error"] < 0.9 * p["block_error"] and c["reconstruct_seconds"] > 0, c["layer"]
+        assert c["held_out_block_error"] < p["held_out_block_error"], c["layer"]
+    assert _layers(cross)[0]["reconstruct_seconds"] is None  # layer 0 is trained only in window (0, 1)
+    assert cross["peak_weight_bytes"] == plain["peak_weight_bytes"]
+    a, b = read_shards(tmp_path / "plain"), read_shards(tmp_path / "cross")
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    assert all(not torch.equal(a[k], b[k]) for k in a if k.startswith("model.layers.") and k.endswith("proj.weight"))
+    files = [sorted(p.name for p in (tmp_path / name).iterdir()) for name in ("plain", "cross")]
+    assert files[0] == files[1]  # no side file is left
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "cross", dtype=torch.float32)
+    for layer, widths in zip(model.model.layers, cross["width_plan"]["layers"]):
+        assert layer.mlp.down_proj.weight.shape[1] == widths["channels"]
+        assert layer.self_attn.o_proj.weight.shape[1] == widths["heads"] * model.config.head_dim
+
+
+def test_cross_reconstruction_at_ratio_zero_changes_nothing(tiny_checkpoint, calib_file, tmp_path):
+    src = tiny_checkpoint("llama_gqa", num_hidden_layers=3)
+    report = prune(src, tmp_path / "out", make_settings(calib_file, ratio=0.0, **CROSS))
+    before, after = read_shards(src), read_shards(tmp_path / "out")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(layer["reconstruct_seconds"] is None for layer in _layers(report))
+
+
+@pytest.mark.parametrize("targets", ["local", "dense"])
+def test_cross_sigkill_then_resume_matches_an_uninterrupted_run(tiny_checkpoint, calib_file, tmp_path, targets):
+    """Killed before layer 1's shard (layer 2 pending), then before the last layer's (written after its last
+    window): each resume rebuilds the pending layer, its inputs and its targets and ends byte-identical."""
+    src = tiny_checkpoint("llama_gqa", num_hidden_layers=4)
+    settings = make_settings(calib_file, targets=targets, holdout_nsamples=4, **CROSS)
+    prune(src, tmp_path / "reference", settings)
+    out = tmp_path / "out"
+    args = ["prune", str(src), "--out", str(out), "--ratio", str(settings.ratio), "--calib", str(calib_file),
+            "--nsamples", str(settings.nsamples), "--seqlen", str(settings.seqlen), "--micro-batch",
+            str(settings.micro_batch), "--device", "cpu", "--targets", targets, "--holdout-nsamples", "4",
+            "--reconstruct", "cross", "--recon-epochs", "8", "--recon-lr", "1e-2", "--recon-micro-batch", "4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for shard, resume in ((3, False), (4, True)):  # shard k holds layer k-1
+        env["RCPU_LITE_FAULT"] = f"before_shard:{shard}:kill"
+        proc = subprocess.run([sys.executable, "-m", "rcpu_lite.cli", *args, *(["--resume"] if resume else [])],
+                              env=env, capture_output=True, text=True)
+        assert proc.returncode == -9, proc.stderr
+    env.pop("RCPU_LITE_FAULT")
+    proc = subprocess.run([sys.executable, "-m", "rcpu_lite.cli", *args, "--resume"], env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / REPORT_NAME).read_text())["resumed_at_layer"] == 3
+    reference, resumed = digests(tmp_path / "reference"), digests(out)
+    assert reference.pop(REPORT_NAME) and resumed.pop(REPORT_NAME) and reference == resumed
+    timeless = [stable_report(d) for d in (tmp_path / "reference", out)]
+    for report in timeless:  # a timing too
+        assert all(layer.pop("reconstruct_seconds") > 0 for layer in report["layers"][1:])
+    assert timeless[0] == timeless[1]
