@@ -86,8 +86,13 @@ def load_tokenizer(model_dir: Path):
     """The checkpoint's tokenizer, or one clear error when it has none that loads."""
     from transformers import AutoTokenizer
 
+    from . import remote
+
+    # A remote-code output's config.json names model_type rcpu_pruned: hand the tokenizer the base family's
+    # config, or transformers would ask (on stdout, interactively) to run the code beside the weights.
+    kwargs = {"config": remote.layer_configs(model_dir)[0]} if remote.is_remote(remote.read_config(model_dir)) else {}
     try:
-        return AutoTokenizer.from_pretrained(model_dir)
+        return AutoTokenizer.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError, TypeError, ImportError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise ModelNotFound(f"{model_dir} has no tokenizer that loads ({reason}); copy the original model's "

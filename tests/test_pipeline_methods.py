@@ -116,3 +116,20 @@ def test_per_layer_widths_load_three_ways(tiny_checkpoint, calib_file, tmp_path,
     for planned, done in zip(layers, report["layers"]):
         assert (planned["heads"], planned["channels"]) == (len(done["kept_heads"]), len(done["kept_channels"]))
     _assert_loads_and_matches(out, calib_file, stock=False)
+
+
+def test_eval_of_a_remote_code_output_prints_only_its_json(tiny_checkpoint, calib_file, tmp_path):
+    """No trust_remote_code prompt (transformers asks on stdout when a config names custom code)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    prune(tiny_checkpoint("llama_mha", num_hidden_layers=3), out,
+          make_settings(calib_file, ratio=0.3, allocation="depth"))
+    proc = subprocess.run([sys.executable, "-m", "rcpu_lite.cli", "eval", str(out), "--ppl", str(calib_file),
+                           "--seqlen", "32", "--max-windows", "2", "--json", "--quiet"], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["windows"] == 2
+    assert "custom code" not in proc.stdout + proc.stderr
