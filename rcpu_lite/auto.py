@@ -40,7 +40,7 @@ def choose(weight: torch.Tensor, stats, kept: torch.Tensor, held_out, options: C
            with_bias: bool, refit: Callable[[object], None]) -> Choice:
     """Fit every candidate on `stats`, score it with held_out.error, refit the best after refit(stats)
     has added the held-out tokens to the statistics."""
-    if not held_out.y:
+    if not held_out.x:
         raise ValueError("--compensate auto chooses by held-out error: it needs held-out windows (--holdout-nsamples "
                          "at least 1)")
     errors, fitted = {}, {}

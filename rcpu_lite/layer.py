@@ -23,15 +23,18 @@ from .widths import LayerWidths
 
 @dataclass
 class HeldOut:
-    """One projection on the held-out windows: the pruned stream's inputs and the dense target outputs."""
+    """One projection on the held-out windows: the pruned stream's inputs x_hat and the target's inputs x
+    (the dense stream's, or the same x_hat for local targets); the targets W x are formed when needed."""
 
+    weight: torch.Tensor  # the dense projection W
     x_hat: list[torch.Tensor] = field(default_factory=list)  # tokens x d_in, a micro-batch each
-    y: list[torch.Tensor] = field(default_factory=list)  # tokens x d_out: W x (dense) or W x_hat (local)
+    x: list[torch.Tensor] = field(default_factory=list)
 
     def error(self, kept: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> float:
-        """||Y - (W' X_K + b)|| / ||Y|| over the held-out tokens."""
+        """||Y - (W' X_K + b)|| / ||Y|| over the held-out tokens, Y = W X."""
         err = ref = 0.0
-        for x_hat, y in zip(self.x_hat, self.y):
+        for x_hat, x in zip(self.x_hat, self.x):
+            y = x @ self.weight.T
             z = x_hat[:, kept] @ weight.T
             if bias is not None:
                 z += bias
@@ -39,12 +42,11 @@ class HeldOut:
             ref += float(y.square().sum(dtype=torch.float64))
         return (err / ref) ** 0.5 if ref > 0 else 0.0
 
-    def add_to(self, stats: InputStats, dense_inputs: list[torch.Tensor] | None, weight: torch.Tensor
-                        ) -> None:
+    def add_to(self, stats: InputStats) -> None:
         """Add the held-out tokens to the statistics (auto refits the chosen method on every token)."""
-        for i, x_hat in enumerate(self.x_hat):
+        for x_hat, x in zip(self.x_hat, self.x):
             if isinstance(stats, PairedStats):
-                stats.update_pair(x_hat, dense_inputs[i], weight)
+                stats.update_pair(x_hat, x, self.weight)
             else:
                 stats.update(x_hat)
 
@@ -67,7 +69,6 @@ class DensePass:
     stats: dict[str, InputStats]
     score_stats: dict[str, InputStats]
     held_out: dict[str, HeldOut]
-    held_out_dense_inputs: dict[str, list[torch.Tensor]]
     targets: torch.Tensor | None  # the dense layer on the calibration stream (local targets); None: streams.dense
     held_out_targets: torch.Tensor | None
 
@@ -118,8 +119,7 @@ def dense_pass(cfg, index: int, tensors: dict[str, torch.Tensor], streams: Strea
                 for n in dims:
                     real_tokens = (min(end, streams.n_real) - start) * streams.calib.shape[1]
                     score_stats[n].update(pruned_inputs[n][:real_tokens])
-        held_out = {n: HeldOut() for n in dims}
-        dense_inputs = {n: [] for n in dims}
+        held_out = {n: HeldOut(weights[n]) for n in dims}
         held_out_targets = None
         if streams.holdout is not None:
             held_out_targets = None if paired else torch.empty_like(streams.holdout)
@@ -129,11 +129,9 @@ def dense_pass(cfg, index: int, tensors: dict[str, torch.Tensor], streams: Strea
                 if paired:
                     streams.holdout_dense[start:end].copy_(forward(streams.holdout_dense[start:end]))
                 for n in dims:
-                    x = captured[n] if paired else pruned_inputs[n]
-                    held_out[n].x_hat.append(pruned_inputs[n].clone())
-                    held_out[n].y.append(x @ weights[n].T)
-                    if paired:
-                        dense_inputs[n].append(x.clone())
+                    x_hat = pruned_inputs[n].clone()
+                    held_out[n].x_hat.append(x_hat)
+                    held_out[n].x.append(captured[n].clone() if paired else x_hat)
                 if held_out_targets is not None:
                     held_out_targets[start:end].copy_(out)
         for hidden in advance:
@@ -142,7 +140,7 @@ def dense_pass(cfg, index: int, tensors: dict[str, torch.Tensor], streams: Strea
     for n, s in stats.items():
         if not s.is_finite():
             raise ValueError(f"layer {index}: the {n} input statistics contain NaN or Inf")
-    return DensePass(stats, score_stats, held_out, dense_inputs, targets, held_out_targets)
+    return DensePass(stats, score_stats, held_out, targets, held_out_targets)
 
 
 def _batches(n: int, micro_batch: int):
@@ -197,29 +195,32 @@ def prune_layer(
         if name in (arch.PROJECTIONS[p] + ".bias" for p in dense.stats):
             continue  # an output bias keeps its shape; a compensating bias is added to it below
         compact[name] = surgery.slice_tensor(name, tensors.pop(name), shape, *on_device)
+    layer_cfg = arch.pruned_config(cfg, widths.heads, widths.kv_heads, widths.channels)
+    targets = streams.dense if streams.dense is not None else dense.targets
+    held_targets = streams.holdout_dense if streams.holdout_dense is not None else dense.held_out_targets
+    own_biases = {name: tensors.pop(arch.PROJECTIONS[name] + ".bias", None) for name in dense.stats}
+    block_errors = _block_errors_before(compact, weights, kept_columns, own_biases, biases, layer_cfg, index, streams,
+                                        targets, held_targets, inputs, run) if keep_targets else (None, None)
+
     options = CompensationOptions(settings.decomposition, settings.damp, settings.damp_abs)
-    projections, uncompensated, decomposition_seconds = {}, {}, 0.0
+    projections, decomposition_seconds = {}, 0.0
     for name in ("down_proj", "o_proj"):
         module, kept, held = arch.PROJECTIONS[name], kept_columns[name], dense.held_out[name]
         method = settings.compensate if name in settings.compensated_projections else "none"
-        w = weights.pop(name)
-        own_bias = tensors.pop(module + ".bias", None)
-        uncompensated[name] = (w[:, kept].clone(), own_bias)
-        held_pruned = held.error(kept, w[:, kept]) if held.y else None
+        w, own_bias = weights.pop(name), own_biases.pop(name)
+        held_pruned = held.error(kept, w[:, kept]) if held.x else None
         if method in auto.METHODS:
-            choice = auto.choose(w, dense.stats[name], kept, held, options, method.endswith("+bias"),
-                                 refit=lambda s, n=name, w=w: held.add_to(s, dense.held_out_dense_inputs[n], w))
+            choice = auto.choose(w, dense.stats[name], kept, held, options, method.endswith("+bias"), refit=held.add_to)
             chosen, result, held_compensated = choice.label, choice.result, choice.held_out_error
         else:
             chosen, result = method, compensation.compensate(w, dense.stats[name], kept, method, options, release=True)
-            held_compensated = held.error(kept, result.weight, result.bias) if held.y else None
+            held_compensated = held.error(kept, result.weight, result.bias) if held.x else None
         compact[module + ".weight"] = result.weight
         if name in biases or own_bias is not None:
             total = torch.zeros(w.shape[0], device=w.device) if own_bias is None else own_bias
             compact[module + ".bias"] = total if result.bias is None else total + result.bias
-        held_errors = (held_pruned, held_compensated)
         projections[name] = ProjectionResult(result.error_pruned, result.error_compensated, chosen, result.damp_used,
-                                             result.bias is not None, *held_errors)
+                                             result.bias is not None, held_pruned, held_compensated)
         decomposition_seconds += result.decomposition_seconds
         del w, result
     del dense.held_out, dense.stats
@@ -228,24 +229,7 @@ def prune_layer(
 
     record = LayerResult(index, heads.tolist(), kv_heads.tolist(), channels.tolist(),
                          {name: projections[name] for name in ("o_proj", "down_proj")})
-    layer_cfg = arch.pruned_config(cfg, widths.heads, widths.kv_heads, widths.channels)
-    targets = streams.dense if streams.dense is not None else dense.targets
-    held_targets = streams.holdout_dense if streams.holdout_dense is not None else dense.held_out_targets
-    if keep_targets:  # the block's error before compensation: the compact layer with W_K (and its own biases)
-        pruned = dict(compact)
-        for name, (w_kept, own_bias) in uncompensated.items():
-            pruned[arch.PROJECTIONS[name] + ".weight"] = w_kept
-            pruned.pop(arch.PROJECTIONS[name] + ".bias", None)
-            if own_bias is not None or name in biases:
-                pruned[arch.PROJECTIONS[name] + ".bias"] = own_bias if own_bias is not None else torch.zeros(
-                    w_kept.shape[0], device=w_kept.device)
-        block = [(arch.build_layer(layer_cfg, index, pruned), layer_cfg, index)]
-        record.block_error_pruned = block_error(block, streams.calib, targets, inputs, run.micro_batch, run.device)
-        if streams.holdout is not None:
-            record.held_out_block_error_pruned = block_error(block, streams.holdout, held_targets, inputs,
-                                                             run.micro_batch, run.device)
-        del block, pruned
-    del uncompensated
+    record.block_error_pruned, record.held_out_block_error_pruned = block_errors
     if settings.reconstruct == "block":
         layer = arch.build_layer(layer_cfg, index, compact)
         result = reconstruct([(layer, layer_cfg, index)], streams.calib, targets, inputs, _reconstruct_options(settings),
@@ -261,6 +245,25 @@ def prune_layer(
     del dense
     watch.lap("propagate")
     return written, record
+
+
+def _block_errors_before(compact, weights, kept_columns, own_biases, biases, layer_cfg, index: int, streams: Streams,
+                         targets, held_targets, inputs, run: Placement) -> tuple[float | None, float | None]:
+    """The block's errors on calibration and held-out windows before compensation: the compact layer with
+    W_K (and only the biases it had). Measured before the compensations run, so that their temporaries
+    and these W_K copies are never alive together."""
+    pruned = dict(compact)
+    for name, w in weights.items():
+        module = arch.PROJECTIONS[name]
+        pruned[module + ".weight"] = w[:, kept_columns[name]]
+        if own_biases[name] is not None or name in biases:
+            pruned[module + ".bias"] = own_biases[name] if own_biases[name] is not None else torch.zeros(
+                w.shape[0], device=w.device)
+    block = [(arch.build_layer(layer_cfg, index, pruned), layer_cfg, index)]
+    calib = block_error(block, streams.calib, targets, inputs, run.micro_batch, run.device)
+    held = block_error(block, streams.holdout, held_targets, inputs, run.micro_batch, run.device) \
+        if streams.holdout is not None else None
+    return calib, held
 
 
 def propagate(layer_cfg, index: int, written: dict[str, torch.Tensor], streams: Streams, inputs: arch.LayerInputs,

@@ -32,7 +32,7 @@ from .cross import CrossWindows
 from .layer import dense_pass, propagate, prune_layer
 from .records import LayerResult
 from .streams import Streams
-from .widths import LayerWidths, WidthPlan
+from .widths import WidthPlan
 from .memory_plan import MemoryPlan, parse_size
 from .memory_plan import plan as plan_memory
 from .runtime import (Placement, Stopwatch, current_rss_bytes, peak_gpu_bytes, peak_rss_bytes, pick_device,

@@ -20,7 +20,7 @@ def _problem(n_calib: int, seed: int = 0, d_out: int = 24, d_in: int = 48, noise
     x, x_held = draw(n_calib), draw(2000)
     stats = InputStats(d_in, dtype=torch.float64)
     stats.update(x)
-    held = HeldOut([x_held], [x_held @ w.T])
+    held = HeldOut(w, [x_held], [x_held])
     return w, stats, held, torch.arange(0, d_in, 2)  # half the columns go
 
 
@@ -52,7 +52,7 @@ def _rotation_problem(n_calib: int, seed: int = 1, d_out: int = 8, kept: int = 3
     x, x_held = draw(n_calib), draw(2000)
     stats = InputStats(2 * kept, dtype=torch.float64)
     stats.update(x)
-    return w, stats, HeldOut([x_held], [x_held @ w.T]), torch.arange(kept)
+    return w, stats, HeldOut(w, [x_held], [x_held]), torch.arange(kept)
 
 
 def test_auto_picks_the_rotation_with_few_tokens_per_dimension():

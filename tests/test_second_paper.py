@@ -14,7 +14,7 @@ from rcpu_lite import calibration
 from rcpu_lite.auto import candidates
 from rcpu_lite.pipeline import REPORT_NAME, prune
 from test_pipeline import make_settings, read_shards
-from test_resume import assert_same_output, digests, stable_report
+from test_resume import assert_same_output
 
 
 def _layers(report: dict) -> list[dict]:
@@ -185,9 +185,5 @@ def test_cross_sigkill_then_resume_matches_an_uninterrupted_run(tiny_checkpoint,
                           text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / REPORT_NAME).read_text())["resumed_at_layer"] == 3
-    reference, resumed = digests(tmp_path / "reference"), digests(out)
-    assert reference.pop(REPORT_NAME) and resumed.pop(REPORT_NAME) and reference == resumed
-    timeless = [stable_report(d) for d in (tmp_path / "reference", out)]
-    for report in timeless:  # a timing too
-        assert all(layer.pop("reconstruct_seconds") > 0 for layer in report["layers"][1:])
-    assert timeless[0] == timeless[1]
+    assert all(layer["reconstruct_seconds"] > 0 for layer in json.loads((out / REPORT_NAME).read_text())["layers"][1:])
+    assert_same_output(tmp_path / "reference", out)  # reconstruct_seconds is a timing: stable_report drops it
