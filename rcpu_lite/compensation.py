@@ -188,8 +188,8 @@ def least_squares(weight: torch.Tensor, stats, kept: torch.Tensor, options: Comp
     gram, cross = stats.gram, stats.cross
     removed = _complement(kept, weight.shape[1])
     h = _weight_times_gram_columns(weight, gram if cross is None else cross, kept)  # W C[:, K] (or C_cross)
-    a = gram.index_select(0, kept).index_select(1, kept)
     removed_energy = _quadratic(weight[:, removed], gram, removed) if cross is None else 0.0
+    a = _principal_submatrix(gram, kept)
     del gram, cross
     if release:
         stats.release()
@@ -214,11 +214,15 @@ def least_squares(weight: torch.Tensor, stats, kept: torch.Tensor, options: Comp
     else:
         raise ValueError(f"least squares: C_KK + lambda I is not positive definite even at lambda {added:.3g}; the "
                          f"calibration statistics are degenerate (use more calibration windows or --compensate rotation)")
-    rhs = (h + lam * w_kept).T  # (C_KK + l I) W'^T = (W C[:,K] + l W_K)^T
-    new = torch.cholesky_solve(rhs, factor).T.contiguous()
-    del factor, rhs
-    # tr(W' C_KK W'^T) = tr(W' (C_KK + l I) W'^T) - l ||W'||^2
-    error = y_energy - 2 * _sum64(new * h) + _sum64((new @ a) * new) - lam * _sum64(new.square())
+    del a  # from here on A = C_KK + l I = L L^T is used only through its factor
+    # W' A = W C[:,K] + l W_K, as two triangular solves (cholesky_solve would copy the |K| x |K| factor).
+    rhs = h + lam * w_kept
+    new = torch.linalg.solve_triangular(factor, torch.linalg.solve_triangular(factor.mT, rhs, upper=True, left=False),
+                                        upper=False, left=False)
+    del rhs
+    # tr(W' C_KK W'^T) = ||W' L||^2 - l ||W'||^2
+    error = y_energy - 2 * _sum64(new * h) + _sum64((new @ factor).square()) - lam * _sum64(new.square())
+    del factor
     return Compensation(new, _ratio(removed_energy, y_energy), _ratio(error, y_energy), damp_used=lam,
                         y_energy=y_energy)
 
@@ -358,8 +362,20 @@ def _weight_times_gram_columns(weight: torch.Tensor, gram: torch.Tensor, kept: t
 
 
 def _quadratic(w_part: torch.Tensor, gram: torch.Tensor, columns: torch.Tensor) -> float:
-    """tr(W_J C_JJ W_J^T) for the columns J (W_J given)."""
-    return _sum64((w_part @ gram.index_select(0, columns).index_select(1, columns)) * w_part)
+    """tr(W_J C_JJ W_J^T) for the columns J (W_J given), C_JJ gathered a block of rows at a time."""
+    total = 0.0
+    for start in range(0, columns.numel(), _GATHER_ROWS):
+        rows = gram.index_select(0, columns[start:start + _GATHER_ROWS]).index_select(1, columns)
+        total += _sum64((rows @ w_part.T) * w_part[:, start:start + _GATHER_ROWS].T)
+    return total
+
+
+def _principal_submatrix(gram: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """C_JJ, gathered a block of rows at a time (no |J| x d_in temporary: 388 MB at Llama-7B's down_proj)."""
+    out = torch.empty(columns.numel(), columns.numel(), dtype=gram.dtype, device=gram.device)
+    for start in range(0, columns.numel(), _GATHER_ROWS):
+        out[start:start + _GATHER_ROWS] = gram.index_select(0, columns[start:start + _GATHER_ROWS]).index_select(1, columns)
+    return out
 
 
 def _inner(weight: torch.Tensor, g: torch.Tensor, columns: torch.Tensor) -> float:

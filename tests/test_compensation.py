@@ -223,12 +223,14 @@ def test_compensate_errors_fp32_close_to_fp64():
     assert got.error_compensated == pytest.approx(ref.error_compensated, rel=1e-4)
 
 
-def test_compensate_gathers_in_blocks(monkeypatch):
-    """Gathering C a block of rows at a time gives the same result as one gather."""
+@pytest.mark.parametrize("method", ["rotation-scale", "lstsq"])
+def test_compensate_gathers_in_blocks(monkeypatch, method):
+    """Gathering C (and C_KK, C_RR) a block of rows at a time gives the same result as one gather."""
     w, x, c, k = _layer(seed=13, d_out=6, d_in=40, kept=tuple(range(0, 40, 2)) + (1, 3, 5))
-    whole = _compensate(w, c, k, "rotation-scale")
+    whole = _compensate(w, c, k, method)
     monkeypatch.setattr(comp, "_GATHER_ROWS", 3)
-    blocks = _compensate(w, c, k, "rotation-scale")
+    blocks = _compensate(w, c, k, method)
+    assert blocks.error_pruned == pytest.approx(whole.error_pruned, rel=1e-12)
     torch.testing.assert_close(blocks.weight, whole.weight, rtol=1e-12, atol=1e-12)
     assert blocks.error_compensated == pytest.approx(whole.error_compensated, rel=1e-12)
 
