@@ -138,7 +138,7 @@ class CompensationOptions:
 
 
 # A method: (W, statistics, kept columns, options, release) -> Compensation. The statistics give the
-# Gram (and, for dense targets, the cross-Gram, the target's energy and mean; see stats.py). With
+# Gram (and, for dense targets, W times the cross-Gram, the target's energy and mean; see stats.py). With
 # `release` the method drops them as soon as it no longer needs them (the largest temporaries).
 CompensationFn = Callable[[torch.Tensor, "InputStats", torch.Tensor, CompensationOptions, bool], Compensation]
 
@@ -183,14 +183,18 @@ def least_squares(weight: torch.Tensor, stats, kept: torch.Tensor, options: Comp
 
     If the factorisation fails, lambda grows tenfold (up to max_damp_retries times); the lambda used
     is reported. Errors: ||Y - W' X_K||^2 = ||Y||^2 - 2 <W', H> + tr(W' C_KK W'^T) with H = W C[:, K].
-    With dense targets H = W C_cross[:, K] (C_cross = sum x x_hat^T) and C_KK is the pruned stream's.
+    With dense targets H = W C_cross[:, K] (C_cross = sum x x_hat^T, accumulated as W C_cross) and C_KK
+    is the pruned stream's.
     """
-    gram, cross = stats.gram, stats.cross
+    gram, output_cross = stats.gram, getattr(stats, "output_cross", None)
     removed = _complement(kept, weight.shape[1])
-    h = _weight_times_gram_columns(weight, gram if cross is None else cross, kept)  # W C[:, K] (or C_cross)
-    removed_energy = _quadratic(weight[:, removed], gram, removed) if cross is None else 0.0
+    if output_cross is None:
+        h = _weight_times_gram_columns(weight, gram, kept)  # W C[:, K]
+        removed_energy = _quadratic(weight[:, removed], gram, removed)
+    else:
+        h, removed_energy = output_cross.index_select(1, kept), 0.0
     a = _principal_submatrix(gram, kept)
-    del gram, cross
+    del gram, output_cross
     if release:
         stats.release()
     w_kept = weight[:, kept]
@@ -286,22 +290,24 @@ def products(weight: torch.Tensor, stats, kept: torch.Tensor, with_m: bool = Tru
 
     This costs d_out*d_in*(|K| + d_out) multiply-adds instead of the 3*d_out*d_in^2 of evaluating
     the quadratic forms of relative_error() directly (Llama-7B down_proj: 1.2 instead of 6 TFLOP).
-    Dense targets (stats.cross set): G = C_cross[:, K] W_K^T, ||Z||^2 = tr(W_K C_KK W_K^T) from the
-    pruned stream's Gram, ||Y||^2 accumulated, and ||Y - Z||^2 = ||Y||^2 - 2 tr(M) + ||Z||^2.
+    Dense targets (stats.output_cross = W C_cross set, C_cross = sum x x_hat^T): M = (W C_cross)[:, K] W_K^T,
+    ||Z||^2 = tr(W_K C_KK W_K^T) from the pruned stream's Gram, ||Y||^2 accumulated, and
+    ||Y - Z||^2 = ||Y||^2 - 2 tr(M) + ||Z||^2.
     """
-    gram, cross = stats.gram, stats.cross
-    if cross is None:
+    gram, output_cross = stats.gram, getattr(stats, "output_cross", None)
+    if output_cross is None:
         removed = _complement(kept, weight.shape[1])
         g = _gram_times_kept(weight, gram, kept)
         z_energy = _inner(weight, g, kept)
         removed_energy = _quadratic(weight[:, removed], gram, removed)
         y_energy = z_energy + 2 * _inner(weight, g, removed) + removed_energy
+        m = weight @ g if with_m else None  # only a rotation needs M (d_out^2 * d_in multiply-adds)
     else:
-        g = _gram_times_kept(weight, cross, kept)
+        m = _columns_times_kept(output_cross, weight, kept)  # (W C_cross)[:, K] W_K^T
         z_energy = _quadratic(weight[:, kept], gram, kept)
         y_energy = stats.target_energy
-        removed_energy = y_energy - 2 * _inner(weight, g, torch.arange(weight.shape[1], device=kept.device)) + z_energy
-    m = weight @ g if with_m else None  # only a rotation needs M (d_out^2 * d_in multiply-adds)
+        removed_energy = y_energy - 2 * float(m.diagonal().sum(dtype=torch.float64)) + z_energy
+        m = m if with_m else None
     return Products(m, weight[:, kept], y_energy, z_energy, removed_energy)
 
 
@@ -350,6 +356,15 @@ def _gram_times_kept(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tenso
         block = kept[start:start + _GATHER_ROWS]
         g.addmm_(gram.index_select(0, block).T, weight[:, block].T)
     return g
+
+
+def _columns_times_kept(a: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """A[:, K] W_K^T (d_out x d_out), a block of columns at a time (no d_out x |K| copy)."""
+    out = torch.zeros(a.shape[0], weight.shape[0], dtype=weight.dtype, device=weight.device)
+    for start in range(0, kept.numel(), _GATHER_ROWS):
+        block = kept[start:start + _GATHER_ROWS]
+        out.addmm_(a.index_select(1, block), weight[:, block].T)
+    return out
 
 
 def _weight_times_gram_columns(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
