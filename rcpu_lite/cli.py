@@ -146,6 +146,23 @@ def evaluate(
         typer.echo(f"perplexity {result['ppl']:.3f} over {result['tokens']} tokens ({result['windows']} windows of {seqlen})")
 
 
+@app.command()
+def inspect(
+    out: Path = typer.Argument(..., metavar="DIR", help="A pruned output directory (the --out of prune, with its rcpu_report.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+    debug: bool = typer.Option(False, help="Show the full traceback on errors."),
+) -> None:
+    """What a pruned output holds: per layer the widths kept, the errors before and after compensation and the
+    method chosen; then parameters, time, peak memory and the settings."""
+    from .inspect import format_table, inspect_output
+
+    try:
+        report = inspect_output(out)
+    except (Exception, KeyboardInterrupt) as e:
+        _fail(e, debug)
+    typer.echo(json.dumps(report.to_json()) if as_json else format_table(report))
+
+
 calib_app = typer.Typer(no_args_is_help=True, help="Calibration data: inspect self-generated calibration files.")
 app.add_typer(calib_app, name="calib")
 
