@@ -1,4 +1,4 @@
-"""What a pruned output holds, read back from its rcpu_report.json: a table per layer and a summary.
+"""What a pruned output holds, read back from its rcpu_report.json: a table per layer, a summary, a plot.
 
 The per-layer entries are parsed by LayerResult.from_json (the record the pipeline wrote) and reduced
 to counts and errors; the kept indices stay in the report.
@@ -12,6 +12,14 @@ from pathlib import Path
 
 from .output import working_dir
 from .records import PROJECTIONS, REPORT_NAME, LayerResult, ProjectionResult
+
+PLOT_SIZE_INCHES = (9.0, 7.0)
+PLOT_DPI = 100  # with PLOT_SIZE_INCHES: a 900 x 700 PNG
+PLOT_EXTRA_HINT = "pip install 'rcpu-lite[plot]'"
+
+
+class MissingExtra(ImportError):
+    """An optional dependency is not installed; the message says which extra brings it."""
 
 
 @dataclass
@@ -199,3 +207,56 @@ def _totals(report: InspectReport) -> list[str]:
         text = " ".join(f"{k}={v}" if v != "" else f'{k}=""' for k, v in report.settings.items())
         lines += textwrap.wrap(text, 100, initial_indent="settings     ", subsequent_indent=" " * 13)
     return lines
+
+
+def plot_report(report: InspectReport, out: str | Path) -> Path:
+    """A PNG of the widths kept (fractions) and the errors per layer, before and after compensation."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingExtra(f"--plot needs matplotlib: {PLOT_EXTRA_HINT}") from None
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    layers = [r.layer for r in report.layers]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=PLOT_SIZE_INCHES, dpi=PLOT_DPI, sharex=True,
+                                      gridspec_kw={"height_ratios": [1, 1.6]})
+    # Query and KV heads often coincide (both all kept): hollow, larger KV markers keep both visible.
+    for label, kept, total, style in (("query heads", "heads", report.heads_before, dict(marker="o", markersize=4)),
+                                      ("KV heads", "kv_heads", report.kv_heads_before,
+                                       dict(marker="s", markersize=7, markerfacecolor="none", linestyle="--")),
+                                      ("MLP channels", "channels", report.channels_before,
+                                       dict(marker="^", markersize=4))):
+        top.plot(layers, [getattr(r, kept) / total for r in report.layers], label=label, **style)
+    top.set_ylabel("fraction kept")
+    top.set_ylim(0, 1.05)
+    top.set_title("Widths kept per layer")
+    top.legend(loc="lower left", fontsize="small")
+    top.grid(alpha=0.3)
+
+    for name, color in zip(PROJECTIONS, ("tab:blue", "tab:red")):
+        projections = [r.projections.get(name) for r in report.layers]
+        for attr, style, what in (("error_pruned", ":", "before compensation"),
+                                  ("error_compensated", "-", "after compensation"),
+                                  ("held_out_error_compensated", "--", "after, held-out windows")):
+            values = [getattr(p, attr) if p else None for p in projections]
+            if any(v is not None for v in values):
+                bottom.plot(layers, [float("nan") if v is None else v for v in values], style, color=color,
+                            marker="." if style == "-" else None, label=f"{name} {what}")
+    bottom.set_xlabel("decoder layer")
+    bottom.set_ylabel("relative error ||Y - Z|| / ||Y||")
+    bottom.set_ylim(0, 1.45 * max(bottom.get_ylim()[1], 1e-3))  # headroom: the legend sits above the lines
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    bottom.set_title("Output error per layer, before and after compensation")
+    bottom.legend(loc="upper center", fontsize="small", ncol=2)
+    bottom.grid(alpha=0.3)
+    settings = report.settings
+    fig.suptitle(f"{Path(report.model).name}: ratio {settings.get('ratio')}, score {settings.get('score')}, "
+                 f"compensate {settings.get('compensate')}; {100 * report.param_reduction:.1f}% fewer parameters")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)  # no bbox_inches="tight": the PNG keeps PLOT_SIZE_INCHES x PLOT_DPI pixels
+    plt.close(fig)
+    return out

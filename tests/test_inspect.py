@@ -1,15 +1,17 @@
-"""rcpu-lite inspect: a pruned output's report as a table, as JSON; one-line errors."""
+"""rcpu-lite inspect: a pruned output's report as a table, as JSON, as a plot; one-line errors."""
 from __future__ import annotations
 
 import json
 import shutil
+import struct
 
 import pytest
 from typer.testing import CliRunner
 
 from rcpu_lite.cli import app
 from rcpu_lite.config import PruneSettings
-from rcpu_lite.inspect import InspectReport, format_table, inspect_output
+from rcpu_lite.inspect import (PLOT_DPI, PLOT_EXTRA_HINT, PLOT_SIZE_INCHES, InspectReport, format_table,
+                               inspect_output)
 from rcpu_lite.pipeline import prune
 from rcpu_lite.records import REPORT_NAME
 
@@ -79,6 +81,25 @@ def test_columns_without_values_are_left_out(pruned, tmp_path):
     assert "ho" not in format_table(report).splitlines()[1].split()
     assert len(table_rows(format_table(report))) == LAYERS
     assert report.to_json()["layers"][0]["held_out_block_error"] is None
+
+
+def test_plot_writes_a_png_of_the_planned_size(pruned, tmp_path):
+    png = tmp_path / "widths.png"
+    result = invoke("inspect", pruned, "--plot", png)
+    assert result.exit_code == 0, result.output
+    head = png.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", head[16:24])
+    assert (width, height) == (round(PLOT_SIZE_INCHES[0] * PLOT_DPI), round(PLOT_SIZE_INCHES[1] * PLOT_DPI))
+
+
+def test_plot_without_matplotlib_names_the_extra(pruned, tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # `import matplotlib` now fails
+    result = invoke("inspect", pruned, "--plot", tmp_path / "p.png")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and PLOT_EXTRA_HINT in lines[0]
+    assert not (tmp_path / "p.png").exists()
 
 
 @pytest.mark.parametrize("case, words", [("empty", f"has no {REPORT_NAME}"), ("missing", "does not exist"),
