@@ -36,6 +36,7 @@ def _fail(err: BaseException, debug: bool, micro_batch: object = "?", resumable:
     """One line on stderr and a distinct exit code; the traceback only with --debug."""
     import torch
 
+    from .inspect import MissingExtra
     from .pipeline import Interrupted
 
     if isinstance(err, Interrupted):
@@ -51,7 +52,7 @@ def _fail(err: BaseException, debug: bool, micro_batch: object = "?", resumable:
         then = ", then rerun with --resume" if resumable else ""
         err = MemoryError(f"the GPU ran out of memory; use a smaller --micro-batch (now at most {micro_batch}), "
                           f"a smaller --max-gpu-memory, or --device cpu{then}")
-    elif not isinstance(err, (ValueError, OSError)):
+    elif not isinstance(err, (ValueError, OSError, MissingExtra)):
         raise err
     typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
     raise typer.Exit(2)
@@ -144,6 +145,27 @@ def evaluate(
         typer.echo(json.dumps(result))
     else:
         typer.echo(f"perplexity {result['ppl']:.3f} over {result['tokens']} tokens ({result['windows']} windows of {seqlen})")
+
+
+@app.command()
+def inspect(
+    out: Path = typer.Argument(..., metavar="DIR", help="A pruned output directory (the --out of prune, with its rcpu_report.json)."),
+    # no brackets in help: rich would take "[plot]" for markup
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the widths kept and the errors per layer into this PNG (needs matplotlib: the package's plot extra)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+    debug: bool = typer.Option(False, help="Show the full traceback on errors."),
+) -> None:
+    """What a pruned output holds: per layer the widths kept, the errors before and after compensation and the
+    method chosen; then parameters, time, peak memory and the settings."""
+    from .inspect import format_table, inspect_output, plot_report
+
+    try:
+        report = inspect_output(out)
+        if plot is not None:
+            plot_report(report, plot)
+    except (Exception, KeyboardInterrupt) as e:
+        _fail(e, debug)
+    typer.echo(json.dumps(report.to_json()) if as_json else format_table(report))
 
 
 calib_app = typer.Typer(no_args_is_help=True, help="Calibration data: inspect self-generated calibration files.")

@@ -30,7 +30,7 @@ from .output import (DiskFull, OutputError, OutputFormat, check_free_space, chec
 from .progress import Manifest, differences, fingerprint
 from .cross import CrossWindows
 from .layer import dense_pass, propagate, prune_layer
-from .records import LayerResult
+from .records import REPORT_NAME, LayerResult
 from .streams import Streams
 from .widths import WidthPlan
 from .memory_plan import MemoryPlan, parse_size
@@ -40,7 +40,6 @@ from .runtime import (Placement, Stopwatch, current_rss_bytes, peak_gpu_bytes, p
 
 __all__ = ["prune", "Interrupted", "OutputError", "DiskFull", "working_dir", "REPORT_NAME"]
 log = logging.getLogger("rcpu_lite")
-REPORT_NAME = "rcpu_report.json"
 
 
 class Interrupted(RuntimeError):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from .widths import LayerWidths
 
+REPORT_NAME = "rcpu_report.json"  # the run report in every output directory
 PROJECTIONS = ("o_proj", "down_proj")
 BLOCK_FIELDS = ("block_error_pruned", "block_error", "held_out_block_error_pruned", "held_out_block_error",
                 "reconstruct_seconds")
