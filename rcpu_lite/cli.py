@@ -36,7 +36,7 @@ def _fail(err: BaseException, debug: bool, micro_batch: object = "?", resumable:
     """One line on stderr and a distinct exit code; the traceback only with --debug."""
     import torch
 
-    from .inspect import MissingExtra
+    from .inspection import MissingExtra
     from .pipeline import Interrupted
 
     if isinstance(err, Interrupted):
@@ -157,7 +157,7 @@ def inspect(
 ) -> None:
     """What a pruned output holds: per layer the widths kept, the errors before and after compensation and the
     method chosen; then parameters, time, peak memory and the settings."""
-    from .inspect import format_table, inspect_output, plot_report
+    from .inspection import format_table, inspect_output, plot_report
 
     try:
         report = inspect_output(out)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from rcpu_lite.cli import app
 from rcpu_lite.config import PruneSettings
-from rcpu_lite.inspect import (PLOT_DPI, PLOT_EXTRA_HINT, PLOT_SIZE_INCHES, InspectReport, format_table,
+from rcpu_lite.inspection import (PLOT_DPI, PLOT_EXTRA_HINT, PLOT_SIZE_INCHES, InspectReport, format_table,
                                inspect_output)
 from rcpu_lite.pipeline import prune
 from rcpu_lite.records import REPORT_NAME
