@@ -149,6 +149,36 @@ def evaluate(
         typer.echo(f"perplexity {result['ppl']:.3f} over {result['tokens']} tokens ({result['windows']} windows of {seqlen})")
 
 
+@app.command("generate")
+def generate_text(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    prompt: str = typer.Argument(..., help="The text to continue; with a chat template, the user's message."),
+    max_new_tokens: int = typer.Option(64, help="Most tokens to generate (fewer when the model ends its answer)."),
+    temperature: float = typer.Option(0.0, help="0: greedy, the most likely token at each step (deterministic); "
+                                                "above 0: sample at this temperature (no top-k or top-p)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling, to repeat a sample. (default: none: a new "
+                                                  "sample each run)"),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the tokenizer's chat template when "
+                                                             "it has one; --no-chat gives the model the plain text."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]. The whole model is loaded there."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No loading messages, only the generated text."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
+) -> None:
+    """Print MODEL's continuation of PROMPT as it is generated (every output of prune loads, also per-layer widths)."""
+    from .generate import generate
+
+    _logging(quiet)
+    if quiet:  # transformers' own "Loading weights" bar
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    try:
+        generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, device=device,
+                 chat=chat, stream=True)
+    except (Exception, KeyboardInterrupt) as e:
+        _fail(e, debug)
+
+
 calib_app = typer.Typer(no_args_is_help=True, help="Calibration data: inspect self-generated calibration files.")
 app.add_typer(calib_app, name="calib")
 

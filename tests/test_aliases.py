@@ -139,7 +139,8 @@ def test_snapshot_without_safetensors_is_refused(offline_empty_cache):
 
 # --- errors --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", [["prune", "llama-7b", "--out", "OUT"], ["eval", "llama-7b", "--ppl", "wikitext2"]])
+@pytest.mark.parametrize("command", [["prune", "llama-7b", "--out", "OUT"], ["eval", "llama-7b", "--ppl", "wikitext2"],
+                                     ["generate", "llama-7b", "Hello"]])
 def test_offline_error_names_the_hub_id_and_the_way_out(command, tmp_path):
     result = runner.invoke(app, [str(tmp_path / "out") if a == "OUT" else a for a in command])
     line = one_line_error(result)
