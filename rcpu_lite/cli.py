@@ -97,11 +97,11 @@ def prune(
     decomposition: Optional[str] = typer.Option(None, help="How the rotation is found: eigh (eigendecomposition of M^T M, about 2x faster) or svd (the reference). Both give the same rotation. (default: eigh)"),
     max_gpu_memory: Optional[str] = typer.Option(None, help="GPU memory the run may use, e.g. 10GiB: sets the micro-batch, and keeps the calibration hidden states on the host if they do not fit. (default: 90% of the free GPU memory)"),
     matmul: Optional[str] = typer.Option(None, help="fp32, or tf32 for the layer forward passes on CUDA (faster on Ampere and newer; statistics and compensation stay full fp32). (default: fp32)"),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML preset (see configs/); flags given here override it."),
-    overwrite: bool = typer.Option(False, help="Replace --out (and an interrupted run's OUT.partial) if it exists."),
-    resume: bool = typer.Option(False, help="Continue an interrupted run from its last finished layer (same settings)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML preset (see configs/); flags given here override it. (default: none)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out (and an interrupted run's OUT.partial) if it exists."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer (same settings)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print errors."),
-    debug: bool = typer.Option(False, help="Show the full traceback on errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
 ) -> None:
     """Prune MODEL into a smaller dense checkpoint at --out (plus rcpu_report.json)."""
     from .pipeline import prune as run_prune
@@ -128,12 +128,12 @@ def evaluate(
     model: str = typer.Argument(..., help=MODEL_HELP),
     ppl: str = typer.Option(..., "--ppl", help="Text to score (lines joined by blank lines): a UTF-8 file, or the built-in name wikitext2 (WikiText-2 raw test split)."),
     seqlen: int = typer.Option(128, help="Tokens per window (RCPU and FLAP use 128; SparseGPT/Wanda 2048)."),
-    max_windows: Optional[int] = typer.Option(None, help="Score only the first K windows."),
+    max_windows: Optional[int] = typer.Option(None, help="Score only the first K windows. (default: all)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     micro_batch: int = typer.Option(16, help="Windows per forward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (with \"ppl\") instead of a sentence."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
-    debug: bool = typer.Option(False, help="Show the full traceback on errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
 ) -> None:
     """Perplexity of MODEL on a text file, streamed one layer at a time."""
     from .evaluate import perplexity
@@ -186,8 +186,8 @@ app.add_typer(calib_app, name="calib")
 @calib_app.command("show")
 def calib_show(
     file: Path = typer.Argument(..., help="A self-generated calibration file (JSONL, in ~/.cache/rcpu-lite/selfgen or $RCPU_LITE_CACHE/selfgen)."),
-    max_windows: Optional[int] = typer.Option(None, "--max", help="Print only the first N windows."),
-    debug: bool = typer.Option(False, help="Show the full traceback on errors."),
+    max_windows: Optional[int] = typer.Option(None, "--max", help="Print only the first N windows. (default: all)"),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
 ) -> None:
     """Print a self-generated calibration file: its settings, then each window's text."""
     from .selfgen import show
