@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 import rcpu_lite
+from rcpu_lite import remote
 from rcpu_lite.cli import app
 from rcpu_lite.generate import generate, prompt_ids
 from rcpu_lite.widths import LayerWidths as W
@@ -54,7 +55,7 @@ def test_greedy_is_model_generate_and_deterministic(plain):
 
 
 def test_greedy_on_a_pruned_output_with_per_layer_widths(pruned):
-    assert rcpu_lite.remote.is_remote(json.loads((pruned / "config.json").read_text()))
+    assert remote.is_remote(json.loads((pruned / "config.json").read_text()))
     result = generate(pruned, PROMPT, max_new_tokens=N, device="cpu")
     model = rcpu_lite.load_pruned(pruned, dtype=torch.float32).eval()
     ids = torch.tensor([result.prompt_ids])
