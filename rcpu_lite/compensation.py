@@ -206,10 +206,15 @@ def least_squares(weight: torch.Tensor, stats, kept: torch.Tensor, options: Comp
         removed_energy = y_energy - 2 * _sum64(h * w_kept) + z_energy
     lam = options.damp_abs if options.damp_abs > 0 else options.damp * float(a.diagonal().mean())
     lam = max(lam, torch.finfo(a.dtype).tiny)
-    added = 0.0  # a holds C_KK + added * I: damped in place, so no second |K| x |K| copy exists
+    # In place from here (Llama-7B's down_proj: each d_out x |K| copy is 150 MB, C_KK 370 MB): a holds
+    # C_KK + added * I, and h becomes the right-hand side W C[:,K] + added * W_K, then the solution.
+    rhs, added = h, 0.0
+    del h
     for _ in range(options.max_damp_retries + 1):
         a.diagonal().add_(lam - added)
+        rhs.add_(w_kept if w_kept is not None else weight[:, kept], alpha=lam - added)
         added = lam
+        w_kept = None  # a retry (rare) gathers W_K again
         factor, info = torch.linalg.cholesky_ex(a)
         if int(info) == 0:
             break
@@ -219,14 +224,14 @@ def least_squares(weight: torch.Tensor, stats, kept: torch.Tensor, options: Comp
         raise ValueError(f"least squares: C_KK + lambda I is not positive definite even at lambda {added:.3g}; the "
                          f"calibration statistics are degenerate (use more calibration windows or --compensate rotation)")
     del a  # from here on A = C_KK + l I = L L^T is used only through its factor
-    # W' A = W C[:,K] + l W_K, as two triangular solves (cholesky_solve would copy the |K| x |K| factor).
-    rhs = h + lam * w_kept
-    new = torch.linalg.solve_triangular(factor, torch.linalg.solve_triangular(factor.mT, rhs, upper=True, left=False),
-                                        upper=False, left=False)
-    del rhs
-    # tr(W' C_KK W'^T) = ||W' L||^2 - l ||W'||^2
-    error = y_energy - 2 * _sum64(new * h) + _sum64((new @ factor).square()) - lam * _sum64(new.square())
+    # W' A = R with A = L L^T: solve Y L^T = R, then W' L = Y, both in place (cholesky_solve would copy L).
+    new = torch.linalg.solve_triangular(factor.mT, rhs, upper=True, left=False, out=rhs)
+    new = torch.linalg.solve_triangular(factor, new, upper=False, left=False, out=new)
+    # ||Y - W' X_K||^2 = ||Y||^2 - 2 <W', H> + tr(W' C_KK W'^T), where H = R - l W_K, W' A = R:
+    # <W', R> = tr(W' A W'^T) = ||W' L||^2, so the error is ||Y||^2 - ||W' L||^2 + 2 l <W', W_K> - l ||W'||^2.
+    quadratic = _sum64((new @ factor).square())
     del factor
+    error = y_energy - quadratic + 2 * lam * _inner_kept(new, weight, kept) - lam * _sum64(new.square())
     return Compensation(new, _ratio(removed_energy, y_energy), _ratio(error, y_energy), damp_used=lam,
                         y_energy=y_energy)
 
@@ -399,6 +404,15 @@ def _inner(weight: torch.Tensor, g: torch.Tensor, columns: torch.Tensor) -> floa
     for start in range(0, columns.numel(), _GATHER_ROWS):
         block = columns[start:start + _GATHER_ROWS]
         total += _sum64(weight[:, block] * g.index_select(0, block).T)
+    return total
+
+
+def _inner_kept(new_weight: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor) -> float:
+    """<W', W_K>, a block of columns at a time (no gathered copy of W_K)."""
+    total = 0.0
+    for start in range(0, kept.numel(), _GATHER_ROWS):
+        block = kept[start:start + _GATHER_ROWS]
+        total += _sum64(new_weight[:, start:start + block.numel()] * weight[:, block])
     return total
 
 

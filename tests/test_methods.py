@@ -57,6 +57,10 @@ def test_lstsq_retries_with_more_damping_and_reports_it():
     stats.gram = -torch.eye(w.shape[1], dtype=torch.float64)
     got = comp.compensate(w, stats, k, "lstsq", comp.CompensationOptions(damp_abs=1e-3))
     assert got.damp_used == pytest.approx(10.0)  # 1e-3 -> ... -> 10: the first lambda with C_KK + l I > 0
+    c = -torch.eye(w.shape[1], dtype=torch.float64)  # the solution is that of the lambda used, not of a sum of tries
+    direct = torch.linalg.solve(c[k][:, k] + 10.0 * torch.eye(k.numel(), dtype=torch.float64),
+                                (w @ c[:, k] + 10.0 * w[:, k]).T).T
+    torch.testing.assert_close(got.weight, direct, rtol=1e-10, atol=1e-12)
     stats.gram = -torch.eye(w.shape[1], dtype=torch.float64)
     with pytest.raises(ValueError, match="not positive definite"):
         comp.compensate(w, stats, k, "lstsq", comp.CompensationOptions(damp_abs=1e-3, max_damp_retries=2))
