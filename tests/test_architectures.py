@@ -391,3 +391,16 @@ def test_family_remote_code_output_matches_the_stream(tiny_checkpoint, calib_fil
     assert model.model.layers[0].mlp.down_proj.bias is not None
     stock = in_memory_ppl(model.eval(), eval_windows(out, calib_file))
     assert streamed_ppl(out, calib_file) == pytest.approx(stock, rel=1e-5)
+
+
+def test_gemma_heads_that_do_not_divide_hidden_go_to_remote_code(tiny_checkpoint, calib_file, tmp_path):
+    """8 -> 6 heads on hidden 64: Gemma's config refuses that and, unlike Llama, has no stock twin."""
+    src = tiny_checkpoint("gemma2_gqa")
+    out = tmp_path / "out"
+    report = prune(src, out, make_settings(calib_file, ratio=0.25, seqlen=SEQLEN))
+    assert report["output_format"] == "remote-code" and report["shape_after"]["num_attention_heads"] == 6
+    model, info = rcpu_lite.load_pruned(out, dtype=torch.float32, output_loading_info=True)
+    assert_clean_load(info)
+    assert model.model.layers[0].self_attn.q_proj.out_features == 6 * 16
+    assert streamed_ppl(out, calib_file) == pytest.approx(in_memory_ppl(model.eval(), eval_windows(out, calib_file)),
+                                                          rel=1e-5)
