@@ -10,7 +10,8 @@ q/k/v biases (Qwen2) and an explicit head_dim that differs from hidden_size / nu
 checkpoints do. Qwen3 (q_norm / k_norm), Gemma 2 and Gemma 3 (text) are GQA with head_dim 16 on
 hidden 64 and their own features switched on where tiny inputs would not show them: a sliding
 window of 8 tokens (windows are 32) in alternating layers, query_pre_attn_scalar 32 (not head_dim),
-Gemma 2's soft-capping at small caps, Gemma 3's local and global rotary bases far apart. Weights are drawn from a fixed seed and scaled up (std 0.15) so that pruning
+Gemma 2's soft-capping at small caps, Gemma 3's local and global rotary bases far apart.
+Weights are drawn from a fixed seed and scaled up (std 0.15) so that pruning
 changes the outputs noticeably.
 """
 from __future__ import annotations
