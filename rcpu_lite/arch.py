@@ -1,9 +1,19 @@
 """Everything rcpu-lite knows about model architectures lives here.
 
 Supported: decoder layers of the form RMSNorm -> attention (q, k, v, o) -> RMSNorm -> gated MLP
-(gate, up, down), as in transformers' Llama, Mistral and Qwen2 classes. One decoder layer is
-built at a time from its tensors with transformers' own layer class; the rotary tables and the
-attention masks are computed once and passed to it explicitly.
+(gate, up, down), as in transformers' Llama, Mistral, Qwen2 and Qwen3 classes, and Gemma 2 / Gemma 3
+(text) with their extra norms around attention and MLP. One decoder layer is built at a time from its
+tensors with transformers' own layer class; the rotary tables and the attention masks are computed
+once and passed to it explicitly (per layer type where the family has several).
+
+What a family needs beyond Llama, each in one place below:
+- Qwen3: q_norm / k_norm (per head_dim, shared by every head: nothing to slice); layer_tensor_names.
+- Gemma 2 / 3: the embeddings are scaled by sqrt(hidden_size) in the model's forward (embed);
+  sliding-window layers alternate with global ones (layer_inputs, LayerInputs.kwargs); lm_head logits are
+  soft-capped by final_logit_softcapping (lm_logits); Gemma 2's attention soft-caps its scores, which
+  sdpa cannot, so its layers run eager (compute_config); Gemma 3 has one rotary table per layer type
+  (local layers: rope_local_base_freq, in config.rope_parameters["sliding_attention"]) (layer_inputs).
+  Gemma's RMSNorm scales by (1 + weight): the family's own norm class does it (build_layer, final_norm).
 """
 from __future__ import annotations
 
@@ -15,8 +25,22 @@ import torch
 from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-# model_type -> the class-name prefix used in transformers.models.<model_type>.modeling_<model_type>
-FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+# model_type -> the class-name prefix used in transformers.models.<module>.modeling_<module>
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma2": "Gemma2",
+            "gemma3_text": "Gemma3"}
+# model_type -> <module>, where it is not the model_type itself
+MODULES = {"gemma3_text": "gemma3"}
+# Families whose model forward multiplies the embeddings by sqrt(hidden_size) (Gemma*ScaledWordEmbedding).
+SCALED_EMBEDDINGS = {"gemma2", "gemma3_text"}
+# Families whose rotary embedding takes a layer type: one table per layer type (Gemma 3: local vs global theta).
+ROPE_PER_LAYER_TYPE = {"gemma3_text"}
+# Families whose config class refuses hidden_size % num_attention_heads != 0 (even with an explicit head_dim).
+HEADS_MUST_DIVIDE_HIDDEN = {"llama", "gemma2", "gemma3_text"}
+# model_type -> why it is refused, for families close to a supported one.
+REFUSED = {
+    "gemma3": "it is Gemma 3 with a vision tower (Gemma3ForConditionalGeneration); rcpu-lite prunes the text-only "
+              "Gemma 3 checkpoints (model_type gemma3_text, Gemma3ForCausalLM, such as gemma-3-1b)",
+}
 
 EMBED = "model.embed_tokens.weight"
 # The two projections rcpu-lite prunes the inputs of and compensates, by short name.
@@ -31,10 +55,16 @@ class UnsupportedModel(ValueError):
 
 def check_supported(config: PretrainedConfig) -> None:
     model_type = getattr(config, "model_type", None)
+    if model_type in REFUSED:
+        raise UnsupportedModel(f"model_type {model_type!r} is not supported: {REFUSED[model_type]}")
     if model_type not in FAMILIES:
         raise UnsupportedModel(
             f"model_type {model_type!r} is not supported; rcpu-lite prunes {', '.join(sorted(FAMILIES))} models"
         )
+    if getattr(config, "use_bidirectional_attention", False):
+        # EmbeddingGemma-style encoders: the masks layer_inputs builds are causal.
+        raise UnsupportedModel(f"model_type {model_type!r} with use_bidirectional_attention is not supported; "
+                               f"rcpu-lite prunes causal language models")
 
 
 def head_weight_name(config: PretrainedConfig) -> str:
@@ -91,21 +121,13 @@ def unit_costs(config: PretrainedConfig) -> UnitCosts:
 
 
 def layer_tensor_names(config: PretrainedConfig) -> list[str]:
-    """Names, relative to the layer prefix, of every tensor one decoder layer owns."""
-    names = [f"self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    names += [f"mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
-    names += ["input_layernorm.weight", "post_attention_layernorm.weight"]
-    if has_qkv_bias(config):
-        names += [f"self_attn.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")]
-    if getattr(config, "attention_bias", False):
-        names.append("self_attn.o_proj.bias")
-    if getattr(config, "mlp_bias", False):
-        names += [f"mlp.{p}.bias" for p in ("gate_proj", "up_proj", "down_proj")]
-    return names
+    """Names, relative to the layer prefix, of every tensor one decoder layer owns: those of the family's own
+    layer class (the biases its config flags, Gemma's four norms, Qwen3 / Gemma 3's q_norm and k_norm)."""
+    return list(layer_tensor_shapes(config))
 
 
 def has_qkv_bias(config: PretrainedConfig) -> bool:
-    # Qwen2 always has q/k/v biases; Llama and Mistral only with attention_bias.
+    # Qwen2 always has q/k/v biases; the other families only with attention_bias.
     return config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
 
 
@@ -115,10 +137,17 @@ def saved_model_type(config: PretrainedConfig, heads: int) -> str:
     transformers 5.x's LlamaConfig refuses hidden_size % num_attention_heads != 0 even when head_dim
     is explicit (Llama-7B at 20 % keeps 26 of 32 heads). MistralConfig has no such check, and a
     Mistral without a sliding window computes exactly what a Llama without biases does, so such a
-    Llama is written as a Mistral. A Llama with biases has no such twin and is refused up front.
+    Llama is written as a Mistral. A Llama with biases has no such twin and is refused up front, and
+    so are Gemma 2 / 3, whose configs check the same and have no twin (output.choose_format then
+    writes the remote-code format, whose global config keeps the input's widths).
     """
-    if config.model_type != "llama" or config.hidden_size % heads == 0:
+    if config.model_type not in HEADS_MUST_DIVIDE_HIDDEN or config.hidden_size % heads == 0:
         return config.model_type
+    if config.model_type != "llama":
+        raise UnsupportedModel(
+            f"keeping {heads} heads with hidden_size {config.hidden_size} gives a {config.model_type} config that "
+            f"transformers refuses to load (it needs hidden_size % num_attention_heads == 0)"
+        )
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise UnsupportedModel(
             f"keeping {heads} heads with hidden_size {config.hidden_size} gives a Llama config that transformers "
@@ -129,14 +158,16 @@ def saved_model_type(config: PretrainedConfig, heads: int) -> str:
 
 
 def _modeling(config: PretrainedConfig, name: str):
-    module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    module_name = MODULES.get(config.model_type, config.model_type)
+    module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
     return getattr(module, FAMILIES[config.model_type] + name)
 
 
 def compute_config(config: PretrainedConfig) -> PretrainedConfig:
-    """A copy of the config set up for layer-by-layer calibration: sdpa attention, no KV cache."""
+    """A copy of the config set up for layer-by-layer calibration: sdpa attention (eager where the family's
+    classes refuse sdpa: Gemma 2, whose attention soft-caps its scores), no KV cache."""
     config = copy.deepcopy(config)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = "sdpa" if _modeling(config, "PreTrainedModel")._supports_sdpa else "eager"
     config.use_cache = False
     return config
 
@@ -184,17 +215,27 @@ def layer_tensor_shapes(config: PretrainedConfig) -> dict[str, torch.Size]:
 
 @dataclass
 class LayerInputs:
-    """What every decoder layer needs besides the hidden states, computed once per batch size."""
+    """What every decoder layer needs besides the hidden states, computed once per batch size.
 
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    Both are keyed by layer type (attention_type): each layer gets its type's mask and rotary table.
+    The families with one rotary table give every layer type the same one.
+    """
+
+    position_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]]
     masks: dict[str, torch.Tensor | None]
 
     def kwargs(self, config: PretrainedConfig, index: int, batch: int) -> dict:
-        cos, sin = self.position_embeddings
+        layer_type = attention_type(config, index)
+        cos, sin = self.position_embeddings[layer_type]
         return {
             "position_embeddings": (cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)),
-            "attention_mask": self.masks[attention_type(config, index)],
+            "attention_mask": self.masks[layer_type],
         }
+
+    def map(self, fn) -> "LayerInputs":
+        """The same inputs with `fn` applied to every tensor (a mask may be None)."""
+        return LayerInputs({k: (fn(cos), fn(sin)) for k, (cos, sin) in self.position_embeddings.items()},
+                           {k: fn(m) for k, m in self.masks.items()})
 
 
 def attention_type(config: PretrainedConfig, index: int) -> str:
@@ -205,22 +246,51 @@ def attention_type(config: PretrainedConfig, index: int) -> str:
 
 
 def layer_inputs(config: PretrainedConfig, seqlen: int, device: torch.device, dtype: torch.dtype) -> LayerInputs:
-    """Rotary tables and causal masks for windows of `seqlen` tokens starting at position 0."""
+    """Rotary tables and causal masks for windows of `seqlen` tokens starting at position 0, per layer type."""
     rotary = _modeling(config, "RotaryEmbedding")(config).to(device)
     dummy = torch.zeros(1, seqlen, config.hidden_size, device=device, dtype=dtype)
     positions = torch.arange(seqlen, device=device).unsqueeze(0)
-    cos, sin = rotary(dummy, positions)
     # The cache goes positionally: transformers 5.24 renamed `past_key_values` to `cache`.
     args = (config, dummy, None, None)  # config, inputs_embeds, attention_mask, no cache
     masks = {"full_attention": create_causal_mask(*args, position_ids=positions)}
     if getattr(config, "sliding_window", None):
         masks["sliding_attention"] = create_sliding_window_causal_mask(*args, position_ids=positions)
-    return LayerInputs((cos, sin), masks)
+    layer_types = {attention_type(config, i) for i in range(config.num_hidden_layers)}
+    if layer_types - set(masks):  # chunked attention, or sliding layers without a sliding_window
+        raise UnsupportedModel(f"layer types {sorted(layer_types - set(masks))} in config.layer_types are not "
+                               f"supported; rcpu-lite runs full_attention and sliding_attention layers")
+    if config.model_type in ROPE_PER_LAYER_TYPE:  # the rotary module holds one table per type in layer_types
+        tables = {t: rotary(dummy, positions, t) for t in layer_types}
+    else:
+        shared = rotary(dummy, positions)
+        tables = {t: shared for t in masks}
+    return LayerInputs(tables, masks)
 
 
 def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, inputs: LayerInputs, config, index: int) -> torch.Tensor:
     out = layer(hidden, **inputs.kwargs(config, index, hidden.shape[0]))
     return out[0] if isinstance(out, tuple) else out
+
+
+def embed(config: PretrainedConfig, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The fp32 hidden states entering the first decoder layer for token `ids`.
+
+    Gemma's model forward scales the embeddings by sqrt(hidden_size), in the weight's dtype (as transformers
+    does: its bf16 scale is rounded); the stored weight itself is not scaled.
+    """
+    rows = weight[ids]
+    if config.model_type in SCALED_EMBEDDINGS:
+        rows = rows * torch.tensor(config.hidden_size ** 0.5, dtype=rows.dtype)
+    return rows.to(dtype=torch.float32)
+
+
+def lm_logits(config: PretrainedConfig, normed: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """Logits from final-norm outputs and the LM head weight, soft-capped where the family does (Gemma)."""
+    logits = normed @ head.T
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def final_norm(config: PretrainedConfig, weight: torch.Tensor) -> torch.nn.Module:

@@ -68,7 +68,7 @@ def perplexity(
     nll, count = 0.0, 0
     for start in range(0, windows.shape[0], chunk):
         ids = windows[start:start + chunk]
-        hidden = reader.get(arch.EMBED)[ids].to(device=dev, dtype=torch.float32)
+        hidden = arch.embed(config, reader.get(arch.EMBED), ids).to(dev)
         prefixes = [arch.layer_prefix(i) for i in range(config.num_hidden_layers)]
         layer_reads = reader.layers(names, prefixes, background=dev.type == "cuda")
         for i in range(config.num_hidden_layers):
@@ -82,7 +82,7 @@ def perplexity(
         norm = arch.final_norm(config, reader.get(arch.FINAL_NORM).to(dev, torch.float32))
         head = reader.get(arch.head_weight_name(config)).to(dev, torch.float32)
         for w in range(ids.shape[0]):  # one window at a time: seqlen x vocab logits, not micro_batch times that
-            logits = norm(hidden[w, :-1]) @ head.T
+            logits = arch.lm_logits(config, norm(hidden[w, :-1]), head)
             target = ids[w, 1:].to(dev)
             nll += float(F.cross_entropy(logits, target, reduction="sum"))
             count += target.numel()

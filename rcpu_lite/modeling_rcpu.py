@@ -1,9 +1,11 @@
-"""Llama, Mistral and Qwen2 models whose decoder layers have different widths (written by rcpu-lite).
+"""Llama, Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3 (text) models whose decoder layers have different widths
+(written by rcpu-lite).
 
 Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (config.json's `auto_map`
 names this file, copied beside the weights), or with `rcpu_lite.load_pruned(path)`.
 
-config.json is the base family's own config (`base_model_type`: llama, mistral or qwen2; `head_dim`
+config.json is the base family's own config (`base_model_type`: llama, mistral, qwen2, qwen3, gemma2 or
+gemma3_text; `head_dim`
 explicit; `num_attention_heads`, `num_key_value_heads` and `intermediate_size` those of the model before
 pruning) plus:
 
@@ -20,10 +22,15 @@ would not fit). Self-contained on purpose: it imports torch and transformers onl
 import copy
 
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
+from transformers.models.gemma2.modeling_gemma2 import Gemma2DecoderLayer
+from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
 MODEL_TYPE = "rcpu_pruned"
 # The keys this format adds to the base family's config.json.
@@ -33,7 +40,7 @@ BIASED = {"o_proj_bias": ("self_attn", "o_proj"), "down_proj_bias": ("mlp", "dow
 
 
 class _PrunedConfig:
-    """What the three config classes add to their family's config (the fields are declared in each)."""
+    """What the config classes add to their family's config (the fields are declared in each)."""
 
     base_class: type  # the family's config class
     _auto_class = "AutoConfig"  # save_pretrained copies this file and keeps auto_map, however the model was loaded
@@ -105,6 +112,33 @@ class PrunedQwen2Config(_PrunedConfig, Qwen2Config):
     down_proj_bias: bool = False
 
 
+class PrunedQwen3Config(_PrunedConfig, Qwen3Config):
+    model_type = MODEL_TYPE
+    base_class = Qwen3Config
+    base_model_type: str = "qwen3"
+    layer_widths: list | None = None
+    o_proj_bias: bool = False
+    down_proj_bias: bool = False
+
+
+class PrunedGemma2Config(_PrunedConfig, Gemma2Config):
+    model_type = MODEL_TYPE
+    base_class = Gemma2Config
+    base_model_type: str = "gemma2"
+    layer_widths: list | None = None
+    o_proj_bias: bool = False
+    down_proj_bias: bool = False
+
+
+class PrunedGemma3Config(_PrunedConfig, Gemma3TextConfig):
+    model_type = MODEL_TYPE
+    base_class = Gemma3TextConfig
+    base_model_type: str = "gemma3_text"
+    layer_widths: list | None = None
+    o_proj_bias: bool = False
+    down_proj_bias: bool = False
+
+
 class _PrunedForCausalLM:
     """The family's ForCausalLM with its decoder layers rebuilt at their own widths."""
 
@@ -148,9 +182,27 @@ class PrunedQwen2ForCausalLM(_PrunedForCausalLM, Qwen2ForCausalLM):
     layer_class = Qwen2DecoderLayer
 
 
+class PrunedQwen3ForCausalLM(_PrunedForCausalLM, Qwen3ForCausalLM):
+    config_class = PrunedQwen3Config
+    layer_class = Qwen3DecoderLayer
+
+
+class PrunedGemma2ForCausalLM(_PrunedForCausalLM, Gemma2ForCausalLM):
+    config_class = PrunedGemma2Config
+    layer_class = Gemma2DecoderLayer
+
+
+class PrunedGemma3ForCausalLM(_PrunedForCausalLM, Gemma3ForCausalLM):
+    config_class = PrunedGemma3Config
+    layer_class = Gemma3DecoderLayer
+
+
 # base_model_type -> (config class, model class)
 CLASSES = {
     "llama": (PrunedLlamaConfig, PrunedLlamaForCausalLM),
     "mistral": (PrunedMistralConfig, PrunedMistralForCausalLM),
     "qwen2": (PrunedQwen2Config, PrunedQwen2ForCausalLM),
+    "qwen3": (PrunedQwen3Config, PrunedQwen3ForCausalLM),
+    "gemma2": (PrunedGemma2Config, PrunedGemma2ForCausalLM),
+    "gemma3_text": (PrunedGemma3Config, PrunedGemma3ForCausalLM),
 }

@@ -136,8 +136,8 @@ def prune(
     # What the output stores too (a tied lm_head some checkpoints also store counts on neither side).
     params_before = sum(torch.Size(reader.shape(n)).numel() for n in needed)
     embed = _embeddings(reader)
-    streams = Streams.start(embed, windows, holdout, settings.targets == "dense", n_real,
-                            lambda t: _placed(t, run, device))
+    streams = Streams.start(lambda ids: arch.embed(cfg, embed, ids), windows, holdout, settings.targets == "dense",
+                            n_real, lambda t: _placed(t, run, device))
     if not manifest.done(0):
         write(0, {arch.EMBED: embed})
     del embed
@@ -333,7 +333,7 @@ def _width_plan(settings: PruneSettings, cfg, reader: CheckpointReader, names: l
     shape, n_layers, costs = arch.layer_shape(cfg), cfg.num_hidden_layers, arch.unit_costs(cfg)
     if settings.allocation == "adaptive":
         # The embeddings are read again for the prune: only one layer's tensors are alive during the pass.
-        hidden = _placed(_embeddings(reader)[windows].to(dtype=torch.float32), run, run.device)
+        hidden = _placed(arch.embed(cfg, _embeddings(reader), windows), run, run.device)
         o_columns, channels = _scoring_pass(settings, cfg, reader, names, hidden, inputs, run)
         del hidden
         return widths.adaptive(shape, n_layers, settings.budget, costs, o_columns, channels)

@@ -218,9 +218,7 @@ def reconstruct(
     total_steps = options.epochs * steps_per_epoch
     try:
         with torch.inference_mode(False), torch.enable_grad(), cuda_matmul_precision(matmul):
-            cos, sin = layer_inputs.position_embeddings
-            train_inputs = arch.LayerInputs((_autograd_ready(cos), _autograd_ready(sin)),
-                                            {k: _autograd_ready(m) for k, m in layer_inputs.masks.items()})
+            train_inputs = layer_inputs.map(_autograd_ready)
             params = []
             for layer, _, _ in blocks:
                 _release_inference_parameters(layer)

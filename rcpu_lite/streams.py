@@ -7,6 +7,7 @@ compact model computes; the dense ones, for --targets dense, what the dense mode
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -24,10 +25,11 @@ class Streams:
             self.n_real = self.calib.shape[0]
 
     @classmethod
-    def start(cls, embed: torch.Tensor, windows: torch.Tensor, holdout: torch.Tensor | None, dense: bool,
-              n_real: int, place) -> "Streams":
-        """The embeddings of the windows; `place` puts a tensor where the run keeps its hidden states."""
-        calib = place(embed[windows].to(dtype=torch.float32))
-        held = place(embed[holdout].to(dtype=torch.float32)) if holdout is not None and holdout.numel() else None
+    def start(cls, embed: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor,
+              holdout: torch.Tensor | None, dense: bool, n_real: int, place) -> "Streams":
+        """The embeddings of the windows (`embed`: token ids -> fp32 hidden states, arch.embed); `place` puts a
+        tensor where the run keeps its hidden states."""
+        calib = place(embed(windows))
+        held = place(embed(holdout)) if holdout is not None and holdout.numel() else None
         return cls(calib, place(calib.clone()) if dense else None, held,
                    place(held.clone()) if dense and held is not None else None, n_real)

@@ -39,7 +39,11 @@ def slice_tensor(name: str, t: torch.Tensor, shape: LayerShape, heads: torch.Ten
         return t[channels].contiguous()
     if name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
         raise ValueError(f"{name} is replaced by its compensated weight, not sliced")
-    return t  # norms and the o/down biases keep their shape
+    # Norms and the o/down biases keep their shape. That includes Qwen3's and Gemma 3's q_norm / k_norm: the
+    # issue expected a pruned head to lose "its norm slice", but in transformers (5.24) each is one RMSNorm of
+    # size head_dim applied to every head alike (q_proj(x).view(..., -1, head_dim) then q_norm), so there is no
+    # per-head slice: the kept heads keep the same shared weight.
+    return t
 
 
 def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:

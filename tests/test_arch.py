@@ -1,10 +1,14 @@
-"""arch: the model_type written for pruned Llamas whose head count does not divide hidden_size."""
+"""arch: the model_type written for pruned models whose head count does not divide hidden_size; the families
+of issue 12 (refusals, Qwen3 / Gemma 3's shared q/k norms, Gemma 3's per-layer-type rotary tables)."""
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import LlamaConfig, Qwen2Config
 
-from rcpu_lite.arch import UnsupportedModel, saved_model_type
+from rcpu_lite.arch import (UnsupportedModel, check_supported, compute_config, layer_inputs, layer_shape,
+                            layer_tensor_names, layer_tensor_shapes, saved_model_type)
+from rcpu_lite.surgery import slice_tensor
 
 
 def llama(**kw) -> LlamaConfig:
@@ -28,3 +32,71 @@ def test_llama_with_biases_and_awkward_heads_is_refused_before_work_starts():
 def test_other_families_keep_their_type():
     cfg = Qwen2Config(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=1)
     assert saved_model_type(cfg, 6) == "qwen2"
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen3, Gemma 2, Gemma 3 (text)
+
+def gemma2(**kw):
+    from transformers import Gemma2Config
+
+    return Gemma2Config(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                        intermediate_size=96, num_hidden_layers=2, **kw)
+
+
+def test_gemma_with_awkward_heads_has_no_stock_twin():
+    # Gemma2Config (like LlamaConfig) refuses 64 % 6 != 0; choose_format then writes the remote-code format.
+    assert saved_model_type(gemma2(), 4) == "gemma2"
+    with pytest.raises(UnsupportedModel, match="6 heads"):
+        saved_model_type(gemma2(), 6)
+
+
+def test_multimodal_gemma3_is_refused_with_the_reason():
+    from transformers import Gemma3Config
+
+    with pytest.raises(UnsupportedModel, match="vision tower.*gemma3_text"):
+        check_supported(Gemma3Config())
+
+
+def test_bidirectional_gemma_is_refused():
+    with pytest.raises(UnsupportedModel, match="use_bidirectional_attention"):
+        check_supported(gemma2(use_bidirectional_attention=True))
+
+
+def test_qwen3_and_gemma3_norms_are_per_head_dim_and_kept_whole():
+    """q_norm / k_norm hold head_dim weights shared by all heads: slicing heads leaves them as they are."""
+    from transformers import Gemma3TextConfig, Qwen3Config
+
+    for config in (Qwen3Config(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                               intermediate_size=96, num_hidden_layers=1),
+                   Gemma3TextConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                                    intermediate_size=96, num_hidden_layers=1)):
+        shapes = layer_tensor_shapes(config)
+        assert shapes["self_attn.q_norm.weight"] == shapes["self_attn.k_norm.weight"] == (16,)
+        assert set(layer_tensor_names(config)) == set(shapes)
+        norm = torch.randn(16)
+        kept = slice_tensor("self_attn.q_norm.weight", norm, layer_shape(config), torch.tensor([0, 3]),
+                            torch.tensor([0]), torch.arange(48))
+        assert torch.equal(kept, norm)
+
+
+def test_gemma3_layer_inputs_give_each_layer_type_its_rotary_table():
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
+    config = compute_config(Gemma3TextConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                                             intermediate_size=96, num_hidden_layers=2, sliding_window=4,
+                                             layer_types=["sliding_attention", "full_attention"],
+                                             rope_parameters=rope))
+    inputs = layer_inputs(config, 12, torch.device("cpu"), torch.float32)
+    rotary = Gemma3RotaryEmbedding(config)
+    positions = torch.arange(12).unsqueeze(0)
+    for index, layer_type in enumerate(config.layer_types):
+        kwargs = inputs.kwargs(config, index, batch=1)
+        want = rotary(torch.zeros(1, 12, 64), positions, layer_type)
+        assert all(torch.equal(a, b) for a, b in zip(kwargs["position_embeddings"], want)), layer_type
+        assert kwargs["attention_mask"] is inputs.masks[layer_type]
+    assert not torch.equal(inputs.position_embeddings["sliding_attention"][0],
+                           inputs.position_embeddings["full_attention"][0])

@@ -4,7 +4,12 @@
    reproduces the logits, and the streamed perplexity equals the whole in-memory model's;
 2. a bf16 checkpoint saved in several shards with an index;
 3. a Llama with attention_bias and mlp_bias: every bias is sliced with its heads / channels;
-4. evaluation in several chunks of windows equals evaluation in one.
+4. evaluation in several chunks of windows equals evaluation in one;
+5. the families of issue 12 (Qwen3, Gemma 2, Gemma 3 text; tiny.SPECS), one shared runner: the streamed
+   perplexity of the input equals the stock model's (and each family feature arch.py handles changes it, so
+   the comparison would catch a missing one), ratio 0 reproduces the dense logits, a 0.5 prune loads stock
+   and its stock perplexity equals the streamed one, and an output with compensating biases loads as remote
+   code with the same agreement.
 
 The checkpoints here are built from transformers configs directly (tiny.py stays as it is), with
 tiny.py's fixed-seed weights and tokenizer.
@@ -18,9 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
 
-from rcpu_lite import calibration
+import rcpu_lite
+from rcpu_lite import arch, calibration
 from rcpu_lite import evaluate as evaluate_module
 from rcpu_lite.evaluate import perplexity
 from rcpu_lite.pipeline import prune
@@ -248,3 +254,155 @@ def test_chunked_evaluation_equals_one_chunk(tiny_checkpoint, calib_file, monkey
     assert chunked["tokens"] == whole["tokens"] == n_windows * (SEQLEN - 1)
     assert chunked["ppl"] == pytest.approx(whole["ppl"], rel=1e-6)
     assert chunked["nll"] == pytest.approx(whole["nll"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Qwen3, Gemma 2, Gemma 3 (text): the shared runner
+
+FAMILY_SPECS = ["qwen3_gqa", "gemma2_gqa", "gemma3_gqa"]
+# config.json fields a prune must write back unchanged (those the family's config has)
+FAMILY_FIELDS = ("model_type", "layer_types", "sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping",
+                 "final_logit_softcapping", "rope_parameters", "head_dim", "tie_word_embeddings", "hidden_size")
+
+
+def stock_model(path: Path, **kwargs) -> torch.nn.Module:
+    """from_pretrained with the family's default attention (Gemma 2 refuses sdpa: eager)."""
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+
+
+def streamed_ppl(model_dir: Path, calib_file: Path) -> float:
+    return perplexity(model_dir, calib_file, seqlen=SEQLEN, max_windows=EVAL_WINDOWS, device="cpu")["ppl"]
+
+
+def _no_embedding_scale(monkeypatch):
+    monkeypatch.setattr(arch, "SCALED_EMBEDDINGS", set())
+
+
+def _no_final_softcap(monkeypatch):
+    monkeypatch.setattr(arch, "lm_logits", lambda config, normed, head: normed @ head.T)
+
+
+def _full_attention_everywhere(monkeypatch):
+    monkeypatch.setattr(arch, "attention_type", lambda config, index: "full_attention")
+
+
+def _global_rotary_everywhere(monkeypatch):
+    real = arch.layer_inputs
+
+    def layer_inputs(*args, **kwargs):
+        inputs = real(*args, **kwargs)
+        inputs.position_embeddings["sliding_attention"] = inputs.position_embeddings["full_attention"]
+        return inputs
+
+    monkeypatch.setattr(arch, "layer_inputs", layer_inputs)
+
+
+@pytest.mark.parametrize("spec", FAMILY_SPECS)
+def test_family_streamed_perplexity_is_the_stock_models(tiny_checkpoint, calib_file, spec):
+    src = tiny_checkpoint(spec)
+    want = in_memory_ppl(stock_model(src), eval_windows(src, calib_file))
+    got = streamed_ppl(src, calib_file)
+    assert got == pytest.approx(want, rel=1e-5), f"{spec}: streamed {got} != stock {want}"
+
+
+@pytest.mark.parametrize("spec, without", [
+    ("gemma2_gqa", _no_embedding_scale),
+    ("gemma2_gqa", _no_final_softcap),
+    ("gemma2_gqa", _full_attention_everywhere),
+    ("gemma3_gqa", _full_attention_everywhere),
+    ("gemma3_gqa", _global_rotary_everywhere),
+])
+def test_family_features_change_the_streamed_perplexity(tiny_checkpoint, calib_file, monkeypatch, spec, without):
+    """Without each feature the streamed perplexity moves away from the stock one: the tiny specs exercise it."""
+    src = tiny_checkpoint(spec)
+    want = in_memory_ppl(stock_model(src), eval_windows(src, calib_file))
+    without(monkeypatch)
+    got = streamed_ppl(src, calib_file)
+    assert abs(got / want - 1) > 1e-3, f"{spec}: {without.__name__} makes no difference on the tiny model"
+
+
+def test_gemma2_attention_softcap_needs_eager(tiny_checkpoint):
+    """sdpa refuses soft-capped attention scores; the compute config runs Gemma 2 eager, the others sdpa."""
+    def attention(spec: str) -> str:
+        return arch.compute_config(AutoConfig.from_pretrained(tiny_checkpoint(spec)))._attn_implementation
+
+    assert attention("gemma2_gqa") == "eager"
+    assert attention("qwen3_gqa") == attention("gemma3_gqa") == "sdpa"
+
+
+@pytest.mark.parametrize("spec", FAMILY_SPECS)
+def test_family_ratio_zero_reproduces_dense_logits(tiny_checkpoint, calib_file, tmp_path, spec):
+    src = tiny_checkpoint(spec)
+    out = tmp_path / "out"
+    report = prune(src, out, make_settings(calib_file, ratio=0.0, compensate="none", seqlen=SEQLEN))
+    assert report["params_after"] == report["params_before"]
+    before, after = (json.loads((d / "config.json").read_text()) for d in (src, out))
+    for key in FAMILY_FIELDS:
+        assert after.get(key) == before.get(key), key
+    original, pruned = stock_model(src), stock_model(out)
+    ids = some_token_ids(original.config.vocab_size, seqlen=SEQLEN)
+    delta = (logits(original, ids) - logits(pruned, ids)).abs().max().item()
+    assert delta <= 1e-4, f"{spec}: ratio 0 changed the logits by {delta}"
+
+
+def assert_clean_load(info: dict) -> None:
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        assert not info[key], f"{key}: {info[key]}"
+
+
+@pytest.mark.parametrize("spec", FAMILY_SPECS)
+def test_family_half_pruned_loads_stock_and_matches_the_stream(tiny_checkpoint, calib_file, tmp_path, spec):
+    src = tiny_checkpoint(spec)
+    out = tmp_path / "out"
+    report = prune(src, out, make_settings(calib_file, ratio=0.5, seqlen=SEQLEN))
+    assert report["output_format"] == "stock"
+    before, after = (json.loads((d / "config.json").read_text()) for d in (src, out))
+    for key in FAMILY_FIELDS:  # query_pre_attn_scalar included: the score scale does not follow the head count
+        assert after.get(key) == before.get(key), key
+    assert (after["num_attention_heads"], after["num_key_value_heads"], after["intermediate_size"]) == (4, 2, 48)
+
+    model, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert_clean_load(info)
+    model.eval()
+    assert type(model).__name__ == before["architectures"][0]
+    loaded, written, source = model.state_dict(), read_shards(out), read_shards(src)
+    for name, tensor in written.items():
+        assert torch.equal(loaded[name], tensor), f"{name} was not loaded as written"
+    for name in written:  # q_norm / k_norm are shared by every head: kept whole, not sliced
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            assert torch.equal(written[name], source[name]), name
+    if before["tie_word_embeddings"]:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+    # The pipeline's own computation of the output (streamed, layer by layer) is the stock model's.
+    stock = in_memory_ppl(model, eval_windows(out, calib_file))
+    assert math.isfinite(stock)
+    assert streamed_ppl(out, calib_file) == pytest.approx(stock, rel=1e-5)
+    assert stock != pytest.approx(in_memory_ppl(stock_model(src), eval_windows(src, calib_file)), rel=1e-3)
+
+
+@pytest.mark.parametrize("spec", FAMILY_SPECS)
+def test_family_remote_code_output_matches_the_stream(tiny_checkpoint, calib_file, tmp_path, spec):
+    """A compensating o_proj / down_proj bias these classes cannot hold: the remote-code format."""
+    src = tiny_checkpoint(spec)
+    out = tmp_path / "out"
+    report = prune(src, out, make_settings(calib_file, ratio=0.5, compensate="rotation+bias", seqlen=SEQLEN))
+    assert report["output_format"] == "remote-code"
+    model, info = rcpu_lite.load_pruned(out, dtype=torch.float32, output_loading_info=True)
+    assert_clean_load(info)
+    assert model.model.layers[0].mlp.down_proj.bias is not None
+    stock = in_memory_ppl(model.eval(), eval_windows(out, calib_file))
+    assert streamed_ppl(out, calib_file) == pytest.approx(stock, rel=1e-5)
+
+
+def test_gemma_heads_that_do_not_divide_hidden_go_to_remote_code(tiny_checkpoint, calib_file, tmp_path):
+    """8 -> 6 heads on hidden 64: Gemma's config refuses that and, unlike Llama, has no stock twin."""
+    src = tiny_checkpoint("gemma2_gqa")
+    out = tmp_path / "out"
+    report = prune(src, out, make_settings(calib_file, ratio=0.25, seqlen=SEQLEN))
+    assert report["output_format"] == "remote-code" and report["shape_after"]["num_attention_heads"] == 6
+    model, info = rcpu_lite.load_pruned(out, dtype=torch.float32, output_loading_info=True)
+    assert_clean_load(info)
+    assert model.model.layers[0].self_attn.q_proj.out_features == 6 * 16
+    assert streamed_ppl(out, calib_file) == pytest.approx(in_memory_ppl(model.eval(), eval_windows(out, calib_file)),
+                                                          rel=1e-5)

@@ -7,7 +7,11 @@ config.json, a tiny BPE tokenizer trained on the calibration text) and returns i
 The specs in SPECS cover multi-head and grouped-query attention, tied and untied embeddings,
 q/k/v biases (Qwen2) and an explicit head_dim that differs from hidden_size / num_heads
 (Mistral); where head_dim is hidden_size / num_heads, config.json leaves it out, as Llama-1/2
-checkpoints do. Weights are drawn from a fixed seed and scaled up (std 0.15) so that pruning
+checkpoints do. Qwen3 (q_norm / k_norm), Gemma 2 and Gemma 3 (text) are GQA with head_dim 16 on
+hidden 64 and their own features switched on where tiny inputs would not show them: a sliding
+window of 8 tokens (windows are 32) in alternating layers, query_pre_attn_scalar 32 (not head_dim),
+Gemma 2's soft-capping at small caps, Gemma 3's local and global rotary bases far apart.
+Weights are drawn from a fixed seed and scaled up (std 0.15) so that pruning
 changes the outputs noticeably.
 """
 from __future__ import annotations
@@ -31,7 +35,7 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 
 @dataclass(frozen=True)
 class TinySpec:
-    model_type: str = "llama"  # llama | mistral | qwen2
+    model_type: str = "llama"  # llama | mistral | qwen2 | qwen3 | gemma2 | gemma3_text
     num_hidden_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
@@ -65,7 +69,19 @@ SPECS = {
     "mistral_gqa": TinySpec("mistral", num_attention_heads=8, num_key_value_heads=2, head_dim=16),
     # GQA with q/k/v biases
     "qwen2_gqa": TinySpec("qwen2", num_attention_heads=8, num_key_value_heads=2, head_dim=8),
+    # GQA with q_norm / k_norm, head_dim 16 on hidden 64
+    "qwen3_gqa": TinySpec("qwen3", num_attention_heads=8, num_key_value_heads=2, head_dim=16),
+    # four norms per layer, scaled embeddings, sliding / global layers, soft-capping, tied lm_head
+    "gemma2_gqa": TinySpec("gemma2", num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                           tie_word_embeddings=True),
+    # as Gemma 2 with q_norm / k_norm and a rotary table per layer type (no soft-capping)
+    "gemma3_gqa": TinySpec("gemma3_text", num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                           tie_word_embeddings=True),
 }
+
+# Family features of the Gemma specs (see the module docstring).
+GEMMA_WINDOW = 8
+QUERY_PRE_ATTN_SCALAR = 32
 
 
 def calibration_text(n_chars: int = CALIB_CHARS) -> str:
@@ -97,7 +113,7 @@ def build_tokenizer(text: str, vocab_size: int = TOKENIZER_VOCAB):
 
 
 def make_config(spec: TinySpec):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=spec.vocab_size,
@@ -119,6 +135,18 @@ def make_config(spec: TinySpec):
         return MistralConfig(sliding_window=None, **common)
     if spec.model_type == "qwen2":
         return Qwen2Config(use_sliding_window=False, **common)
+    if spec.model_type == "qwen3":
+        return Qwen3Config(use_sliding_window=False, **common)
+    # Gemma: the first layer slides, the next is global, and so on
+    layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(spec.num_hidden_layers)]
+    gemma = dict(sliding_window=GEMMA_WINDOW, layer_types=layer_types, query_pre_attn_scalar=QUERY_PRE_ATTN_SCALAR,
+                 **common)
+    if spec.model_type == "gemma2":
+        return Gemma2Config(attn_logit_softcapping=5.0, final_logit_softcapping=3.0, **gemma)
+    if spec.model_type == "gemma3_text":
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
+        return Gemma3TextConfig(rope_parameters=rope, **gemma)
     raise ValueError(f"no tiny builder for model_type {spec.model_type!r}")
 
 
@@ -154,8 +182,10 @@ def build_checkpoint(out_dir: Path, spec: TinySpec, calib_text: str | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(spec)
     model.save_pretrained(out_dir, safe_serialization=True)
-    if spec.head_dim * spec.num_attention_heads == spec.hidden_size:
+    if spec.head_dim * spec.num_attention_heads == spec.hidden_size and spec.model_type in ("llama", "mistral",
+                                                                                              "qwen2"):
         # Like Llama-1/2 checkpoints: no head_dim in config.json, it is hidden_size / num_attention_heads.
+        # (Qwen3's and Gemma's configs default to a fixed head_dim instead.)
         config_file = out_dir / "config.json"
         config = json.loads(config_file.read_text())
         del config["head_dim"]
