@@ -96,6 +96,7 @@ def perplexity(
             count += target.numel()
         del hidden, norm, head
     reader.close()
+    reporter.finish([])  # the command prints the result itself
     return {
         "ppl": math.exp(nll / count),
         "nll": nll / count,

@@ -114,6 +114,7 @@ def test_eval_counts_windows_and_their_steps_add_up(model, calib_file):
     assert [c[1] for c in advances] == [f"windows 1-5 of 5: layer {i}/3" for i in (1, 2, 3)]  # the plain lines
     assert sum(c[2] for c in advances) == pytest.approx(5)
     assert ("position", "windows 1-5 of 5, layer 2/3") in recorder.calls
+    assert recorder.calls[-1] == ("finish", [])
 
 
 def test_the_stage_cursor_names_the_stage_that_runs_and_skips_one_that_does_not():
