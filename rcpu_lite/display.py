@@ -127,7 +127,7 @@ class RichReporter:
 
     def advance(self, line: str, steps: float = 1) -> None:
         self.progress.advance(self.task, steps)
-        task = self.progress.tasks[self.task]
+        task = next(t for t in self.progress.tasks if t.id == self.task)
         if task.total is not None and task.completed >= task.total - 1e-6:  # fractional steps add up inexactly
             self.progress.update(self.task, completed=task.total, phase="")
         if self.counting:
