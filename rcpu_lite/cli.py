@@ -65,6 +65,19 @@ def _logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
+def _reporter(quiet: bool):
+    """A progress bar when a person watches stderr; one log line per step elsewhere (CI, nohup, a log file);
+    neither with --quiet. Also sets up logging, which in a terminal prints above the bar."""
+    from .display import ConsoleLogHandler, PlainReporter, RichReporter
+
+    if quiet or not sys.stderr.isatty():
+        _logging(quiet)
+        return PlainReporter()
+    reporter = RichReporter()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[ConsoleLogHandler(reporter.console)])
+    return reporter
+
+
 @app.command()
 def prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
@@ -107,7 +120,7 @@ def prune(
     """Prune MODEL into a smaller dense checkpoint at --out (plus rcpu_report.json)."""
     from .pipeline import prune as run_prune
 
-    _logging(quiet)
+    reporter = _reporter(quiet)
     try:
         settings = PruneSettings.merged(config, ratio=ratio, score=score, compensate=compensate, calib=calib,
                                         nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
@@ -119,7 +132,8 @@ def prune(
                                         recon_epochs=recon_epochs, recon_lr=recon_lr,
                                         recon_micro_batch=recon_micro_batch, recon_train=recon_train,
                                         recon_norms=recon_norms, self_nsamples=self_nsamples, gen_quant=gen_quant)
-        run_prune(model, out, settings, overwrite=overwrite, resume=resume)
+        with reporter:  # the bar stops before an error is printed
+            run_prune(model, out, settings, overwrite=overwrite, resume=resume, reporter=reporter)
     except (Exception, KeyboardInterrupt) as e:
         _fail(e, debug, settings.micro_batch if "settings" in locals() else "?", resumable=True)
 
@@ -139,9 +153,11 @@ def evaluate(
     """Perplexity of MODEL on a text file, streamed one layer at a time."""
     from .evaluate import perplexity
 
-    _logging(quiet)
+    reporter = _reporter(quiet)
     try:
-        result = perplexity(model, ppl, seqlen=seqlen, max_windows=max_windows, device=device, micro_batch=micro_batch)
+        with reporter:
+            result = perplexity(model, ppl, seqlen=seqlen, max_windows=max_windows, device=device,
+                                micro_batch=micro_batch, reporter=reporter)
     except (Exception, KeyboardInterrupt) as e:
         _fail(e, debug, micro_batch)
     if as_json:

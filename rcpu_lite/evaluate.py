@@ -5,7 +5,6 @@ evaluated; anything else is refused with one line before any layer runs.
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
@@ -15,10 +14,9 @@ import torch.nn.functional as F
 
 from . import arch, calibration, remote
 from .checkpoint import CheckpointReader
+from .display import PlainReporter, Reporter
 from .models import load_tokenizer, resolve_model
 from .runtime import peak_rss_bytes, pick_device, run_layer_batched, to_compute
-
-log = logging.getLogger("rcpu_lite")
 
 
 @torch.inference_mode()
@@ -30,6 +28,7 @@ def perplexity(
     device: str = "auto",
     micro_batch: int = 16,
     max_hidden_gb: float = 1.0,
+    reporter: Reporter | None = None,
 ) -> dict:
     """WikiText-style perplexity: the text in non-overlapping windows of `seqlen` tokens.
 
@@ -37,8 +36,10 @@ def perplexity(
     split, bundled); a file of that name wins.
 
     The hidden states of at most `max_hidden_gb` worth of windows are held at once; larger texts
-    are done in chunks, each streaming every layer from disk again.
+    are done in chunks, each streaming every layer from disk again. `reporter` shows the progress
+    (display.py); by default one log line per layer and chunk.
     """
+    reporter = reporter or PlainReporter()
     if seqlen < 2:
         raise ValueError(f"--seqlen must be at least 2 (a window predicts its tokens after the first), got {seqlen}")
     if micro_batch < 1:
@@ -66,19 +67,26 @@ def perplexity(
     chunk = max(1, int(max_hidden_gb * 2**30 // per_window))
 
     nll, count = 0.0, 0
+    n_windows, n_layers = int(windows.shape[0]), config.num_hidden_layers
+    reporter.start("eval", n_windows, "windows")
     for start in range(0, windows.shape[0], chunk):
         ids = windows[start:start + chunk]
         hidden = arch.embed(config, reader.get(arch.EMBED), ids).to(dev)
         prefixes = [arch.layer_prefix(i) for i in range(config.num_hidden_layers)]
         layer_reads = reader.layers(names, prefixes, background=dev.type == "cuda")
-        for i in range(config.num_hidden_layers):
+        where = f"windows {start + 1}-{start + ids.shape[0]} of {n_windows}"
+        for i in range(n_layers):
+            reporter.position(f"{where}, layer {i + 1}/{n_layers}")
+            reporter.phase("read")
             stored = next(layer_reads)  # not enumerate(): it would keep the previous layer alive
             tensors = to_compute(stored, dev, consume=True)
             layer = arch.build_layer(layer_configs[i], i, tensors)
+            reporter.phase("forward")
             run_layer_batched(layer, hidden, inputs, config, i, micro_batch)
             del layer, tensors
-            log.info("windows %d-%d of %d: layer %d/%d", start + 1, start + ids.shape[0], windows.shape[0], i + 1,
-                     config.num_hidden_layers)
+            # A window is done after the last layer; its share of each layer keeps the bar and the ETA moving.
+            reporter.advance(f"{where}: layer {i + 1}/{n_layers}", steps=ids.shape[0] / n_layers)
+        reporter.phase("logits")
         norm = arch.final_norm(config, reader.get(arch.FINAL_NORM).to(dev, torch.float32))
         head = reader.get(arch.head_weight_name(config)).to(dev, torch.float32)
         for w in range(ids.shape[0]):  # one window at a time: seqlen x vocab logits, not micro_batch times that
@@ -88,6 +96,7 @@ def perplexity(
             count += target.numel()
         del hidden, norm, head
     reader.close()
+    reporter.finish([])  # the command prints the result itself
     return {
         "ppl": math.exp(nll / count),
         "nll": nll / count,

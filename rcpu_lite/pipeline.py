@@ -29,6 +29,7 @@ from .output import (DiskFull, OutputError, OutputFormat, check_free_space, chec
                      expected_shard_bytes, human_bytes, output_biases, publish, pruned_config_json, working_dir)
 from .progress import Manifest, differences, fingerprint
 from .cross import CrossWindows
+from .display import PlainReporter, Reporter, StageCursor
 from .layer import dense_pass, propagate, prune_layer
 from .records import REPORT_NAME, LayerResult
 from .streams import Streams
@@ -86,13 +87,16 @@ def prune(
     settings: PruneSettings | None = None,
     overwrite: bool = False,
     resume: bool = False,
+    reporter: Reporter | None = None,
 ) -> dict:
     """Prune MODEL into the checkpoint directory OUT and return the run report (also written there).
 
     The run writes into OUT.partial and renames it to OUT when everything is written. After a
     crash or an interruption, the same call with resume=True continues from the last finished layer.
+    `reporter` shows the progress (display.py); by default one log line per layer.
     """
     settings = (settings or PruneSettings()).validate()
+    reporter = reporter or PlainReporter()
     started = time.perf_counter()
     model_dir = resolve_model(model)
     reader = CheckpointReader(model_dir)
@@ -111,14 +115,14 @@ def prune(
     device = pick_device(settings.device)
     run, memory = _placement(settings, shape, device)  # a budget too small is refused before any work
 
-    windows, n_real, holdout = _calibration_sets(settings, model_dir)
+    windows, n_real, holdout = _calibration_sets(settings, model_dir, reporter)
     fp = fingerprint(model_dir, settings, torch.cat([windows, holdout]) if holdout is not None else windows)
     manifest = _resumed_manifest(work, fp) if resume else None
     inputs = arch.layer_inputs(cfg, settings.seqlen, device, torch.float32)
     if manifest is not None and manifest.plan is not None:
         plan = WidthPlan.from_json(manifest.plan)
     else:
-        plan = _width_plan(settings, cfg, reader, names, windows[:n_real], inputs, run)
+        plan = _width_plan(settings, cfg, reader, names, windows[:n_real], inputs, run, reporter)
     biases = output_biases(settings, plan, shape)
     fmt = choose_format(cfg, plan, biases)  # refuses early what could not be loaded
     _log_plan(plan, shape, costs, fmt)
@@ -149,21 +153,26 @@ def prune(
     def write_layer(i: int, written: dict[str, torch.Tensor], record: LayerResult) -> None:
         written.update(fmt.zero_biases(record.widths, shape))
         write(i + 1, {arch.layer_prefix(i) + k: v for k, v in written.items()}, record)
-        _log_layer(record, n_layers, shape)
+        reporter.advance(_layer_line(record, n_layers, shape))
 
     cross = CrossWindows(cfg, streams, inputs, settings, run, work, write_layer) if settings.reconstruct == "cross" \
         else None
     start = first_todo + 1 if cross and 0 < first_todo < n_layers else first_todo  # + the pending layer
+    reporter.start("prune", n_layers, "layer", done=first_todo)
     if first_todo < n_layers:  # rebuild the streams by replaying the finished layers
+        reporter.phase("replaying the finished layers")
         _replay(cfg, reader, names, writer, manifest, first_todo, streams, inputs, run, n_dense=start)
         if start > first_todo:
             cross.resume(first_todo)
     todo = list(range(start, n_layers))
     layer_reads = reader.layers(names, [arch.layer_prefix(i) for i in todo], background=device.type == "cuda")
+    stages = StageCursor(_stage_order(settings.reconstruct), reporter.phase)
     with _StopFlag() as stop:
         for i in todo:
             t0 = time.perf_counter()
-            watch = Stopwatch(device)
+            reporter.position(f"layer {i + 1}/{n_layers}")
+            stages.begin()
+            watch = Stopwatch(device, on_lap=stages)
             # next() rather than zip/enumerate: those keep the previous item alive while the next is read
             stored = next(layer_reads)
             _check_finite(f"layer {i}", stored)
@@ -186,6 +195,7 @@ def prune(
     if cross:
         cross.finish()
 
+    reporter.phase("write")
     if not manifest.done(n_layers + 1):
         final = {n: reader.get(n) for n in final_names}
         _check_finite("final norm / lm_head", final)
@@ -233,8 +243,7 @@ def prune(
     }
     (work / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     publish(work, out.resolve())
-    log.info("wrote %s: %d -> %d parameters (%.1f%% fewer) in %.0fs", out, params_before, params_after,
-             100 * report["param_reduction"], report["wall_seconds"])
+    reporter.finish(_summary(report, out))
     return report
 
 
@@ -268,19 +277,20 @@ def _placed(hidden: torch.Tensor, run: Placement, device: torch.device) -> torch
         hidden.pin_memory() if device.type == "cuda" else hidden)  # pinned: copied to the GPU every layer
 
 
-def _calibration_sets(settings: PruneSettings, model_dir: Path) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+def _calibration_sets(settings: PruneSettings, model_dir: Path, reporter: Reporter
+                      ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
     """The calibration windows (real ones first, then generated ones), how many are real, and the
     held-out windows (None when there are none)."""
     tokenizer = load_tokenizer(model_dir)
     real, holdout, n_real = None, None, settings.nsamples
     if settings.calib == "self":
-        windows = _generated(settings, model_dir, settings.nsamples)
+        windows = _generated(settings, model_dir, settings.nsamples, reporter)
     else:
         tokens = calibration.tokenize(tokenizer, calibration.read_text(settings.calib))
         starts = calibration.random_starts(tokens, settings.nsamples, settings.seqlen, settings.seed)
         real = windows = torch.stack([tokens[s:s + settings.seqlen] for s in starts])
         if settings.self_nsamples:
-            windows = torch.cat([real, _generated(settings, model_dir, settings.self_nsamples)])
+            windows = torch.cat([real, _generated(settings, model_dir, settings.self_nsamples, reporter)])
     if settings.holdout_nsamples and settings.holdout != "none":
         if settings.holdout:  # a text of its own
             held_tokens = calibration.tokenize(tokenizer, calibration.read_text(settings.holdout))
@@ -290,15 +300,16 @@ def _calibration_sets(settings: PruneSettings, model_dir: Path) -> tuple[torch.T
             holdout = calibration.unused_windows(tokens, starts, settings.holdout_nsamples, settings.seqlen,
                                                  settings.seed + 1)
         else:  # --calib self: more generated windows, after the calibration ones
-            holdout = _generated(settings, model_dir, settings.nsamples + settings.holdout_nsamples)[settings.nsamples:]
+            holdout = _generated(settings, model_dir, settings.nsamples + settings.holdout_nsamples,
+                                 reporter)[settings.nsamples:]
     return windows, n_real, holdout
 
 
-def _generated(settings: PruneSettings, model_dir: Path, n: int) -> torch.Tensor:
+def _generated(settings: PruneSettings, model_dir: Path, n: int, reporter: Reporter) -> torch.Tensor:
     from .selfgen import self_generated  # loads the whole model: only when asked for
 
     return self_generated(model_dir, n, settings.seqlen, settings.seed, device=settings.device,
-                          quant=settings.gen_quant)
+                          quant=settings.gen_quant, reporter=reporter)
 
 
 def _replay(cfg, reader: CheckpointReader, names: list[str], writer: ShardWriter, manifest: Manifest, n_done: int,
@@ -328,13 +339,13 @@ def _embeddings(reader: CheckpointReader) -> torch.Tensor:
 
 
 def _width_plan(settings: PruneSettings, cfg, reader: CheckpointReader, names: list[str], windows: torch.Tensor,
-                inputs: arch.LayerInputs, run: Placement) -> WidthPlan:
+                inputs: arch.LayerInputs, run: Placement, reporter: Reporter) -> WidthPlan:
     """The widths of every layer, decided before the first layer is cut."""
     shape, n_layers, costs = arch.layer_shape(cfg), cfg.num_hidden_layers, arch.unit_costs(cfg)
     if settings.allocation == "adaptive":
         # The embeddings are read again for the prune: only one layer's tensors are alive during the pass.
         hidden = _placed(arch.embed(cfg, _embeddings(reader), windows), run, run.device)
-        o_columns, channels = _scoring_pass(settings, cfg, reader, names, hidden, inputs, run)
+        o_columns, channels = _scoring_pass(settings, cfg, reader, names, hidden, inputs, run, reporter)
         del hidden
         return widths.adaptive(shape, n_layers, settings.budget, costs, o_columns, channels)
     if settings.allocation == "depth":
@@ -345,17 +356,22 @@ def _width_plan(settings: PruneSettings, cfg, reader: CheckpointReader, names: l
 
 
 def _scoring_pass(settings: PruneSettings, cfg, reader: CheckpointReader, names: list[str], hidden: torch.Tensor,
-                  inputs: arch.LayerInputs, run: Placement) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                  inputs: arch.LayerInputs, run: Placement, reporter: Reporter
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Every layer's o_proj column and MLP channel scores on the dense model, one layer resident at a time (FLAP's
     global allocation needs all of them before the first layer is cut)."""
     n_layers = cfg.num_hidden_layers
     o_columns, channels = [], []
     layer_reads = reader.layers(names, [arch.layer_prefix(i) for i in range(n_layers)],
                                 background=run.device.type == "cuda")
+    reporter.start("scoring pass", n_layers, "layer")
     for i in range(n_layers):
+        reporter.position(f"layer {i + 1}/{n_layers}")
+        reporter.phase("read")
         stored = next(layer_reads)
         _check_finite(f"layer {i}", stored)
         tensors = to_compute(stored, run.device, consume=True)
+        reporter.phase("statistics")
         stats = dense_pass(cfg, i, tensors, Streams(hidden), inputs, run, keep_targets=False).stats
         for name, s in stats.items():
             s.release()  # scores need only the per-column sums
@@ -363,7 +379,7 @@ def _scoring_pass(settings: PruneSettings, cfg, reader: CheckpointReader, names:
             (o_columns if name == "o_proj" else channels).append(columns)
         propagate(cfg, i, tensors, Streams(hidden), inputs, run)
         del tensors, stored, stats
-        log.info("scoring pass: layer %d/%d", i + 1, n_layers)
+        reporter.advance(f"scoring pass: layer {i + 1}/{n_layers}")
     return o_columns, channels
 
 
@@ -411,14 +427,31 @@ def _placement(settings: PruneSettings, shape: arch.LayerShape, device: torch.de
                      matmul), memory
 
 
-def _log_layer(record: LayerResult, n_layers: int, shape: arch.LayerShape) -> None:
+def _layer_line(record: LayerResult, n_layers: int, shape: arch.LayerShape) -> str:
     o, d = record.projections["o_proj"], record.projections["down_proj"]
-    log.info(
-        "layer %d/%d  heads %d->%d  channels %d->%d  o_proj err %.4f->%.4f  down_proj err %.4f->%.4f  %.1fs",
-        record.layer + 1, n_layers, shape.num_attention_heads, len(record.kept_heads), shape.intermediate_size,
-        len(record.kept_channels), o.error_pruned, o.error_compensated, d.error_pruned, d.error_compensated,
-        record.seconds,
-    )
+    return (f"layer {record.layer + 1}/{n_layers}  heads {shape.num_attention_heads}->{len(record.kept_heads)}  "
+            f"channels {shape.intermediate_size}->{len(record.kept_channels)}  "
+            f"o_proj err {o.error_pruned:.4f}->{o.error_compensated:.4f}  "
+            f"down_proj err {d.error_pruned:.4f}->{d.error_compensated:.4f}  {record.seconds:.1f}s")
+
+
+def _stage_order(reconstruct: str) -> list[str]:
+    """The Stopwatch laps of one layer in the order they come (layer.py, and cross.py's window after it)."""
+    middle = {"none": ["propagate"], "block": ["reconstruction", "propagate"],
+              "cross": ["propagate", "reconstruction", "propagate"]}[reconstruct]
+    return ["read", "statistics", "scores", "compensation", *middle, "write"]
+
+
+def _summary(report: dict, out: Path) -> list[str]:
+    """The end of a run: parameters before and after, time, peak memory and where everything went."""
+    gpu = report["peak_gpu_bytes"]
+    return [
+        f"wrote {out}: {report['params_before']} -> {report['params_after']} parameters "
+        f"({100 * report['param_reduction']:.1f}% fewer) in {report['wall_seconds']:.0f}s",
+        f"peak memory {human_bytes(report['peak_rss_bytes'])} resident"
+        + (f", {human_bytes(gpu)} on the GPU" if gpu is not None else "")
+        + f"; report: {out / REPORT_NAME} (rcpu-lite inspect {out})",
+    ]
 
 
 def _resumed_manifest(work: Path, fp: dict) -> Manifest:

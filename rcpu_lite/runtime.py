@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -110,11 +111,15 @@ def run_layer_batched(
 
 
 class Stopwatch:
-    """Seconds per stage of one layer (waiting for the GPU first, so the time lands where it is spent)."""
+    """Seconds per stage of one layer (waiting for the GPU first, so the time lands where it is spent).
 
-    def __init__(self, device: torch.device):
+    `on_lap(stage)`, when given, hears of every lap as it ends: how a progress display follows the stages.
+    """
+
+    def __init__(self, device: torch.device, on_lap: Callable[[str], None] | None = None):
         self.device = device
         self.seconds: dict[str, float] = {}
+        self.on_lap = on_lap
         self._last = time.perf_counter()
 
     def lap(self, stage: str) -> None:
@@ -123,6 +128,8 @@ class Stopwatch:
         now = time.perf_counter()
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._last, 4)
         self._last = now
+        if self.on_lap is not None:
+            self.on_lap(stage)
 
     def move(self, source: str, target: str, seconds: float) -> None:
         """Book `seconds` of what was lapped as `source` under `target` (a part timed inside it)."""

@@ -33,6 +33,7 @@ import psutil
 import torch
 from transformers import LogitsProcessor
 
+from .display import PlainReporter, Reporter
 from .models import cache_dir as models_cache_dir
 
 log = logging.getLogger("rcpu_lite")
@@ -285,12 +286,13 @@ def _context_length(model_dir: Path) -> int | None:
 
 def generate_windows(model_dir: Path, n: int, seqlen: int, seed: int, device: str | torch.device = "cpu",
                      quant: str = "none", greedy_tokens: int = 5, temperature: float = 1.0,
-                     micro_batch: int = 8) -> torch.Tensor:
+                     micro_batch: int = 8, reporter: Reporter | None = None) -> torch.Tensor:
     """n self-generated windows of exactly seqlen token ids (n x seqlen, int64, on the CPU).
 
     Window i starts from an English start token drawn with its own generator (seeded from seed and
     i), takes `greedy_tokens` greedy tokens, then samples at `temperature` to seqlen tokens. The
     model is loaded whole (checked against the free memory first) and freed before returning.
+    `reporter` shows the progress (display.py); by default one log line per micro-batch.
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -304,12 +306,16 @@ def generate_windows(model_dir: Path, n: int, seqlen: int, seed: int, device: st
     if context is not None and seqlen > context:
         raise SelfGenError(f"cannot generate windows of {seqlen} tokens: the model's context is {context} "
                            f"(max_position_embeddings); use a smaller --seqlen")
+    reporter = reporter or PlainReporter()
     dev = _device(device, quant)
     need = check_memory(model_dir, dev, quant, seqlen, min(micro_batch, n))
     tokenizer = load_tokenizer(model_dir)
     log.info("self-generated calibration: loading %s whole on %s (%s, about %.1f GiB)", model_dir, dev,
              "4-bit" if quant == "4bit" else str(stored_dtype(model_dir)).replace("torch.", ""), need / GIB)
+    reporter.start("self-generated calibration", n, "windows")
+    reporter.phase("loading the model")
     model = _load_model(model_dir, dev, quant)
+    reporter.phase("generating")
     try:
         vocab = model.get_output_embeddings().weight.shape[0]
         allowed = _ordinary_ids(tokenizer, vocab)
@@ -329,8 +335,8 @@ def generate_windows(model_dir: Path, n: int, seqlen: int, seed: int, device: st
                 raise SelfGenError(f"generation returned {tuple(out.shape)} token ids, expected {(len(rows), seqlen)}")
             windows.append(out.cpu())
             done, elapsed = rows.stop, time.perf_counter() - t0
-            log.info("self-generated calibration: %d/%d windows of %d tokens, %.1f s, ETA %.0f s", done, n, seqlen,
-                     elapsed, elapsed / done * (n - done))
+            reporter.advance(f"self-generated calibration: {done}/{n} windows of {seqlen} tokens, {elapsed:.1f} s, "
+                             f"ETA {elapsed / done * (n - done):.0f} s", steps=len(rows))
     finally:
         del model
         gc.collect()
@@ -396,7 +402,7 @@ def read_windows(path: Path) -> tuple[dict, torch.Tensor, list[str]]:
 
 def cached_windows(model_dir: Path, n: int, seqlen: int, seed: int, device: str = "auto", quant: str = "none",
                    greedy_tokens: int = 5, temperature: float = 1.0, micro_batch: int = 8,
-                   cache_dir: Path | None = None) -> tuple[torch.Tensor, Path]:
+                   cache_dir: Path | None = None, reporter: Reporter | None = None) -> tuple[torch.Tensor, Path]:
     """(windows, their file): read from the cache when this model and these settings were generated
     before, else generated with generate_windows() and written there."""
     model_dir = Path(model_dir)
@@ -416,7 +422,7 @@ def cached_windows(model_dir: Path, n: int, seqlen: int, seed: int, device: str 
 
     dev, t0 = _device(device, quant), time.perf_counter()
     windows = generate_windows(model_dir, n, seqlen, seed, device=dev, quant=quant, greedy_tokens=greedy_tokens,
-                               temperature=temperature, micro_batch=micro_batch)
+                               temperature=temperature, micro_batch=micro_batch, reporter=reporter)
     header = {"format": FORMAT, "version": FORMAT_VERSION, "key": key, "model_dir": str(model_dir.resolve()),
               "settings": asdict(settings), "device": str(dev), "seconds": round(time.perf_counter() - t0, 2),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -427,7 +433,7 @@ def cached_windows(model_dir: Path, n: int, seqlen: int, seed: int, device: str 
 
 def self_generated(model_dir: Path, n: int, seqlen: int, seed: int, *, device: str = "auto", quant: str = "none",
                    greedy_tokens: int = 5, temperature: float = 1.0, micro_batch: int = 8,
-                   cache_dir: Path | None = None) -> torch.Tensor:
+                   cache_dir: Path | None = None, reporter: Reporter | None = None) -> torch.Tensor:
     """The n x seqlen self-generated calibration windows for a prune run (from the cache, or generated).
 
     For the pipeline (the options are wired in PruneSettings by the pipeline's owner):
@@ -443,7 +449,8 @@ def self_generated(model_dir: Path, n: int, seqlen: int, seed: int, *, device: s
     or bitsandbytes do not allow generation.
     """
     return cached_windows(model_dir, n, seqlen, seed, device=device, quant=quant, greedy_tokens=greedy_tokens,
-                          temperature=temperature, micro_batch=micro_batch, cache_dir=cache_dir)[0]
+                          temperature=temperature, micro_batch=micro_batch, cache_dir=cache_dir,
+                          reporter=reporter)[0]
 
 
 def show(path: Path, max_windows: int | None = None) -> str:
