@@ -187,7 +187,7 @@ def test_unsupported_model_type(tmp_path, calib_file, model_type):
     before = snapshot(model)
     result = prune(model, tmp_path / "out", calib_file)
     assert_one_line_error(result, f"unsupported model_type ({model_type})", [f"model_type {model_type!r}",
-                          "not supported"], ["prunes llama, mistral, qwen2"])
+                          "not supported"], ["rcpu-lite prunes gemma2, gemma3_text, llama, mistral, qwen2, qwen3"])
     assert snapshot(model) == before
     assert_no_output(tmp_path / "out")
 
