@@ -152,7 +152,7 @@ def evaluate(
         if tasks is None and (task_dir is not None or limit is not None):
             raise ValueError("--task-dir and --limit go with --tasks")
         if tasks is not None:
-            check_tasks(tasks, task_dir)  # before the perplexity run: fail early
+            check_tasks(tasks, task_dir, limit)  # before the perplexity run: fail early
         if ppl is not None:
             result = perplexity(model, ppl, seqlen=seqlen, max_windows=max_windows, device=device,
                                 micro_batch=micro_batch)

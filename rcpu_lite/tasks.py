@@ -8,7 +8,6 @@ choices, targets and metrics under names of their own (rcpu_<task>) and read loc
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -20,8 +19,6 @@ from typing import Sequence
 from .inspection import MissingExtra
 from .models import hub_offline, load_tokenizer, resolve_model
 from .runtime import pick_device
-
-log = logging.getLogger("rcpu_lite")
 
 CONFIG_DIR = Path(__file__).resolve().parent / "task_configs"
 EVAL_EXTRA_HINT = "pip install 'rcpu-lite[eval]'"
@@ -131,9 +128,12 @@ def check_fields(path: Path, task: str) -> None:
         raise TaskError(f"{path} lacks the field(s) {', '.join(missing)}; {task} needs {', '.join(fields)}{processed}")
 
 
-def check_tasks(tasks: str | Sequence[str], task_dir: str | os.PathLike | None = None) -> dict[str, Path | None]:
+def check_tasks(tasks: str | Sequence[str], task_dir: str | os.PathLike | None = None,
+                limit: int | None = None) -> dict[str, Path | None]:
     """Task name -> its local file (None without `task_dir`: the harness fetches it from the hub). Every check that
     needs no model runs here, so a caller can fail before loading one."""
+    if limit is not None and limit < 1:
+        raise TaskError(f"--limit must be at least 1, got {limit}")
     names = parse_tasks(tasks)
     require_harness()
     if task_dir is None:
@@ -173,11 +173,9 @@ def run_tasks(
     """Zero-shot acc and acc_norm, as lm-evaluation-harness computes them, of MODEL (a directory, built-in name,
     alias or hub id) on `tasks` (names of TASKS), from the hub or from `task_dir`; the first `limit`
     documents of each task only, when given."""
-    if limit is not None and limit < 1:
-        raise TaskError(f"--limit must be at least 1, got {limit}")
     if batch_size < 1:
         raise TaskError(f"--micro-batch must be at least 1, got {batch_size}")
-    files = check_tasks(tasks, task_dir)
+    files = check_tasks(tasks, task_dir, limit)
     started = time.perf_counter()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM

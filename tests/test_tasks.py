@@ -198,7 +198,7 @@ def test_ppl_alone_keeps_its_json(model, calib_file):
     (["--tasks", "arc_easy"], "--task-dir"),  # the hub is off in tests
     ([], "give --ppl FILE, --tasks TASKS or both"),
     (["--ppl", "x", "--limit", "3"], "go with --tasks"),
-    (["--tasks", "piqa", "--limit", "0", "--task-dir", "DIR"], "--limit must be at least 1"),
+    (["--tasks", "piqa", "--limit", "0", "--task-dir", "DIR", "--ppl", "/no/such/text"], "--limit must be at least 1"),
 ])
 def test_bad_arguments_are_one_line(model, task_dir, args, words):
     one_line_error(invoke("eval", model, *[str(task_dir) if a == "DIR" else a for a in args]), words)
