@@ -141,29 +141,47 @@ def prune(
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    ppl: str = typer.Option(..., "--ppl", help="Text to score (lines joined by blank lines): a UTF-8 file, or the built-in name wikitext2 (WikiText-2 raw test split)."),
+    ppl: Optional[str] = typer.Option(None, "--ppl", help="Text to score (lines joined by blank lines): a UTF-8 file, or the built-in name wikitext2 (WikiText-2 raw test split). (default: none; give --ppl, --tasks or both)"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Zero-shot tasks through lm-evaluation-harness, comma-separated: boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa; prints acc and acc_norm as the harness defines them and their mean (needs the package's eval extra). (default: none)"),
+    task_dir: Optional[Path] = typer.Option(None, "--task-dir", help="Run --tasks from local JSONL files instead of the hub: a folder per task holding the split the harness uses (see README). (default: none: the harness fetches the datasets from the hub)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N documents of each task, for a quick look. (default: all)"),
     seqlen: int = typer.Option(128, help="Tokens per window (RCPU and FLAP use 128; SparseGPT/Wanda 2048)."),
     max_windows: Optional[int] = typer.Option(None, help="Score only the first K windows. (default: all)"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
-    micro_batch: int = typer.Option(16, help="Windows per forward pass."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (with \"ppl\") instead of a sentence."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]. --tasks loads the whole model there."),
+    micro_batch: int = typer.Option(16, help="Windows (--ppl) or requests (--tasks) per forward pass."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (with \"ppl\"; with \"tasks\" and \"mean\") instead of sentences and a table."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or lines."),
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
 ) -> None:
-    """Perplexity of MODEL on a text file, streamed one layer at a time."""
+    """Perplexity of MODEL on a text file, streamed one layer at a time; and/or its zero-shot accuracy on
+    lm-evaluation-harness tasks."""
     from .evaluate import perplexity
+    from .tasks import check_tasks, format_table, run_tasks
 
     reporter = _reporter(quiet)
+    result, zero_shot = {}, None
     try:
-        with reporter:
-            result = perplexity(model, ppl, seqlen=seqlen, max_windows=max_windows, device=device,
-                                micro_batch=micro_batch, reporter=reporter)
+        if ppl is None and tasks is None:
+            raise ValueError("nothing to evaluate: give --ppl FILE, --tasks TASKS or both")
+        if tasks is None and (task_dir is not None or limit is not None):
+            raise ValueError("--task-dir and --limit go with --tasks")
+        if tasks is not None:
+            check_tasks(tasks, task_dir, limit)  # before the perplexity run: fail early
+        if ppl is not None:
+            with reporter:  # the bar stops before an error is printed
+                result = perplexity(model, ppl, seqlen=seqlen, max_windows=max_windows, device=device,
+                                    micro_batch=micro_batch, reporter=reporter)
+        if tasks is not None:
+            zero_shot = run_tasks(model, tasks, task_dir=task_dir, limit=limit, device=device, batch_size=micro_batch)
     except (Exception, KeyboardInterrupt) as e:
         _fail(e, debug, micro_batch)
     if as_json:
-        typer.echo(json.dumps(result))
-    else:
+        typer.echo(json.dumps({**result, **(zero_shot.to_json() if zero_shot else {})}))
+        return
+    if result:
         typer.echo(f"perplexity {result['ppl']:.3f} over {result['tokens']} tokens ({result['windows']} windows of {seqlen})")
+    if zero_shot:
+        typer.echo(format_table(zero_shot))
 
 
 @app.command()
