@@ -186,7 +186,7 @@ def least_squares(weight: torch.Tensor, stats, kept: torch.Tensor, options: Comp
     With dense targets H = W C_cross[:, K] (C_cross = sum x x_hat^T, accumulated as W C_cross) and C_KK
     is the pruned stream's.
     """
-    gram, output_cross = stats.gram, getattr(stats, "output_cross", None)
+    gram, output_cross = stats.gram, stats.output_cross
     removed = _complement(kept, weight.shape[1])
     if output_cross is None:
         h = _weight_times_gram_columns(weight, gram, kept)  # W C[:, K]
@@ -299,7 +299,7 @@ def products(weight: torch.Tensor, stats, kept: torch.Tensor, with_m: bool = Tru
     ||Z||^2 = tr(W_K C_KK W_K^T) from the pruned stream's Gram, ||Y||^2 accumulated, and
     ||Y - Z||^2 = ||Y||^2 - 2 tr(M) + ||Z||^2.
     """
-    gram, output_cross = stats.gram, getattr(stats, "output_cross", None)
+    gram, output_cross = stats.gram, stats.output_cross
     if output_cross is None:
         removed = _complement(kept, weight.shape[1])
         g = _gram_times_kept(weight, gram, kept)

@@ -13,11 +13,11 @@ class InputStats:
     """Per-column count, sum, sum of squares, sum of |x| and the Gram matrix sum_t x_t x_t^T.
 
     These are the statistics of the inputs x the compact layer will see. Compensation aims at the
-    dense projection's output on the same inputs (local targets): `cross` and `target_energy` are
-    None and `target_mean` is the mean. PairedStats aims at the dense model's own inputs instead.
+    dense projection's output on the same inputs (local targets): `output_cross` and `target_energy`
+    are None and `target_mean` is the mean. PairedStats aims at the dense model's own inputs instead.
     """
 
-    cross: torch.Tensor | None = None
+    output_cross: torch.Tensor | None = None
     target_energy: float | None = None
 
     def __init__(self, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -65,9 +65,7 @@ class InputStats:
         return self.sum_abs / self.count
 
     def is_finite(self) -> bool:
-        # A block of rows at a time: isfinite over the whole Gram would need several Gram-sized temporaries.
-        return bool(torch.isfinite(self.sum).all()) and all(bool(torch.isfinite(rows).all())
-                                                            for rows in self.gram.split(512))
+        return bool(torch.isfinite(self.sum).all()) and _all_finite(self.gram)
 
     def hook(self):
         """A forward pre-hook that feeds the module's input into these statistics."""
@@ -92,7 +90,7 @@ class PairedStats(InputStats):
 
     def __init__(self, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         super().__init__(dim, device, dtype)
-        self.output_cross: torch.Tensor | None = None  # allocated by the first update_pair (d_out from W)
+        self.output_cross = None  # allocated by the first update_pair (d_out from W)
         self.target_sum = torch.zeros(dim, device=device, dtype=dtype)
         self.target_energy = 0.0
 
@@ -118,4 +116,9 @@ class PairedStats(InputStats):
 
     def is_finite(self) -> bool:
         return super().is_finite() and bool(torch.isfinite(self.target_sum).all()) and (
-            self.output_cross is None or bool(torch.isfinite(self.output_cross).all()))
+            self.output_cross is None or _all_finite(self.output_cross))
+
+
+def _all_finite(matrix: torch.Tensor) -> bool:
+    # A block of rows at a time: isfinite over a whole Gram would need several Gram-sized temporaries.
+    return all(bool(torch.isfinite(rows).all()) for rows in matrix.split(512))
