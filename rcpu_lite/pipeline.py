@@ -36,8 +36,8 @@ from .streams import Streams
 from .widths import WidthPlan
 from .memory_plan import MemoryPlan, parse_size
 from .memory_plan import plan as plan_memory
-from .runtime import (Placement, Stopwatch, current_rss_bytes, peak_gpu_bytes, peak_rss_bytes, pick_device,
-                      to_compute)
+from .runtime import (Placement, Stopwatch, current_rss_bytes, decomposition_device, peak_gpu_bytes, peak_rss_bytes,
+                      pick_device, to_compute)
 
 __all__ = ["prune", "Interrupted", "OutputError", "DiskFull", "working_dir", "REPORT_NAME"]
 log = logging.getLogger("rcpu_lite")
@@ -220,6 +220,7 @@ def prune(
         "settings": vars(settings),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "decomposition_device": str(decomposition_device(settings.decomposition_device, device)),  # auto resolved
         "memory_plan": memory.as_dict() if memory else None,
         "peak_gpu_bytes": peak_gpu_bytes(device),
         "calibration_tokens": int(windows.numel()),
