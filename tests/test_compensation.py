@@ -344,6 +344,8 @@ def test_decomposition_with_device_cpu_is_the_reference(decomposition, rank):
     torch.testing.assert_close(q, q_ref, rtol=0, atol=0)
     torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
     assert q.device == m.device and q.dtype == m.dtype
+    if rank == 48:  # full rank: Q is unique, and equals the SVD reference's
+        torch.testing.assert_close(q, comp.procrustes(m.double())[0].float(), rtol=0, atol=1e-5)
 
 
 def test_compensate_threads_the_decomposition_device():
