@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import importlib
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from transformers import PretrainedConfig
@@ -88,6 +89,29 @@ class LayerShape:
     num_key_value_heads: int
     head_dim: int
     intermediate_size: int
+
+
+# Published model shapes by name (config.json field names): what tools/make_synthetic.py writes and what
+# memory_plan's tables plan for. Llama-2-13B is multi-head (40/40); the 8B and 70B models are GQA (x/8).
+NAMED_SHAPES = {
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                     num_hidden_layers=32, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=2048),
+    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40,
+                        num_hidden_layers=40, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                       num_hidden_layers=32, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                        num_hidden_layers=80, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096),
+    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                        num_hidden_layers=80, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+}
+
+
+def named_layer_shape(name: str) -> LayerShape:
+    """The LayerShape of a NAMED_SHAPES entry."""
+    if name not in NAMED_SHAPES:
+        raise ValueError(f"unknown shape {name!r}; known: {', '.join(NAMED_SHAPES)}")
+    return layer_shape(SimpleNamespace(**NAMED_SHAPES[name]))
 
 
 def layer_shape(config: PretrainedConfig) -> LayerShape:

@@ -3,7 +3,9 @@
 Y = W X is the dense output and Z = W_K X_K the pruned one on the same inputs X; with the Gram
 C = X X^T every quantity below needs only W, C and the kept columns K. Products run in the dtype
 they are given (fp32 in the pipeline); the decomposition of the d_out x d_out matrix M runs in
-fp64 on the CPU (consumer GPUs are slow at fp64, and M is small next to the products).
+fp64 on the device CompensationOptions.decomposition_device names (the CPU by default: consumer GPUs
+run fp64 at 1/32 to 1/64 of their fp32 rate, and M is small next to the products), and Q comes back
+to M's device and dtype.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-DECOMPOSITIONS = ("eigh", "svd")
 _GATHER_ROWS = 1024  # rows of C gathered at a time: bounds the temporary to 1024 x d_in
 
 
@@ -22,16 +23,16 @@ def cross_product(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor) 
     return weight @ _gram_times_kept(weight, gram, kept)
 
 
-def procrustes(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def procrustes(m: torch.Tensor, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """The orthogonal Q maximising tr(Q^T M) (reflections allowed), and M's singular values, by SVD.
 
-    The reference: one fp64 SVD, M = U S V^T, Q = U V^T.
+    The reference: one fp64 SVD on `device`, M = U S V^T, Q = U V^T, returned on M's device and dtype.
     """
-    u, s, vh = torch.linalg.svd(m.detach().to("cpu", torch.float64))
+    u, s, vh = torch.linalg.svd(m.detach().to(device, torch.float64))
     return (u @ vh).to(m.device, m.dtype), s.to(m.device, m.dtype)
 
 
-def polar_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def polar_eigh(m: torch.Tensor, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """The same Q as procrustes() from one symmetric eigendecomposition of M^T M (about 2x cheaper).
 
     M^T M = V L V^T gives M = U S V^T with S = sqrt(L) and U = M V / S, so Q = U V^T. Squaring
@@ -40,9 +41,10 @@ def polar_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     accurate ones (Gram-Schmidt by QR; they carry under 1.2e-4 of tr(Q^T M) each). Directions with
     s_i <= d eps s_max are M's numerical null space, where every completion is optimal: the SVD's
     is arbitrary, this one is the orthonormal frame closest to V there (the closest to the
-    identity), so it is deterministic. If that completion is ill-posed the SVD is used.
+    identity), so it is deterministic. If that completion is ill-posed the SVD is used. Everything
+    runs in fp64 on `device`; Q and S come back on M's device and dtype.
     """
-    m64 = m.detach().to("cpu", torch.float64)
+    m64 = m.detach().to(device, torch.float64)
     d = m64.shape[0]
     eps = torch.finfo(torch.float64).eps
     eigenvalues, v = torch.linalg.eigh(m64.T @ m64)  # (M^T M is freed at once: d^2 fp64 bytes each)
@@ -62,7 +64,7 @@ def polar_eigh(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The cheaper of two equivalent constructions: in the (d - r)-dim null space, or in span[V_r, U_r].
         completion = (_completion_in_null_space if d - nonzero <= 2 * nonzero else _completion_in_span)(u_r, v_r, v_0)
         if completion is None:  # part of V_0 lies inside span(U_r): no unique closest frame
-            return procrustes(m)
+            return procrustes(m, device)
         q += completion
     return q.to(m.device, m.dtype), singular.to(m.device, m.dtype)
 
@@ -98,7 +100,13 @@ def _orthonormalised(columns: torch.Tensor, against: torch.Tensor) -> torch.Tens
     for _ in range(2):  # twice is enough (Kahan)
         columns = columns - against @ (against.T @ columns)
     q, r = torch.linalg.qr(columns)
-    return q * r.diagonal().sign().where(r.diagonal() != 0, torch.ones((), dtype=r.dtype))  # keep each direction
+    one = torch.ones((), dtype=r.dtype, device=r.device)
+    return q * r.diagonal().sign().where(r.diagonal() != 0, one)  # keep each direction
+
+
+# --decomposition: how the polar factor Q of M is found, (M, device) -> (Q, singular values).
+DECOMPOSE: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {"eigh": polar_eigh, "svd": procrustes}
+DECOMPOSITIONS = tuple(DECOMPOSE)
 
 
 @dataclass
@@ -132,6 +140,7 @@ class CompensationOptions:
     """Knobs of the compensation methods (each method reads the ones it needs)."""
 
     decomposition: str = "eigh"  # rotation: how the polar factor is found
+    decomposition_device: str = "cpu"  # rotation: where the fp64 decomposition runs ("cpu", "cuda", "cuda:1", ...)
     damp: float = 0.01  # least squares: lambda = damp * mean(diag C_KK), as GPTQ damps
     damp_abs: float = 0.0  # least squares: an absolute lambda on the summed Gram instead (0: use damp)
     max_damp_retries: int = 6  # least squares: each failed Cholesky retries with 10x the damping
@@ -166,7 +175,7 @@ def _from_products(method: str):
         p = products(weight, stats, kept, with_m=method != "none")
         if release:
             stats.release()  # freed before the decomposition
-        return compensate_products(p, method, options.decomposition)
+        return compensate_products(p, method, options.decomposition, options.decomposition_device)
     return fn
 
 
@@ -316,7 +325,8 @@ def products(weight: torch.Tensor, stats, kept: torch.Tensor, with_m: bool = Tru
     return Products(m, weight[:, kept], y_energy, z_energy, removed_energy)
 
 
-def compensate_products(p: Products, method: str, decomposition: str = "eigh") -> Compensation:
+def compensate_products(p: Products, method: str, decomposition: str = "eigh",
+                        device: str | torch.device = "cpu") -> Compensation:
     """The repaired W_K, and its errors from ||Y - s Q Z||^2 = ||Y||^2 - 2 s tr(Q^T M) + s^2 ||Z||^2."""
     if method not in ("none", "rotation", "rotation-scale"):
         raise ValueError(f"compensate_products handles none, rotation and rotation-scale, not {method!r}")
@@ -326,7 +336,7 @@ def compensate_products(p: Products, method: str, decomposition: str = "eigh") -
     if method == "none":
         return Compensation(p.w_kept, error_pruned, error_pruned, y_energy=p.y_energy)
     started = time.perf_counter()
-    q, _ = (polar_eigh if decomposition == "eigh" else procrustes)(p.m)
+    q, _ = DECOMPOSE[decomposition](p.m, device)
     seconds = time.perf_counter() - started
     aligned = _sum64(q * p.m)  # tr(Q^T M), the sum of M's singular values at the optimum
     scale = aligned / p.z_energy if method == "rotation-scale" else 1.0

@@ -11,10 +11,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+import torch
+
 from .calibration import DEFAULT_CALIBRATION
 from .compensation import DECOMPOSITIONS, method_names
 from .memory_plan import parse_size
 from .records import PROJECTIONS
+from .runtime import DECOMPOSITION_DEVICES
 from .scoring import SCORES
 from .widths import ALLOCATIONS
 
@@ -32,6 +35,7 @@ CHOICES = {
     "recon_train": ("all", "out"),
     "recon_norms": ("frozen", "train"),
     "gen_quant": ("none", "4bit"),
+    "decomposition_device": DECOMPOSITION_DEVICES,
 }
 
 
@@ -51,6 +55,7 @@ class PruneSettings:
     device: str = "auto"
     micro_batch: int = 16
     decomposition: str = "eigh"
+    decomposition_device: str = "cpu"  # cpu | cuda | auto; cpu: consumer GPUs are slow at fp64 (not measured here)
     max_gpu_memory: str = ""  # "" = 90 % of the GPU memory free at the start
     matmul: str = "fp32"
     damp: float = 0.01  # lstsq: lambda = damp * mean(diag C_KK)
@@ -121,6 +126,9 @@ class PruneSettings:
         if self.decomposition not in DECOMPOSITIONS:
             raise SettingsError(f"--decomposition must be one of {', '.join(DECOMPOSITIONS)}, got "
                                 f"{self.decomposition!r}")
+        if self.decomposition_device == "cuda" and not torch.cuda.is_available():
+            raise SettingsError("--decomposition-device cuda needs a CUDA GPU and this torch sees none; use cpu "
+                                "(the default) or auto")
         if self.matmul not in MATMUL_PRECISIONS:
             raise SettingsError(f"--matmul must be one of {', '.join(MATMUL_PRECISIONS)}, got {self.matmul!r}")
         if self.max_gpu_memory:

@@ -15,7 +15,7 @@ from .compensation import CompensationOptions
 from .config import PruneSettings
 from .records import LayerResult, ProjectionResult
 from .reconstruct import ReconstructOptions, block_error, reconstruct
-from .runtime import Placement, Stopwatch, cuda_matmul_precision, to_compute
+from .runtime import Placement, Stopwatch, cuda_matmul_precision, decomposition_device, to_compute
 from .stats import InputStats, PairedStats
 from .streams import Streams
 from .widths import LayerWidths
@@ -202,7 +202,9 @@ def prune_layer(
     block_errors = _block_errors_before(compact, weights, kept_columns, own_biases, biases, layer_cfg, index, streams,
                                         targets, held_targets, inputs, run) if keep_targets else (None, None)
 
-    options = CompensationOptions(settings.decomposition, settings.damp, settings.damp_abs)
+    options = CompensationOptions(decomposition=settings.decomposition, damp=settings.damp, damp_abs=settings.damp_abs,
+                                  decomposition_device=str(decomposition_device(settings.decomposition_device,
+                                                                                run.device)))
     projections, decomposition_seconds = {}, 0.0
     for name in ("down_proj", "o_proj"):
         module, kept, held = arch.PROJECTIONS[name], kept_columns[name], dense.held_out[name]

@@ -34,10 +34,10 @@ from .layer import dense_pass, propagate, prune_layer
 from .records import REPORT_NAME, LayerResult
 from .streams import Streams
 from .widths import WidthPlan
-from .memory_plan import MemoryPlan, parse_size
+from .memory_plan import DEFAULT_BUDGET_FRACTION, MemoryPlan, parse_size
 from .memory_plan import plan as plan_memory
-from .runtime import (Placement, Stopwatch, current_rss_bytes, peak_gpu_bytes, peak_rss_bytes, pick_device,
-                      to_compute)
+from .runtime import (Placement, Stopwatch, current_rss_bytes, decomposition_device, peak_gpu_bytes, peak_rss_bytes,
+                      pick_device, to_compute)
 
 __all__ = ["prune", "Interrupted", "OutputError", "DiskFull", "working_dir", "REPORT_NAME"]
 log = logging.getLogger("rcpu_lite")
@@ -220,6 +220,7 @@ def prune(
         "settings": vars(settings),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "decomposition_device": str(decomposition_device(settings.decomposition_device, device)),  # auto resolved
         "memory_plan": memory.as_dict() if memory else None,
         "peak_gpu_bytes": peak_gpu_bytes(device),
         "calibration_tokens": int(windows.numel()),
@@ -418,8 +419,9 @@ def _placement(settings: PruneSettings, shape: arch.LayerShape, device: torch.de
             log.warning("--max-gpu-memory only applies to a CUDA device; this run is on the CPU")
         return Placement(device, device, settings.micro_batch, matmul), None
     budget = (parse_size(settings.max_gpu_memory) if settings.max_gpu_memory
-              else int(0.9 * torch.cuda.mem_get_info(device)[0]))
-    memory = plan_memory(shape, settings.nsamples, settings.seqlen, budget, settings.micro_batch)
+              else int(DEFAULT_BUDGET_FRACTION * torch.cuda.mem_get_info(device)[0]))
+    on_gpu = decomposition_device(settings.decomposition_device, device) == device  # the fp64 M takes room too
+    memory = plan_memory(shape, settings.nsamples, settings.seqlen, budget, settings.micro_batch, on_gpu)
     log.info("GPU budget %.2f GiB: micro-batch %d, calibration hidden states on the %s", budget / 2**30,
              memory.micro_batch, "GPU" if memory.hidden_on_device else "host (they do not fit)")
     torch.cuda.reset_peak_memory_stats(device)

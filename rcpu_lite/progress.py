@@ -16,7 +16,7 @@ import torch
 from . import __version__
 
 MANIFEST_NAME = "rcpu_progress.json"
-RUNTIME_SETTINGS = ("device", "micro_batch", "max_gpu_memory")
+RUNTIME_SETTINGS = ("device", "micro_batch", "max_gpu_memory", "decomposition_device")
 
 
 def fingerprint(model_dir: Path, settings, windows: torch.Tensor) -> dict:
@@ -30,7 +30,7 @@ def fingerprint(model_dir: Path, settings, windows: torch.Tensor) -> dict:
         "rcpu_lite_version": __version__,
         "model_dir": str(model_dir.resolve()),
         "input_files": inputs,
-        # The device and micro-batch change how the work runs, not what it computes, so a run that ran
+        # The devices and micro-batch change how the work runs, not what it computes, so a run that ran
         # out of memory can resume with a smaller micro-batch or on the CPU (byte-identical only if unchanged).
         "settings": {k: v for k, v in dataclasses.asdict(settings).items() if k not in RUNTIME_SETTINGS},
         "calibration_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),

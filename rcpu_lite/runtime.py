@@ -36,6 +36,25 @@ def pick_device(device: str) -> torch.device:
         raise ValueError(f"--device must be auto, cpu or cuda[:N], got {device!r}") from None
 
 
+# Compute capabilities whose fp64 runs at half the fp32 rate (CUDA C++ Programming Guide, throughput of
+# arithmetic instructions): P100 (6.0), V100 (7.0), A100 (8.0), H100/H200 (9.0), B200 (10.0). Every other
+# part (GeForce, RTX workstation, L4/L40, Jetson) runs fp64 at 1/32 to 1/64 of fp32.
+FAST_FP64 = frozenset({(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)})
+DECOMPOSITION_DEVICES = ("cpu", "cuda", "auto")
+
+
+def decomposition_device(requested: str, run_device: torch.device) -> torch.device:
+    """Where the fp64 decomposition of M runs (--decomposition-device): cpu; cuda (the run's GPU, or the
+    current one when the run is on the CPU); auto: the run's GPU when its fp64 is fast (FAST_FP64), else
+    the CPU. Nothing here is measured: auto only avoids GPUs whose fp64 is known to be slow."""
+    if requested not in DECOMPOSITION_DEVICES:
+        raise ValueError(f"--decomposition-device must be one of {', '.join(DECOMPOSITION_DEVICES)}, got {requested!r}")
+    fast = run_device.type == "cuda" and tuple(torch.cuda.get_device_capability(run_device)) in FAST_FP64
+    if requested == "cpu" or (requested == "auto" and not fast):
+        return torch.device("cpu")
+    return run_device if run_device.type == "cuda" else torch.device("cuda")
+
+
 def to_compute(tensors: dict[str, torch.Tensor], device: torch.device, consume: bool = False
                ) -> dict[str, torch.Tensor]:
     """fp32 copies on the compute device; the copy goes first so that pinned memory is copied asynchronously.

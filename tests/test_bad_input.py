@@ -206,10 +206,19 @@ def test_ratio_outside_range(model, tmp_path, calib_file, ratio):
     (["--max-gpu-memory", "4TB"], ["--max-gpu-memory", "4TB"], ["unit must be"]),
     (["--matmul", "bf16"], ["--matmul", "bf16"], ["must be one of"]),
     (["--decomposition", "qr"], ["--decomposition", "qr"], ["must be one of"]),
+    (["--decomposition-device", "gpu"], ["--decomposition-device", "gpu"], ["must be one of"]),
 ])
 def test_bad_gpu_and_decomposition_options(model, tmp_path, calib_file, args, words, fix):
     result = prune(model, tmp_path / "out", calib_file, *args)
     assert_one_line_error(result, " ".join(args), words, fix)
+    assert_no_output(tmp_path / "out")
+
+
+def test_decomposition_on_cuda_without_cuda_is_refused_up_front(model, tmp_path, calib_file, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = prune(model, tmp_path / "out", calib_file, "--decomposition-device", "cuda")
+    assert_one_line_error(result, "--decomposition-device cuda without CUDA", ["--decomposition-device cuda"],
+                          ["use cpu"])
     assert_no_output(tmp_path / "out")
 
 

@@ -108,7 +108,7 @@ def test_every_setting_has_a_prune_option_that_reaches_it(tiny, tmp_path, monkey
               "recon_epochs": "2", "recon_lr": "0.01", "recon_micro_batch": "2", "recon_train": "out",
               "recon_norms": "train", "self_nsamples": "0", "gen_quant": "none", "damp": "0.05", "damp_abs": "0.001",
               "compensate_on": "o_proj", "allocation": "depth", "target_params": "0.3", "depth_spread": "0.25",
-              "compensate": "lstsq+bias", "score": "flap"}
+              "compensate": "lstsq+bias", "score": "flap", "decomposition_device": "auto"}
     args = ["prune", str(tiny), "--out", str(tmp_path / "o")]
     for name, value in values.items():
         args += [f"--{name.replace('_', '-')}", value]

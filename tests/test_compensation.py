@@ -326,3 +326,48 @@ def test_polar_eigh_keeps_dtype_and_device():
     q, s = comp.polar_eigh(m)
     assert q.dtype == torch.float32 and s.dtype == torch.float32
     torch.testing.assert_close(q, comp.procrustes(m)[0], rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# where the fp64 decomposition runs (--decomposition-device)
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("rank", [48, 12])
+@pytest.mark.parametrize("decomposition", comp.DECOMPOSITIONS)
+def test_decomposition_with_device_cpu_is_the_reference(decomposition, rank):
+    # the code path a CUDA run takes, with the device argument set to the CPU: the same Q as the reference
+    m = _random_m(48, rank, seed=4, condition=1e3).float()
+    q, s = comp.DECOMPOSE[decomposition](m, device="cpu")
+    q_ref, s_ref = comp.DECOMPOSE[decomposition](m)
+    torch.testing.assert_close(q, q_ref, rtol=0, atol=0)
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+    assert q.device == m.device and q.dtype == m.dtype
+    if rank == 48:  # full rank: Q is unique, and equals the SVD reference's
+        torch.testing.assert_close(q, comp.procrustes(m.double())[0].float(), rtol=0, atol=1e-5)
+
+
+def test_compensate_threads_the_decomposition_device():
+    g = torch.Generator().manual_seed(9)
+    w, x = torch.randn(6, 10, generator=g, dtype=torch.float64), torch.randn(10, 40, generator=g, dtype=torch.float64)
+    k = torch.tensor([0, 2, 3, 5, 7, 9])
+    default = _compensate(w, x @ x.T, k, "rotation")
+    on_cpu = _compensate(w, x @ x.T, k, "rotation", decomposition_device="cpu")
+    torch.testing.assert_close(on_cpu.weight, default.weight, rtol=0, atol=0)
+    assert comp.CompensationOptions().decomposition_device == "cpu"
+
+
+@CUDA
+@pytest.mark.parametrize("rank", [64, 16])
+@pytest.mark.parametrize("decomposition", comp.DECOMPOSITIONS)
+def test_decomposition_on_cuda_gives_the_cpu_q(decomposition, rank):
+    m = _random_m(64, rank, seed=6, condition=1e3)
+    q_cpu, s_cpu = comp.DECOMPOSE[decomposition](m, device="cpu")
+    q_gpu, s_gpu = comp.DECOMPOSE[decomposition](m, device="cuda")
+    assert q_gpu.device.type == "cpu"  # Q comes back to M's device
+    torch.testing.assert_close(q_gpu, q_cpu, rtol=0, atol=1e-9)
+    torch.testing.assert_close(s_gpu, s_cpu, rtol=1e-9, atol=1e-12)
+    q_back, _ = comp.DECOMPOSE[decomposition](m.cuda().float(), device="cuda")  # M on the GPU, Q stays there
+    assert q_back.device.type == "cuda" and q_back.dtype == torch.float32
+    torch.testing.assert_close(q_back.cpu(), q_cpu.float(), rtol=0, atol=1e-5)

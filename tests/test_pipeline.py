@@ -454,6 +454,7 @@ def test_cpu_run_reports_no_gpu_and_ignores_a_gpu_budget(tiny_checkpoint, calib_
         report = prune(src, tmp_path / "budget", make_settings(calib_file, max_gpu_memory="1GiB", matmul="tf32"))
     assert "--max-gpu-memory only applies to a CUDA device" in caplog.text
     assert report["memory_plan"] is None and report["peak_gpu_bytes"] is None and report["device_name"] == "cpu"
+    assert report["decomposition_device"] == "cpu" and report["settings"]["decomposition_device"] == "cpu"
     # neither option changes a CPU run's output
     for name, tensor in read_shards(tmp_path / "plain").items():
         assert torch.equal(tensor, read_shards(tmp_path / "budget")[name]), name

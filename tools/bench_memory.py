@@ -3,6 +3,7 @@
     python tools/bench_memory.py --shape llama-7b --layers 4 32 --dir /data/synthetic [--repeats 3]
     python tools/bench_memory.py --layers 32 --dir /data/synthetic --device cuda --nsamples 128 --seqlen 2048
     python tools/bench_memory.py --layers 2 --dir /data/synthetic --prune-args "--compensate lstsq+bias --allocation adaptive"
+    python tools/bench_memory.py --layers 4 --dir /data/synthetic --device cuda --prune-args "--decomposition-device cuda"
 
 
 Writes synthetic checkpoints with tools/make_synthetic.py (once; reused afterwards), prunes each
@@ -57,7 +58,7 @@ def main() -> None:
     ap.add_argument("--matmul", default="fp32", help="fp32 (default) or tf32 (CUDA forward passes)")
     ap.add_argument("--max-gpu-memory", default=None, help="GPU memory budget, e.g. 10GiB (default: 90%% of free)")
     ap.add_argument("--prune-args", default="", help="more rcpu-lite prune flags, e.g. \"--compensate lstsq "
-                    "--allocation adaptive\" (they override the ones above)")
+                    "--allocation adaptive\" or \"--decomposition-device cuda\" (they override the ones above)")
     args = ap.parse_args()
 
     peaks = {}
@@ -71,7 +72,8 @@ def main() -> None:
         split = {s: statistics.median(sum(l["seconds_by_stage"].get(s, 0) for l in r["layers"]) for r in runs)
                  for s in STAGES}
         print(f"{args.shape}, {layers} layers, {args.nsamples}x{args.seqlen} calibration, --compensate "
-              f"{args.compensate} {args.prune_args}, {runs[0]['device_name']}: "
+              f"{args.compensate} {args.prune_args}, {runs[0]['device_name']}, decomposition on "
+              f"{runs[0].get('decomposition_device', 'cpu')}: "
               f"peak RSS {peaks[layers] / 2**30:.2f} GiB, wall {walls:.0f} s (median of {args.repeats})")
         if runs[0]["peak_gpu_bytes"] is not None:
             gpu = statistics.median(r["peak_gpu_bytes"] for r in runs)

@@ -3,6 +3,7 @@ or, for a big checkpoint, against the I/O floor.
 
     python tools/bench_speed.py [--model smollm2-135m] [--calib FILE] [--nsamples 128] [--seqlen 128] [--repeats 3]
     python tools/bench_speed.py --io-floor --model /data/llama-7b-4l [--nsamples 8] [--device cpu]
+        [--decomposition-device cpu|cuda|auto]
 
 The dense pass is transformers' whole model (fp32, CPU, no KV cache) over the calibration
 windows in micro-batches; the prune is rcpu_lite.pipeline.prune with the same windows. Prints
@@ -68,7 +69,7 @@ def io_floor_seconds(model_dir: Path, pruned_dir: Path) -> tuple[float, float]:
 def io_floor_main(args) -> None:
     model_dir = resolve_model(args.model)
     settings = PruneSettings(ratio=args.ratio, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                             device=args.device)
+                             device=args.device, decomposition_device=args.decomposition_device).validate()
     walls, floors = [], []
     with tempfile.TemporaryDirectory(dir=model_dir.parent) as tmp:
         for run in range(args.repeats):
@@ -94,12 +95,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--io-floor", action="store_true", help="compare with the I/O floor instead of a dense forward")
     ap.add_argument("--device", default="cpu", help="for --io-floor: cpu or cuda")
+    ap.add_argument("--decomposition-device", default="cpu", help="where the prune's fp64 decomposition runs: cpu "
+                    "(default), cuda or auto (rcpu-lite prune --decomposition-device)")
     args = ap.parse_args()
     if args.io_floor:
         return io_floor_main(args)
     model_dir = resolve_model(args.model)
     settings = PruneSettings(ratio=args.ratio, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                             device="cpu")
+                             device="cpu", decomposition_device=args.decomposition_device).validate()
     tokens = calibration.tokenize(load_tokenizer(model_dir), calibration.read_text(args.calib))
     windows = calibration.random_windows(tokens, args.nsamples, args.seqlen, settings.seed)
     dense, pruned, ratios = [], [], []

@@ -19,17 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rcpu_lite.arch import NAMED_SHAPES  # noqa: E402
 from rcpu_lite.checkpoint import ShardWriter  # noqa: E402
 
-# Real published shapes (config.json field names). Llama-2-13B is multi-head (40/40); Llama-3-8B is GQA 32/8.
-SHAPES = {
-    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                     num_hidden_layers=32, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=2048),
-    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40,
-                        num_hidden_layers=40, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                       num_hidden_layers=32, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
-}
+SHAPES = NAMED_SHAPES  # real published shapes, kept in rcpu_lite.arch (the memory plan uses them too)
 
 
 def layer_tensors(shape: dict, gen: torch.Generator, dtype: torch.dtype, std: float) -> dict[str, torch.Tensor]:
