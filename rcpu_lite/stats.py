@@ -113,7 +113,10 @@ class PairedStats(InputStats):
         x = x.reshape(-1, self.dim).to(self.gram.dtype)
         self.target_sum += x.sum(0)
         if self.output_cross is None:
-            self.output_cross = torch.zeros(weight.shape[0], self.dim, device=self.gram.device, dtype=self.gram.dtype)
+            # A normal tensor even when the first update runs under inference mode: auto's refit adds to it outside.
+            with torch.inference_mode(False):
+                self.output_cross = torch.zeros(weight.shape[0], self.dim, device=self.gram.device,
+                                                dtype=self.gram.dtype)
         with cuda_matmul_precision("ieee"):
             y = x @ weight.to(x.dtype).T
             self.output_cross.addmm_(y.T, x_hat)
