@@ -263,8 +263,8 @@ def reconstruct(
                     x = inputs[idx.to(inputs.device)].to(device, torch.float32, non_blocking=True)
                     y = targets[idx.to(targets.device)].to(device, torch.float32, non_blocking=True)
                     if options.schedule == "linear":
-                        for group in optimizer.param_groups:
-                            group["lr"] = options.lr * (total_steps - step) / total_steps
+                        for param_group in optimizer.param_groups:
+                            param_group["lr"] = options.lr * (total_steps - step) / total_steps
                     loss = torch.nn.functional.mse_loss(_forward(blocks, x, train_inputs), y)
                     loss.backward()
                     _average_gradients(params, group)
