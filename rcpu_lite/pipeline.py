@@ -134,7 +134,7 @@ def _prune(model: str | os.PathLike, out: str | os.PathLike, settings: PruneSett
     # This rank's contiguous share of the calibration windows (all of them in one process); the real
     # windows come first, so the share's real ones come first too. Held-out windows are not split: every
     # rank runs all of them (few), so held-out errors and auto's choices need no communication.
-    share = group.share(windows.shape[0])
+    calibration_tokens, share = int(windows.numel()), group.share(windows.shape[0])
     windows, n_real = windows[share], min(max(n_real - share.start, 0), share.stop - share.start)
     inputs = arch.layer_inputs(cfg, settings.seqlen, device, torch.float32)
     if manifest is not None and manifest.plan is not None:
@@ -246,7 +246,7 @@ def _prune(model: str | os.PathLike, out: str | os.PathLike, settings: PruneSett
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "memory_plan": memory.as_dict() if memory else None,
         "peak_gpu_bytes": peak_gpu_bytes(device),
-        "calibration_tokens": int(windows.numel()) * group.world if group.world > 1 else int(windows.numel()),
+        "calibration_tokens": calibration_tokens,
         "processes": group.world,
         "params_before": params_before,
         "params_after": params_after,
