@@ -99,16 +99,16 @@ def prune(
     windows are split across them and their statistics summed (distributed.py); rank 0 writes.
     """
     settings = (settings or PruneSettings()).validate()
+    started = time.perf_counter()  # the wall time includes joining the other processes
     group = distributed.from_env(distributed.local_device(pick_device(settings.device)))
     try:
-        return _prune(model, out, settings, overwrite, resume, reporter or PlainReporter(), group)
+        return _prune(model, out, settings, overwrite, resume, reporter or PlainReporter(), group, started)
     finally:
         group.close()
 
 
 def _prune(model: str | os.PathLike, out: str | os.PathLike, settings: PruneSettings, overwrite: bool, resume: bool,
-           reporter: Reporter, group: distributed.Group) -> dict:
-    started = time.perf_counter()
+           reporter: Reporter, group: distributed.Group, started: float) -> dict:
     model_dir = resolve_model(model)
     reader = CheckpointReader(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
