@@ -216,8 +216,7 @@ def _prune(model: str | os.PathLike, out: str | os.PathLike, settings: PruneSett
     if cross:
         cross.finish()
     if not group.is_main:  # rank 0 writes the rest; the others return its report once it is published
-        group.barrier()
-        return json.loads((out / REPORT_NAME).read_text())
+        return group.from_main(lambda: None)  # (sent, not read back: OUT may be on rank 0's machine only)
 
     reporter.phase("write")
     if not manifest.done(n_layers + 1):
@@ -268,7 +267,7 @@ def _prune(model: str | os.PathLike, out: str | os.PathLike, settings: PruneSett
     }
     (work / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     publish(work, out.resolve())
-    group.barrier()
+    group.from_main(lambda: report)
     reporter.finish(_summary(report, out))
     return report
 
