@@ -127,7 +127,8 @@ def prune(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print errors."),
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
 ) -> None:
-    """Prune MODEL into a smaller dense checkpoint at --out (plus rcpu_report.json)."""
+    """Prune MODEL into a smaller dense checkpoint at --out (plus rcpu_report.json). Several processes share the
+    calibration windows under torchrun -m rcpu_lite prune ... (see the README)."""
     from .pipeline import prune as run_prune
 
     reporter = _reporter(quiet or int(os.environ.get("RANK", "0")) > 0)  # under torchrun, rank 0 speaks for all
