@@ -9,9 +9,10 @@ written, and only rank 0 writes.
 A `Group` is passed where communication is needed; `SINGLE` (one process) does nothing at all and
 never imports torch.distributed, so a plain run is what it was before.
 
-Determinism: the tensors are all-reduced one at a time in a fixed order, and gloo/NCCL sum the same
-inputs the same way, so a run does not depend on timing. The sum over ranks adds the ranks' partial
-sums, not the tokens in one sequence, so results match a single process only within fp32 rounding.
+Determinism: the tensors are all-reduced one at a time in a fixed order, and gloo adds the same inputs
+the same way every time (NCCL does too for a fixed topology and version, without promising it), so a
+run does not depend on timing. The sum over ranks adds the ranks' partial sums, not the tokens in one
+sequence, so results match a single process only within fp32 rounding.
 """
 from __future__ import annotations
 
@@ -57,9 +58,6 @@ class Group:
         base, extra = divmod(n, self.world)
         start = self.rank * base + min(self.rank, extra)
         return slice(start, start + base + (self.rank < extra))
-
-    def shares_even(self, n: int) -> bool:
-        return n % self.world == 0
 
     def all_reduce(self, tensors: Sequence[torch.Tensor | None]) -> None:
         """Sum each tensor over the ranks, in place, one after the other in the order given."""

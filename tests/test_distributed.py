@@ -163,13 +163,14 @@ def test_cross_block_window_pending_at_a_kill_resumes_with_every_ranks_targets(m
     assert_matches(tmp_path / "one", tmp_path / "two")
 
 
-def test_generated_windows_come_from_rank_zero_and_an_uneven_split_works(model, calib_file, tmp_path, monkeypatch):
-    # 8 real + 3 generated windows: rank 0 takes 6 real ones, rank 1 2 real and 3 generated (scores: real only).
+def test_generated_windows_and_adaptive_widths_over_an_uneven_split_match_one_process(model, calib_file, tmp_path, monkeypatch):
+    # 8 real + 3 generated windows: rank 0 takes 6 real ones, rank 1 2 real and 3 generated; the scores and
+    # the adaptive allocation's scoring pass use the real ones only, summed over both ranks.
+    settings = make_settings(calib_file, self_nsamples=3, allocation="adaptive")
     monkeypatch.setenv("RCPU_LITE_CACHE", str(tmp_path / "cache-one"))
-    prune(model, tmp_path / "one", make_settings(calib_file, self_nsamples=3))
+    prune(model, tmp_path / "one", settings)
     cache = tmp_path / "cache-two"
-    assert run_ranks(model, tmp_path / "two", make_settings(calib_file, self_nsamples=3),
-                     RCPU_LITE_CACHE=str(cache)) == [0, 0]
+    assert run_ranks(model, tmp_path / "two", settings, RCPU_LITE_CACHE=str(cache)) == [0, 0]
     assert len(list(cache.rglob("*.jsonl"))) == 1  # generated once, by rank 0
     assert_matches(tmp_path / "one", tmp_path / "two")
 
