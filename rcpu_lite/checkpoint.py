@@ -211,12 +211,14 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 def _fault_hook(point: str, index: int) -> None:
     """Test-only fault injection: RCPU_LITE_FAULT="before_shard:3:kill" SIGKILLs this process just
     before shard 3 is written; "enospc" raises a full-disk error instead, "sigint"/"sigterm" send
-    that signal to this process (the run then stops after this shard)."""
+    that signal to this process (the run then stops after this shard). "after_layer:2:kill" fires
+    once 2 layers are finished (the pipeline's loop, on every rank); a fourth field, as in
+    "after_layer:2:kill:1", limits it to that rank (RANK, set by torchrun)."""
     spec = os.environ.get("RCPU_LITE_FAULT")
     if not spec:
         return
-    where, at, what = spec.split(":")
-    if where != point or int(at) != index:
+    where, at, what, *rank = spec.split(":")
+    if where != point or int(at) != index or (rank and int(rank[0]) != int(os.environ.get("RANK", "0"))):
         return
     if what == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -59,6 +60,15 @@ def _fail(err: BaseException, debug: bool, micro_batch: object = "?", resumable:
         raise err
     typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
     raise typer.Exit(2)
+
+
+def _one_process(command: str) -> None:
+    """Only prune splits its work across processes; any other command under torchrun would run K times over."""
+    from .distributed import launched
+
+    if launched():
+        raise ValueError(f"{command} runs in one process; only prune shares its work across processes: run it "
+                         f"without torchrun / accelerate launch (WORLD_SIZE is {os.environ['WORLD_SIZE']})")
 
 
 def _logging(quiet: bool) -> None:
@@ -118,10 +128,11 @@ def prune(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print errors."),
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
 ) -> None:
-    """Prune MODEL into a smaller dense checkpoint at --out (plus rcpu_report.json)."""
+    """Prune MODEL into a smaller dense checkpoint at --out (plus rcpu_report.json). Several processes share the
+    calibration windows under torchrun -m rcpu_lite prune ... (see the README)."""
     from .pipeline import prune as run_prune
 
-    reporter = _reporter(quiet)
+    reporter = _reporter(quiet or int(os.environ.get("RANK", "0")) > 0)  # under torchrun, rank 0 speaks for all
     try:
         settings = PruneSettings.merged(config, ratio=ratio, score=score, compensate=compensate, calib=calib,
                                         nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
@@ -163,6 +174,7 @@ def evaluate(
     reporter = _reporter(quiet)
     result, zero_shot = {}, None
     try:
+        _one_process("eval")
         if ppl is None and tasks is None:
             raise ValueError("nothing to evaluate: give --ppl FILE, --tasks TASKS or both")
         if tasks is None and (task_dir is not None or limit is not None):
@@ -231,6 +243,7 @@ def generate_text(
 
         transformers_logging.disable_progress_bar()
     try:
+        _one_process("generate")
         generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, device=device,
                  chat=chat, stream=True)
     except (Exception, KeyboardInterrupt) as e:

@@ -90,7 +90,7 @@ class CrossWindows:
             blocks = [(arch.build_layer(c, k, to_compute(t, self.run.device)), c, k)
                       for c, k, t in ((cfgs[0], i - 1, prev.tensors), (cfgs[1], i, written))]
             result = reconstruct(blocks, inputs.calib, targets, self.inputs, _reconstruct_options(self.settings),
-                                 device=self.run.device, matmul=self.run.matmul)
+                                 device=self.run.device, matmul=self.run.matmul, group=self.run.group)
             prev.tensors, written = (_as_stored(layer.state_dict(), like)
                                      for (layer, _, _), like in zip(blocks, (prev.tensors, written)))
             record.reconstruct_seconds = round(result.seconds, 3)
@@ -107,7 +107,8 @@ class CrossWindows:
         self.pending = Pending(i, written, record, inputs, carry.own)
         self._save(self.pending)
         self.write(i - 1, prev.tensors, prev.record)
-        self._path(i - 1).unlink(missing_ok=True)
+        if self.run.group.is_main:
+            self._path(i - 1).unlink(missing_ok=True)
         return record
 
     def finish(self) -> None:
@@ -115,7 +116,7 @@ class CrossWindows:
         if self.pending is not None:
             self.write(self.pending.index, self.pending.tensors, self.pending.record)
             self.pending = None
-        for path in self.work.glob("rcpu_pending-*"):  # a .tmp too, left by a kill while it was written
+        for path in self.work.glob("rcpu_pending-*") if self.run.group.is_main else ():  # a .tmp too (a kill)
             path.unlink()
 
     def resume(self, index: int) -> None:
@@ -128,6 +129,8 @@ class CrossWindows:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         targets = tuple(None if (t := tensors.pop(n, None)) is None else t.to(self.streams.calib.device)
                         for n in _TARGETS)
+        if targets[0] is not None:  # the file holds every calibration window's targets: this rank takes its share
+            targets = (targets[0][self.run.group.share(targets[0].shape[0])], targets[1])
         inputs = Streams(self.streams.calib.clone(), holdout=_clone(self.streams.holdout))
         propagate(self._cfg(record), index, tensors, self.streams, self.inputs, self.run)
         self.pending = Pending(index, tensors, record, inputs, targets)
@@ -136,9 +139,16 @@ class CrossWindows:
         return self.work / PENDING.format(index)
 
     def _save(self, p: Pending) -> None:
-        """Atomically (temporary name, fsync, rename), like the shards."""
+        """Atomically (temporary name, fsync, rename), like the shards; by rank 0, with every rank's targets."""
+        group = self.run.group
+        # Every rank's calibration targets, in window order (any process count can resume); the held-out
+        # windows are the same on every rank.
+        targets = {n: group.gather(t.detach()) if n == _TARGETS[0] else t.detach()
+                   for n, t in zip(_TARGETS, p.targets) if t is not None}
+        if not group.is_main:
+            return
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in p.tensors.items()}
-        tensors.update({n: t.detach().to("cpu").contiguous() for n, t in zip(_TARGETS, p.targets) if t is not None})
+        tensors.update({n: t.to("cpu").contiguous() for n, t in targets.items()})
         path = self._path(p.index)
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt", "record": json.dumps(p.record.to_json())})

@@ -86,7 +86,8 @@ def dense_pass(cfg, index: int, tensors: dict[str, torch.Tensor], streams: Strea
     paired = streams.dense is not None
     kind = PairedStats if paired else InputStats
     stats = {n: kind(d, run.device) for n, d in dims.items()}
-    separate_scores = streams.n_real < streams.calib.shape[0]  # generated windows: scores use the real ones
+    # Generated windows: scores use the real ones (decided over all ranks: one rank may hold only real ones).
+    separate_scores = run.group.any(streams.n_real < streams.calib.shape[0])
     score_stats = {n: InputStats(d, run.device) for n, d in dims.items()} if separate_scores else stats
     layer = arch.build_layer(cfg, index, tensors)
     weights = {n: arch.projection(layer, n).weight for n in dims}
@@ -137,6 +138,8 @@ def dense_pass(cfg, index: int, tensors: dict[str, torch.Tensor], streams: Strea
         for hidden in advance:
             for start, end in _batches(hidden.shape[0], run.micro_batch):
                 hidden[start:end].copy_(forward(hidden[start:end]))
+    for s in (*stats.values(), *(score_stats.values() if separate_scores else ())):
+        s.reduce(run.group)  # every rank's share of the windows: one process's sums, within fp32 rounding
     for n, s in stats.items():
         if not s.is_finite():
             raise ValueError(f"layer {index}: the {n} input statistics contain NaN or Inf")
@@ -186,6 +189,7 @@ def prune_layer(
 
     weights = {name: tensors.pop(arch.PROJECTIONS[name] + ".weight") for name in dense.stats}
     heads, kv_heads, channels = scoring.select(settings.score, weights, dense.score_stats, shape, widths)
+    run.group.broadcast([heads, kv_heads, channels])  # rank 0's units: the same on every rank whatever the rounding
     on_device = [t.to(run.device) for t in (heads, kv_heads, channels)]
     kept_columns = {"o_proj": surgery.head_columns(heads, shape.head_dim).to(run.device), "down_proj": on_device[2]}
     watch.lap("scores")
@@ -235,12 +239,13 @@ def prune_layer(
     if settings.reconstruct == "block":
         layer = arch.build_layer(layer_cfg, index, compact)
         result = reconstruct([(layer, layer_cfg, index)], streams.calib, targets, inputs, _reconstruct_options(settings),
-                             device=run.device, matmul=run.matmul)
+                             device=run.device, matmul=run.matmul, group=run.group)
         compact = {k: v.detach() for k, v in layer.state_dict().items()}
         record.reconstruct_seconds = round(result.seconds, 3)
         watch.lap("reconstruction")
     written = {name: t.to("cpu", dtypes.get(name, torch.float32)) for name, t in compact.items()}
     del compact
+    run.group.broadcast([written[k] for k in sorted(written)])  # every rank carries on with what rank 0 writes
     # Propagate through the weights exactly as written, so the next layer sees what the saved model computes.
     errors = propagate(layer_cfg, index, written, streams, inputs, run, targets, held_targets)
     record.block_error, record.held_out_block_error = errors
@@ -262,7 +267,7 @@ def _block_errors_before(compact, weights, kept_columns, own_biases, biases, lay
             pruned[module + ".bias"] = own_biases[name] if own_biases[name] is not None else torch.zeros(
                 w.shape[0], device=w.device)
     block = [(arch.build_layer(layer_cfg, index, pruned), layer_cfg, index)]
-    calib = block_error(block, streams.calib, targets, inputs, run.micro_batch, run.device)
+    calib = block_error(block, streams.calib, targets, inputs, run.micro_batch, run.device, run.group)
     held = block_error(block, streams.holdout, held_targets, inputs, run.micro_batch, run.device) \
         if streams.holdout is not None else None
     return calib, held
@@ -289,6 +294,8 @@ def propagate(layer_cfg, index: int, written: dict[str, torch.Tensor], streams: 
                     err += float((out - t).square().sum(dtype=torch.float64))
                     ref += float(t.square().sum(dtype=torch.float64))
                 hidden[start:end].copy_(out)
+        if hidden is streams.calib and target is not None:  # the held-out windows are the same on every rank
+            err, ref = run.group.sum_floats([err, ref])
         errors.append((err / ref) ** 0.5 if target is not None and ref > 0 else None)
     return errors[0], errors[1]
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from . import __version__, arch, calibration, scoring, widths
-from .checkpoint import CheckpointReader, ShardWriter, copy_side_files
+from . import __version__, arch, calibration, distributed, scoring, widths
+from .checkpoint import CheckpointReader, ShardWriter, _fault_hook, copy_side_files
 from .config import PruneSettings
 from .models import load_tokenizer, resolve_model
 from .output import (DiskFull, OutputError, OutputFormat, check_free_space, check_output, choose_format,
@@ -94,10 +94,21 @@ def prune(
     The run writes into OUT.partial and renames it to OUT when everything is written. After a
     crash or an interruption, the same call with resume=True continues from the last finished layer.
     `reporter` shows the progress (display.py); by default one log line per layer.
+
+    Under torchrun or accelerate launch (WORLD_SIZE > 1) every process calls this: the calibration
+    windows are split across them and their statistics summed (distributed.py); rank 0 writes.
     """
     settings = (settings or PruneSettings()).validate()
-    reporter = reporter or PlainReporter()
-    started = time.perf_counter()
+    started = time.perf_counter()  # the wall time includes joining the other processes
+    group = distributed.from_env(distributed.local_device(pick_device(settings.device)))
+    try:
+        return _prune(model, out, settings, overwrite, resume, reporter or PlainReporter(), group, started)
+    finally:
+        group.close()
+
+
+def _prune(model: str | os.PathLike, out: str | os.PathLike, settings: PruneSettings, overwrite: bool, resume: bool,
+           reporter: Reporter, group: distributed.Group, started: float) -> dict:
     model_dir = resolve_model(model)
     reader = CheckpointReader(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
@@ -112,12 +123,19 @@ def prune(
     costs = arch.unit_costs(cfg)
     out = Path(out)
     work = check_output(out, model_dir, overwrite, resume)
-    device = pick_device(settings.device)
-    run, memory = _placement(settings, shape, device)  # a budget too small is refused before any work
+    device = distributed.local_device(pick_device(settings.device))
+    run, memory = _placement(settings, shape, device, group)  # a budget too small is refused before any work
+    _check_split(settings, group)
 
-    windows, n_real, holdout = _calibration_sets(settings, model_dir, reporter)
+    windows, n_real, holdout = _calibration_sets(settings, model_dir, reporter, group)
     fp = fingerprint(model_dir, settings, torch.cat([windows, holdout]) if holdout is not None else windows)
     manifest = _resumed_manifest(work, fp) if resume else None
+    group.barrier()  # every rank has checked --out and read the manifest before rank 0 changes anything
+    # This rank's contiguous share of the calibration windows (all of them in one process); the real
+    # windows come first, so the share's real ones come first too. Held-out windows are not split: every
+    # rank runs all of them (few), so held-out errors and auto's choices need no communication.
+    calibration_tokens, share = int(windows.numel()), group.share(windows.shape[0])
+    windows, n_real = windows[share], min(max(n_real - share.start, 0), share.stop - share.start)
     inputs = arch.layer_inputs(cfg, settings.seqlen, device, torch.float32)
     if manifest is not None and manifest.plan is not None:
         plan = WidthPlan.from_json(manifest.plan)
@@ -129,12 +147,13 @@ def prune(
     shard_bytes = expected_shard_bytes(reader, cfg, names, final_names, plan)
     check_free_space(work, sum(b for i, b in enumerate(shard_bytes) if not (manifest and manifest.done(i))))
     if manifest is None:  # every check passed: only now is anything created
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
         manifest = Manifest(work, fp, plan=plan.as_json())
-        manifest.save()
-    shards = _Shards(work, ShardWriter(work, n_layers + 2), manifest, shard_bytes)
+        if group.is_main:
+            if work.exists():
+                shutil.rmtree(work)
+            work.mkdir(parents=True)
+            manifest.save()
+    shards = _Shards(work, ShardWriter(work, n_layers + 2), manifest, shard_bytes, group.is_main)
     writer, write = shards.writer, shards.write
 
     # What the output stores too (a tied lm_head some checkpoints also store counts on neither side).
@@ -189,11 +208,15 @@ def prune(
             if written is not None:
                 write_layer(i, written, record)
             del written
-            if stop.signal:
-                raise Interrupted(f"stopped by {stop.signal} after layer {i + 1} of {n_layers}; the finished layers "
-                                  f"are kept in {work}: rerun the same command with --resume to continue")
+            if group.any(stop.signal is not None):  # every rank stops after the same layer
+                raise Interrupted(f"stopped by {stop.signal or 'a signal to another rank'} after layer {i + 1} of "
+                                  f"{n_layers}; the finished layers are kept in {work}: rerun the same command with "
+                                  f"--resume to continue")
+            _fault_hook("after_layer", i + 1)
     if cross:
         cross.finish()
+    if not group.is_main:  # rank 0 writes the rest; the others return its report once it is published
+        return group.from_main(lambda: None)  # (sent, not read back: OUT may be on rank 0's machine only)
 
     reporter.phase("write")
     if not manifest.done(n_layers + 1):
@@ -223,7 +246,8 @@ def prune(
         "decomposition_device": str(decomposition_device(settings.decomposition_device, device)),  # auto resolved
         "memory_plan": memory.as_dict() if memory else None,
         "peak_gpu_bytes": peak_gpu_bytes(device),
-        "calibration_tokens": int(windows.numel()),
+        "calibration_tokens": calibration_tokens,
+        "processes": group.world,
         "params_before": params_before,
         "params_after": params_after,
         "param_reduction": 1 - params_after / params_before,
@@ -244,6 +268,7 @@ def prune(
     }
     (work / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     publish(work, out.resolve())
+    group.from_main(lambda: report)
     reporter.finish(_summary(report, out))
     return report
 
@@ -251,10 +276,13 @@ def prune(
 class _Shards:
     """Writes each shard and records it in the manifest; a full disk becomes DiskFull with the space needed."""
 
-    def __init__(self, work: Path, writer: ShardWriter, manifest: Manifest, shard_bytes: list[int]):
+    def __init__(self, work: Path, writer: ShardWriter, manifest: Manifest, shard_bytes: list[int], main: bool = True):
         self.work, self.writer, self.manifest, self.shard_bytes = work, writer, manifest, shard_bytes
+        self.main = main  # only rank 0 writes (distributed.py); the other ranks computed the same tensors
 
     def write(self, index: int, tensors: dict[str, torch.Tensor], record: LayerResult | None = None) -> None:
+        if not self.main:
+            return
         started = time.perf_counter()
         try:
             size = self.writer.write(index, tensors)
@@ -278,20 +306,22 @@ def _placed(hidden: torch.Tensor, run: Placement, device: torch.device) -> torch
         hidden.pin_memory() if device.type == "cuda" else hidden)  # pinned: copied to the GPU every layer
 
 
-def _calibration_sets(settings: PruneSettings, model_dir: Path, reporter: Reporter
-                      ) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+def _calibration_sets(settings: PruneSettings, model_dir: Path, reporter: Reporter,
+                      group: distributed.Group = distributed.SINGLE) -> tuple[torch.Tensor, int, torch.Tensor | None]:
     """The calibration windows (real ones first, then generated ones), how many are real, and the
-    held-out windows (None when there are none)."""
+    held-out windows (None when there are none): all of them, the same on every rank (generated
+    windows by rank 0 alone, handed to the others)."""
     tokenizer = load_tokenizer(model_dir)
     real, holdout, n_real = None, None, settings.nsamples
     if settings.calib == "self":
-        windows = _generated(settings, model_dir, settings.nsamples, reporter)
+        windows = group.from_main(lambda: _generated(settings, model_dir, settings.nsamples, reporter))
     else:
         tokens = calibration.tokenize(tokenizer, calibration.read_text(settings.calib))
         starts = calibration.random_starts(tokens, settings.nsamples, settings.seqlen, settings.seed)
         real = windows = torch.stack([tokens[s:s + settings.seqlen] for s in starts])
         if settings.self_nsamples:
-            windows = torch.cat([real, _generated(settings, model_dir, settings.self_nsamples, reporter)])
+            windows = torch.cat([real, group.from_main(
+                lambda: _generated(settings, model_dir, settings.self_nsamples, reporter))])
     if settings.holdout_nsamples and settings.holdout != "none":
         if settings.holdout:  # a text of its own
             held_tokens = calibration.tokenize(tokenizer, calibration.read_text(settings.holdout))
@@ -301,8 +331,8 @@ def _calibration_sets(settings: PruneSettings, model_dir: Path, reporter: Report
             holdout = calibration.unused_windows(tokens, starts, settings.holdout_nsamples, settings.seqlen,
                                                  settings.seed + 1)
         else:  # --calib self: more generated windows, after the calibration ones
-            holdout = _generated(settings, model_dir, settings.nsamples + settings.holdout_nsamples,
-                                 reporter)[settings.nsamples:]
+            holdout = group.from_main(lambda: _generated(settings, model_dir, settings.nsamples
+                                                         + settings.holdout_nsamples, reporter)[settings.nsamples:])
     return windows, n_real, holdout
 
 
@@ -410,14 +440,15 @@ def _shape_after(plan: WidthPlan) -> dict:
     return {k: v[0] if plan.uniform else v for k, v in values.items()}
 
 
-def _placement(settings: PruneSettings, shape: arch.LayerShape, device: torch.device
-               ) -> tuple[Placement, MemoryPlan | None]:
-    """On CUDA, plan the micro-batch and the hidden states' place within the GPU memory budget."""
+def _placement(settings: PruneSettings, shape: arch.LayerShape, device: torch.device,
+               group: distributed.Group = distributed.SINGLE) -> tuple[Placement, MemoryPlan | None]:
+    """On CUDA, plan the micro-batch and the hidden states' place within the GPU memory budget (planned
+    for all the windows, a safe bound for one rank's share)."""
     matmul = "tf32" if settings.matmul == "tf32" else "ieee"
     if device.type != "cuda":
         if settings.max_gpu_memory:
             log.warning("--max-gpu-memory only applies to a CUDA device; this run is on the CPU")
-        return Placement(device, device, settings.micro_batch, matmul), None
+        return Placement(device, device, settings.micro_batch, matmul, group), None
     budget = (parse_size(settings.max_gpu_memory) if settings.max_gpu_memory
               else int(DEFAULT_BUDGET_FRACTION * torch.cuda.mem_get_info(device)[0]))
     on_gpu = decomposition_device(settings.decomposition_device, device) == device  # the fp64 M takes room too
@@ -426,7 +457,21 @@ def _placement(settings: PruneSettings, shape: arch.LayerShape, device: torch.de
              memory.micro_batch, "GPU" if memory.hidden_on_device else "host (they do not fit)")
     torch.cuda.reset_peak_memory_stats(device)
     return Placement(device, device if memory.hidden_on_device else torch.device("cpu"), memory.micro_batch,
-                     matmul), memory
+                     matmul, group), memory
+
+
+def _check_split(settings: PruneSettings, group: distributed.Group) -> None:
+    """Refuse, before any work, a split of the calibration windows the ranks cannot share."""
+    if group.world == 1:
+        return
+    n = settings.nsamples + (settings.self_nsamples if settings.calib != "self" else 0)
+    if n < group.world:
+        raise ValueError(f"{n} calibration windows cannot be split across {group.world} processes: give at least "
+                         f"one window per process (--nsamples)")
+    if settings.reconstruct != "none" and n % group.world:
+        raise ValueError(f"--reconstruct {settings.reconstruct} with {group.world} processes needs a number of "
+                         f"calibration windows ({n}) divisible by {group.world}: every rank must take the same "
+                         f"number of optimiser steps, whose gradients are averaged")
 
 
 def _layer_line(record: LayerResult, n_layers: int, shape: arch.LayerShape) -> str:

@@ -25,6 +25,7 @@ import torch
 from transformers import PretrainedConfig
 
 from . import arch
+from .distributed import SINGLE, Group
 from .runtime import cuda_matmul_precision
 
 __all__ = ["Block", "ReconstructOptions", "ReconstructResult", "reconstruct", "block_error", "trainable_parameters"]
@@ -149,16 +150,28 @@ def _device(blocks: Sequence[Block], device: torch.device | None) -> torch.devic
 
 
 def block_error(blocks: Sequence[Block], inputs: torch.Tensor, targets: torch.Tensor,
-                layer_inputs: arch.LayerInputs, micro_batch: int, device: torch.device | None = None) -> float:
+                layer_inputs: arch.LayerInputs, micro_batch: int, device: torch.device | None = None,
+                group: Group = SINGLE) -> float:
     """||blocks(inputs) - targets||_F / ||targets||_F over all windows, accumulated in fp64.
 
     The layers run in order on `device` (default: that of the first layer's parameters) in
-    micro-batches, under inference mode; `inputs` and `targets` may live on the host.
+    micro-batches, under inference mode; `inputs` and `targets` may live on the host. With a group,
+    the windows are this rank's share and the sums are taken over every rank's.
     """
     _check(blocks, inputs, targets)
     device = _device(blocks, device)
     with torch.inference_mode():
-        return _relative(*_squared_errors(blocks, inputs, targets, layer_inputs, micro_batch, device))
+        return _relative(*group.sum_floats(_squared_errors(blocks, inputs, targets, layer_inputs, micro_batch,
+                                                           device)))
+
+
+def _average_gradients(params: list[torch.nn.Parameter], group: Group) -> None:
+    """DistributedDataParallel's rule: each gradient becomes the mean of the ranks' (fixed order: deterministic)."""
+    if group.world > 1:
+        grads = [p.grad for p in params if p.grad is not None]
+        group.all_reduce(grads)
+        for g in grads:
+            g.div_(group.world)
 
 
 def _autograd_ready(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -185,6 +198,7 @@ def reconstruct(
     device: torch.device | None = None,
     matmul: str = "ieee",
     log: Callable[[str], None] | None = None,
+    group: Group = SINGLE,
 ) -> ReconstructResult:
     """Train the chosen weights of `blocks`, run in order, so that their output on `inputs` matches `targets`.
 
@@ -195,6 +209,10 @@ def reconstruct(
     layer_inputs: arch.layer_inputs(config, seqlen, device, torch.float32); the same for every layer.
     matmul: fp32 matmul precision on CUDA ("ieee" or "tf32"), as runtime.Placement.matmul.
     log: called with one line per epoch.
+    group: data parallelism (distributed.py): `inputs` and `targets` are this rank's share, every rank
+        holds as many windows (so all take the same number of steps), and the gradients are averaged
+        over the ranks before each step, as DistributedDataParallel does: one step sees
+        world x micro_batch windows, so the result differs from one process's (fewer, larger steps).
 
     The objective is the mean squared error over all elements of a micro-batch; AdamW takes one
     step per micro-batch of `options.micro_batch` windows, in an order reshuffled every epoch by a
@@ -226,8 +244,8 @@ def reconstruct(
             for p in params:
                 if p.dtype != torch.float32:
                     raise ValueError(f"reconstruction trains fp32 weights, got a {p.dtype} parameter")
-            err, ref = _squared_errors(blocks, inputs, targets, train_inputs, mb, device)
-            numel = inputs.numel()
+            err, ref, numel = group.sum_floats([*_squared_errors(blocks, inputs, targets, train_inputs, mb, device),
+                                                inputs.numel()])
             if not (math.isfinite(err) and math.isfinite(ref)):
                 raise FloatingPointError("the block's output or its target is not finite before reconstruction")
             loss_before, error_before = err / numel, _relative(err, ref)
@@ -245,10 +263,11 @@ def reconstruct(
                     x = inputs[idx.to(inputs.device)].to(device, torch.float32, non_blocking=True)
                     y = targets[idx.to(targets.device)].to(device, torch.float32, non_blocking=True)
                     if options.schedule == "linear":
-                        for group in optimizer.param_groups:
-                            group["lr"] = options.lr * (total_steps - step) / total_steps
+                        for param_group in optimizer.param_groups:
+                            param_group["lr"] = options.lr * (total_steps - step) / total_steps
                     loss = torch.nn.functional.mse_loss(_forward(blocks, x, train_inputs), y)
                     loss.backward()
+                    _average_gradients(params, group)
                     value = loss.item()
                     if not math.isfinite(value):
                         raise FloatingPointError(f"reconstruction loss became {value} at epoch {epoch + 1}, step "
@@ -258,13 +277,14 @@ def reconstruct(
                     total += value * len(idx)
                     step += 1
                     del x, y, loss
-                epoch_losses.append(total / n)
+                total, seen = group.sum_floats([total, n])
+                epoch_losses.append(total / seen)
                 if log is not None:
-                    log(f"reconstruction epoch {epoch + 1}/{options.epochs}: loss {total / n:.6g}")
+                    log(f"reconstruction epoch {epoch + 1}/{options.epochs}: loss {total / seen:.6g}")
             del optimizer
             for p in params:
                 p.requires_grad_(False)
-            err, ref = _squared_errors(blocks, inputs, targets, train_inputs, mb, device)
+            err, ref = group.sum_floats(_squared_errors(blocks, inputs, targets, train_inputs, mb, device))
     finally:
         for layer, _, _ in blocks:
             for p in layer.parameters():

@@ -11,6 +11,7 @@ import psutil
 import torch
 
 from . import arch
+from .distributed import SINGLE, Group
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class Placement:
     hidden_device: torch.device  # where the hidden states live (the host when they do not fit the GPU)
     micro_batch: int
     matmul: str = "ieee"  # fp32 matmul precision of the forward passes on CUDA: "ieee" or "tf32"
+    group: Group = SINGLE  # the processes sharing the calibration windows (distributed.py); one by default
 
 
 def pick_device(device: str) -> torch.device:

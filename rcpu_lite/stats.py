@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .distributed import Group
 from .runtime import cuda_matmul_precision
 
 
@@ -67,6 +68,18 @@ class InputStats:
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.sum).all()) and _all_finite(self.gram)
 
+    def reduce(self, group: Group) -> None:
+        """Sum the statistics of every rank's share of the windows (distributed.py), in a fixed order."""
+        if group.world > 1:
+            self._reduce_numbers(group)
+            group.all_reduce(self._tensors())
+
+    def _reduce_numbers(self, group: Group) -> None:
+        self.count = int(group.sum_floats([self.count])[0])  # exact in fp64 below 2^53 tokens
+
+    def _tensors(self) -> list[torch.Tensor | None]:
+        return [self.sum, self.sum_sq, self.sum_abs, self.gram]
+
     def hook(self):
         """A forward pre-hook that feeds the module's input into these statistics."""
 
@@ -100,7 +113,10 @@ class PairedStats(InputStats):
         x = x.reshape(-1, self.dim).to(self.gram.dtype)
         self.target_sum += x.sum(0)
         if self.output_cross is None:
-            self.output_cross = torch.zeros(weight.shape[0], self.dim, device=self.gram.device, dtype=self.gram.dtype)
+            # A normal tensor even when the first update runs under inference mode: auto's refit adds to it outside.
+            with torch.inference_mode(False):
+                self.output_cross = torch.zeros(weight.shape[0], self.dim, device=self.gram.device,
+                                                dtype=self.gram.dtype)
         with cuda_matmul_precision("ieee"):
             y = x @ weight.to(x.dtype).T
             self.output_cross.addmm_(y.T, x_hat)
@@ -113,6 +129,14 @@ class PairedStats(InputStats):
     def release(self) -> None:
         self.gram = None
         self.output_cross = None
+
+    def _reduce_numbers(self, group: Group) -> None:
+        count, self.target_energy = group.sum_floats([self.count, self.target_energy])
+        self.count = int(count)
+
+    def _tensors(self) -> list[torch.Tensor | None]:
+        # Every rank has at least one window, so output_cross exists on every rank (update_pair allocates it).
+        return [*super()._tensors(), self.target_sum, self.output_cross]
 
     def is_finite(self) -> bool:
         return super().is_finite() and bool(torch.isfinite(self.target_sum).all()) and (

@@ -1,7 +1,7 @@
 """InputStats accumulated over micro-batches against direct fp64 computations."""
 import torch
 
-from rcpu_lite.stats import InputStats
+from rcpu_lite.stats import InputStats, PairedStats
 
 
 def _activations(seed=0, n=300, d=7):
@@ -114,3 +114,13 @@ def test_is_finite():
     assert stats.is_finite()
     stats.update(torch.tensor([[float("inf"), 0.0, 0.0]]))
     assert not stats.is_finite()
+
+
+def test_paired_statistics_started_under_inference_mode_take_updates_outside_it():
+    # The dense pass runs under inference mode; --compensate auto then adds the held-out tokens outside it.
+    torch.manual_seed(0)
+    stats, weight = PairedStats(4), torch.randn(3, 4)
+    with torch.inference_mode():
+        stats.update_pair(torch.randn(5, 4), torch.randn(5, 4), weight)
+    stats.update_pair(torch.randn(2, 4), torch.randn(2, 4), weight)
+    assert stats.count == 7 and stats.output_cross.shape == (3, 4)

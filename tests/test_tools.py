@@ -55,6 +55,17 @@ def test_sweep_markdown_prints_recorded_rows_in_table_order(tmp_path):
     assert "10 %" not in text  # rows not measured are not invented
 
 
+def test_speed_benchmark_gives_each_of_n_processes_its_share_of_the_cores(tmp_path, monkeypatch):
+    tool = load_tool("bench_speed")
+    monkeypatch.setattr(tool, "cores", lambda: 4)
+    args = argparse.Namespace(ratio=0.2, calib="c4", nsamples=512, seqlen=128)
+    one, one_env = tool.prune_command(tmp_path / "m", tmp_path / "out", args, 1)
+    two, two_env = tool.prune_command(tmp_path / "m", tmp_path / "out", args, 2)
+    assert one[1:4] == ["-m", "rcpu_lite", "prune"] and one_env["OMP_NUM_THREADS"] == "4"
+    assert two[1:5] == ["-m", "torch.distributed.run", "--nproc-per-node", "2"] and two_env["OMP_NUM_THREADS"] == "2"
+    assert one[one.index("prune"):] == two[two.index("prune"):]  # the same prune, only the launcher differs
+
+
 @pytest.mark.parametrize("tool", ["bench_memory", "bench_speed", "bench_inference", "sweep", "make_synthetic"])
 def test_tool_help(tool):
     result = subprocess.run([sys.executable, str(ROOT / "tools" / f"{tool}.py"), "--help"], capture_output=True,
