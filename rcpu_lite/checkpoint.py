@@ -169,7 +169,7 @@ class ShardWriter:
         path = self.path(index)
         tmp = path.with_name(path.name + ".tmp")
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        _fault_hook("before_shard", index)
+        fault_hook("before_shard", index)
         try:
             save_file(cpu, str(tmp), metadata={"format": "pt"})
             with open(tmp, "rb") as f:
@@ -208,7 +208,7 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def _fault_hook(point: str, index: int) -> None:
+def fault_hook(point: str, index: int) -> None:
     """Test-only fault injection: RCPU_LITE_FAULT="before_shard:3:kill" SIGKILLs this process just
     before shard 3 is written; "enospc" raises a full-disk error instead, "sigint"/"sigterm" send
     that signal to this process (the run then stops after this shard). "after_layer:2:kill" fires

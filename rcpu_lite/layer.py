@@ -177,7 +177,9 @@ def prune_layer(
     streams = streams if isinstance(streams, Streams) else Streams(streams)
     shape = arch.layer_shape(cfg)
     widths = widths or _uniform_widths(shape, settings.ratio)
-    run = placement or Placement(streams.calib.device, streams.calib.device, settings.micro_batch)
+    here = streams.calib.device
+    run = placement or Placement(here, here, settings.micro_batch,
+                                 decomposition=decomposition_device(settings.decomposition_device, here))
     watch = watch or Stopwatch(run.device)
     dtypes = {k: v.dtype for k, v in stored.items()}
     tensors = to_compute(stored, run.device, consume=True)
@@ -207,8 +209,7 @@ def prune_layer(
                                         targets, held_targets, inputs, run) if keep_targets else (None, None)
 
     options = CompensationOptions(decomposition=settings.decomposition, damp=settings.damp, damp_abs=settings.damp_abs,
-                                  decomposition_device=str(decomposition_device(settings.decomposition_device,
-                                                                                run.device)))
+                                  decomposition_device=str(run.decomposition))
     projections, decomposition_seconds = {}, 0.0
     for name in ("down_proj", "o_proj"):
         module, kept, held = arch.PROJECTIONS[name], kept_columns[name], dense.held_out[name]

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoConfig
 
 from . import __version__, arch, calibration, distributed, scoring, widths
-from .checkpoint import CheckpointReader, ShardWriter, _fault_hook, copy_side_files
+from .checkpoint import CheckpointReader, ShardWriter, fault_hook, copy_side_files
 from .config import PruneSettings
 from .models import load_tokenizer, resolve_model
 from .output import (DiskFull, OutputError, OutputFormat, check_free_space, check_output, choose_format,
@@ -212,7 +212,7 @@ def _prune(model: str | os.PathLike, out: str | os.PathLike, settings: PruneSett
                 raise Interrupted(f"stopped by {stop.signal or 'a signal to another rank'} after layer {i + 1} of "
                                   f"{n_layers}; the finished layers are kept in {work}: rerun the same command with "
                                   f"--resume to continue")
-            _fault_hook("after_layer", i + 1)
+            fault_hook("after_layer", i + 1)
     if cross:
         cross.finish()
     if not group.is_main:  # rank 0 writes the rest; the others return its report once it is published
@@ -243,7 +243,7 @@ def _prune(model: str | os.PathLike, out: str | os.PathLike, settings: PruneSett
         "settings": vars(settings),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "decomposition_device": str(decomposition_device(settings.decomposition_device, device)),  # auto resolved
+        "decomposition_device": str(run.decomposition),  # auto resolved
         "memory_plan": memory.as_dict() if memory else None,
         "peak_gpu_bytes": peak_gpu_bytes(device),
         "calibration_tokens": calibration_tokens,
@@ -445,19 +445,20 @@ def _placement(settings: PruneSettings, shape: arch.LayerShape, device: torch.de
     """On CUDA, plan the micro-batch and the hidden states' place within the GPU memory budget (planned
     for all the windows, a safe bound for one rank's share)."""
     matmul = "tf32" if settings.matmul == "tf32" else "ieee"
+    decomposition = decomposition_device(settings.decomposition_device, device)
     if device.type != "cuda":
         if settings.max_gpu_memory:
             log.warning("--max-gpu-memory only applies to a CUDA device; this run is on the CPU")
-        return Placement(device, device, settings.micro_batch, matmul, group), None
+        return Placement(device, device, settings.micro_batch, matmul, group, decomposition), None
     budget = (parse_size(settings.max_gpu_memory) if settings.max_gpu_memory
               else int(DEFAULT_BUDGET_FRACTION * torch.cuda.mem_get_info(device)[0]))
-    on_gpu = decomposition_device(settings.decomposition_device, device) == device  # the fp64 M takes room too
+    on_gpu = decomposition == device  # the fp64 M takes room too
     memory = plan_memory(shape, settings.nsamples, settings.seqlen, budget, settings.micro_batch, on_gpu)
     log.info("GPU budget %.2f GiB: micro-batch %d, calibration hidden states on the %s", budget / 2**30,
              memory.micro_batch, "GPU" if memory.hidden_on_device else "host (they do not fit)")
     torch.cuda.reset_peak_memory_stats(device)
     return Placement(device, device if memory.hidden_on_device else torch.device("cpu"), memory.micro_batch,
-                     matmul, group), memory
+                     matmul, group, decomposition), memory
 
 
 def _check_split(settings: PruneSettings, group: distributed.Group) -> None:

@@ -23,6 +23,7 @@ class Placement:
     micro_batch: int
     matmul: str = "ieee"  # fp32 matmul precision of the forward passes on CUDA: "ieee" or "tf32"
     group: Group = SINGLE  # the processes sharing the calibration windows (distributed.py); one by default
+    decomposition: torch.device = torch.device("cpu")  # where the fp64 decomposition of M runs, resolved once
 
 
 def pick_device(device: str) -> torch.device:
