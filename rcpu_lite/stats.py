@@ -20,6 +20,7 @@ class InputStats:
 
     output_cross: torch.Tensor | None = None
     target_energy: float | None = None
+    summed_numbers: tuple[str, ...] = ("count",)  # plain-number statistics that reduce() sums across ranks
 
     def __init__(self, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.dim = dim
@@ -71,11 +72,11 @@ class InputStats:
     def reduce(self, group: Group) -> None:
         """Sum the statistics of every rank's share of the windows (distributed.py), in a fixed order."""
         if group.world > 1:
-            self._reduce_numbers(group)
+            # Sums of plain numbers go through fp64 (the token count is exact below 2^53); each keeps its type.
+            totals = group.sum_floats([getattr(self, name) for name in self.summed_numbers])
+            for name, total in zip(self.summed_numbers, totals):
+                setattr(self, name, type(getattr(self, name))(total))
             group.all_reduce(self._tensors())
-
-    def _reduce_numbers(self, group: Group) -> None:
-        self.count = int(group.sum_floats([self.count])[0])  # exact in fp64 below 2^53 tokens
 
     def _tensors(self) -> list[torch.Tensor | None]:
         return [self.sum, self.sum_sq, self.sum_abs, self.gram]
@@ -100,6 +101,8 @@ class PairedStats(InputStats):
     Every compensation reads C_cross only as W C_cross[:, K], so storing W C_cross instead of C_cross
     costs d_out x d_in instead of d_in^2 (Llama-7B down_proj: 180 MB instead of 485 MB).
     """
+
+    summed_numbers = ("count", "target_energy")
 
     def __init__(self, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         super().__init__(dim, device, dtype)
@@ -129,10 +132,6 @@ class PairedStats(InputStats):
     def release(self) -> None:
         self.gram = None
         self.output_cross = None
-
-    def _reduce_numbers(self, group: Group) -> None:
-        count, self.target_energy = group.sum_floats([self.count, self.target_energy])
-        self.count = int(count)
 
     def _tensors(self) -> list[torch.Tensor | None]:
         # Every rank has at least one window, so output_cross exists on every rank (update_pair allocates it).
