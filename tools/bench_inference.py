@@ -27,7 +27,7 @@ from rcpu_lite.pipeline import prune  # noqa: E402
 
 
 def load(path: Path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 @torch.inference_mode()

@@ -49,7 +49,7 @@ from rcpu_lite.pipeline import prune  # noqa: E402
 
 @torch.inference_mode()
 def dense_forward_seconds(model_dir: Path, windows: torch.Tensor, micro_batch: int) -> float:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     started = time.perf_counter()
     for start in range(0, windows.shape[0], micro_batch):
         model(input_ids=windows[start:start + micro_batch], use_cache=False)
