@@ -22,7 +22,7 @@ import torch
 from transformers import AutoConfig
 
 from . import __version__, arch, calibration, distributed, scoring, widths
-from .checkpoint import CheckpointReader, ShardWriter, fault_hook, copy_side_files
+from .checkpoint import CheckpointReader, ShardWriter, copy_side_files, fault_hook
 from .config import PruneSettings
 from .models import load_tokenizer, resolve_model
 from .output import (DiskFull, OutputError, OutputFormat, check_free_space, check_output, choose_format,
