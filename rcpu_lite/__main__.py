@@ -1,4 +1,4 @@
 """`python -m rcpu_lite` is the rcpu-lite command (so `torchrun -m rcpu_lite prune ...` works)."""
-from .cli import app
+from rcpu_lite.cli import app
 
 app(prog_name="rcpu-lite")

@@ -10,11 +10,11 @@ from typing import Optional
 
 import typer
 
-from .aliases import alias_list
-from .compensation import COMPENSATIONS
-from .config import PruneSettings
-from .scoring import SCORES
-from .widths import ALLOCATIONS
+from rcpu_lite.aliases import alias_list
+from rcpu_lite.methods.compensation import COMPENSATIONS
+from rcpu_lite.settings import PruneSettings
+from rcpu_lite.methods.scoring import SCORES
+from rcpu_lite.methods.allocation import ALLOCATIONS
 
 SCORE_HELP = {name: score.help for name, score in SCORES.items()}
 COMPENSATION_HELP = {name: method.help for name, method in COMPENSATIONS.items()}
@@ -40,8 +40,8 @@ def _fail(err: BaseException, debug: bool, micro_batch: object = "?", resumable:
     """One line on stderr and a distinct exit code; the traceback only with --debug."""
     import torch
 
-    from .inspection import MissingExtra
-    from .pipeline import Interrupted
+    from rcpu_lite.evaluate.inspection import MissingExtra
+    from rcpu_lite.prune.run import Interrupted
 
     if isinstance(err, Interrupted):
         typer.secho(str(err), err=True, fg=typer.colors.YELLOW)
@@ -64,7 +64,7 @@ def _fail(err: BaseException, debug: bool, micro_batch: object = "?", resumable:
 
 def _one_process(command: str) -> None:
     """Only prune splits its work across processes; any other command under torchrun would run K times over."""
-    from .distributed import launched
+    from rcpu_lite.distributed import launched
 
     if launched():
         raise ValueError(f"{command} runs in one process; only prune shares its work across processes: run it "
@@ -78,7 +78,7 @@ def _logging(quiet: bool) -> None:
 def _reporter(quiet: bool):
     """A progress bar when a person watches stderr; one log line per step elsewhere (CI, nohup, a log file);
     neither with --quiet. Also sets up logging, which in a terminal prints above the bar."""
-    from .display import ConsoleLogHandler, PlainReporter, RichReporter
+    from rcpu_lite.display import ConsoleLogHandler, PlainReporter, RichReporter
 
     if quiet or not sys.stderr.isatty():
         _logging(quiet)
@@ -130,7 +130,7 @@ def prune(
 ) -> None:
     """Prune MODEL into a smaller dense checkpoint at --out (plus rcpu_report.json). Several processes share the
     calibration windows under torchrun -m rcpu_lite prune ... (see the README)."""
-    from .pipeline import prune as run_prune
+    from rcpu_lite.prune.run import prune as run_prune
 
     reporter = _reporter(quiet or int(os.environ.get("RANK", "0")) > 0)  # under torchrun, rank 0 speaks for all
     try:
@@ -168,8 +168,8 @@ def evaluate(
 ) -> None:
     """Perplexity of MODEL on a text file, streamed one layer at a time; and/or its zero-shot accuracy on
     lm-evaluation-harness tasks."""
-    from .evaluate import perplexity
-    from .tasks import check_tasks, format_table, run_tasks
+    from rcpu_lite.evaluate.perplexity import perplexity
+    from rcpu_lite.evaluate.tasks import check_tasks, format_table, run_tasks
 
     reporter = _reporter(quiet)
     result, zero_shot = {}, None
@@ -208,7 +208,7 @@ def inspect(
 ) -> None:
     """What a pruned output holds: per layer the widths kept, the errors before and after compensation and the
     method chosen; then parameters, time, peak memory and the settings."""
-    from .inspection import format_table, inspect_output, plot_report
+    from rcpu_lite.evaluate.inspection import format_table, inspect_output, plot_report
 
     try:
         report = inspect_output(out)
@@ -235,7 +235,7 @@ def generate_text(
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
 ) -> None:
     """Print MODEL's continuation of PROMPT as it is generated (every output of prune loads, also per-layer widths)."""
-    from .generate import generate
+    from rcpu_lite.evaluate.generate import generate
 
     _logging(quiet)
     if quiet:  # transformers' own "Loading weights" bar
@@ -261,7 +261,7 @@ def calib_show(
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
 ) -> None:
     """Print a self-generated calibration file: its settings, then each window's text."""
-    from .selfgen import show
+    from rcpu_lite.selfgen import show
 
     try:
         typer.echo(show(file, max_windows))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from . import remote
+from rcpu_lite.output import remote
 
 
 def load_pruned(path: str | os.PathLike, **kwargs) -> PreTrainedModel:

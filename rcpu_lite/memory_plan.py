@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 
-from .arch import NAMED_SHAPES, LayerShape, named_layer_shape
-from .widths import uniform
+from rcpu_lite.families.arch import NAMED_SHAPES, LayerShape, named_layer_shape
+from rcpu_lite.methods.allocation import uniform
 
 FP32, FP64 = 4, 8
 STORED = 2  # bytes per weight in the checkpoints planned for (bf16 / fp16)

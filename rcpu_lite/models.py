@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import aliases
+from rcpu_lite import aliases
 
 log = logging.getLogger("rcpu_lite")
 
@@ -151,7 +151,7 @@ def load_tokenizer(model_dir: Path):
     """The checkpoint's tokenizer, or one clear error when it has none that loads."""
     from transformers import AutoTokenizer
 
-    from . import remote
+    from rcpu_lite.output import remote
 
     # A remote-code output's config.json names model_type rcpu_pruned: hand the tokenizer the base family's
     # config, or transformers would ask (on stdout, interactively) to run the code beside the weights.

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from . import arch
-from .distributed import SINGLE, Group
+from rcpu_lite.families import arch
+from rcpu_lite.distributed import SINGLE, Group
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ import psutil
 import torch
 from transformers import LogitsProcessor
 
-from .display import PlainReporter, Reporter
-from .models import cache_dir as models_cache_dir
+from rcpu_lite.display import PlainReporter, Reporter
+from rcpu_lite.models import cache_dir as models_cache_dir
 
 log = logging.getLogger("rcpu_lite")
 
@@ -250,7 +250,7 @@ class _Chooser(LogitsProcessor):
 
 def _load_model(model_dir: Path, device: torch.device, quant: str):
     """The whole model for generation: stored dtype, or 4-bit through bitsandbytes on CUDA."""
-    from .loading import load_pruned
+    from rcpu_lite.loading import load_pruned
 
     kwargs: dict = {"dtype": stored_dtype(model_dir)}
     if quant == "4bit":
@@ -271,7 +271,7 @@ def _load_model(model_dir: Path, device: torch.device, quant: str):
 
 
 def _device(device: str | torch.device, quant: str) -> torch.device:
-    from .runtime import pick_device
+    from rcpu_lite.runtime import pick_device
 
     dev = device if isinstance(device, torch.device) else pick_device(device)
     if quant == "4bit" and dev.type != "cuda":
@@ -296,7 +296,7 @@ def generate_windows(model_dir: Path, n: int, seqlen: int, seed: int, device: st
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
-    from .models import load_tokenizer
+    from rcpu_lite.models import load_tokenizer
 
     model_dir = Path(model_dir)
     settings = GenSettings(n, seqlen, seed, greedy_tokens, temperature, quant).validate()
@@ -418,7 +418,7 @@ def cached_windows(model_dir: Path, n: int, seqlen: int, seed: int, device: str 
             log.warning("self-generated calibration: %s does not match these settings; generating again", path)
         except SelfGenError as e:
             log.warning("%s; generating again", e)
-    from .models import load_tokenizer
+    from rcpu_lite.models import load_tokenizer
 
     dev, t0 = _device(device, quant), time.perf_counter()
     windows = generate_windows(model_dir, n, seqlen, seed, device=dev, quant=quant, greedy_tokens=greedy_tokens,

@@ -13,7 +13,8 @@ from huggingface_hub import constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 from typer.testing import CliRunner
 
-from rcpu_lite import aliases, models
+from rcpu_lite import aliases
+from rcpu_lite import models
 from rcpu_lite.cli import app
 from rcpu_lite.models import ModelNotFound, resolve_model
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, Qwen2Config
 
-from rcpu_lite.arch import (UnsupportedModel, check_supported, compute_config, layer_inputs, layer_shape,
+from rcpu_lite.families.arch import (UnsupportedModel, check_supported, compute_config, layer_inputs, layer_shape,
                             layer_tensor_names, layer_tensor_shapes, saved_model_type)
-from rcpu_lite.surgery import slice_tensor
+from rcpu_lite.families.units import slice_tensor
 
 
 def llama(**kw) -> LlamaConfig:

@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
 
 import rcpu_lite
-from rcpu_lite import arch, calibration
-from rcpu_lite import evaluate as evaluate_module
-from rcpu_lite.evaluate import perplexity
-from rcpu_lite.pipeline import prune
+from rcpu_lite.families import arch
+from rcpu_lite import calibration
+from rcpu_lite.evaluate import perplexity as evaluate_module
+from rcpu_lite.evaluate.perplexity import perplexity
+from rcpu_lite.prune.run import prune
 
 import tiny
 from test_pipeline import INDEX_NAME, load_model, logits, make_settings, read_shards, some_token_ids

@@ -1,10 +1,10 @@
 """--compensate auto: least squares where tokens per dimension are plenty, the rotation where they are few."""
 import torch
 
-from rcpu_lite import auto
-from rcpu_lite.compensation import CompensationOptions
-from rcpu_lite.layer import HeldOut
-from rcpu_lite.stats import InputStats
+from rcpu_lite.methods import auto
+from rcpu_lite.methods.compensation import CompensationOptions
+from rcpu_lite.prune.step import HeldOut
+from rcpu_lite.methods.stats import InputStats
 
 
 def _problem(n_calib: int, seed: int = 0, d_out: int = 24, d_in: int = 48, noise: float = 0.6):

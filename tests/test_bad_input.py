@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import rcpu_lite.pipeline as pipeline
+import rcpu_lite.prune.run as pipeline
 import tiny
 from rcpu_lite.cli import app
-from rcpu_lite.progress import MANIFEST_NAME
+from rcpu_lite.output.manifest import MANIFEST_NAME
 
 runner = CliRunner()
 MESSAGES: list[tuple[str, str, int]] = []  # (bad input, stderr, exit code), printed at the end with -s
@@ -319,7 +319,7 @@ def _no_free_space(path):
 def test_disk_space_is_checked_before_starting(model, tmp_path, calib_file, monkeypatch):
     before = snapshot(model)
     out = tmp_path / "out"
-    monkeypatch.setattr("rcpu_lite.pipeline.shutil.disk_usage", _no_free_space)
+    monkeypatch.setattr("rcpu_lite.prune.run.shutil.disk_usage", _no_free_space)
     result = prune(model, out, calib_file)
     assert_one_line_error(result, "not enough free disk space (1000 bytes free)", ["KiB", "1000 B are free"],
                           ["free space", "choose another --out"])
@@ -331,7 +331,7 @@ def test_disk_space_is_checked_before_starting(model, tmp_path, calib_file, monk
 def test_after_disk_space_refusal_the_same_command_runs(model, tmp_path, calib_file, monkeypatch):
     """The message says "free space or choose another --out": once space is freed, the same command works."""
     out = tmp_path / "out"
-    monkeypatch.setattr("rcpu_lite.pipeline.shutil.disk_usage", _no_free_space)
+    monkeypatch.setattr("rcpu_lite.prune.run.shutil.disk_usage", _no_free_space)
     assert prune(model, out, calib_file).exit_code == 2
     monkeypatch.undo()  # space freed
     result = prune(model, out, calib_file)

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from rcpu_lite import arch
+from rcpu_lite.families import arch
 from rcpu_lite.checkpoint import CheckpointReader
 
 

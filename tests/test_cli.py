@@ -39,7 +39,7 @@ def test_preset_values_apply_and_flags_override_them(tiny, tmp_path):
 def test_every_shipped_preset_is_valid():
     from pathlib import Path
 
-    from rcpu_lite.config import PruneSettings
+    from rcpu_lite.settings import PruneSettings
 
     presets = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
     methods = set()
@@ -99,11 +99,11 @@ def test_every_setting_has_a_prune_option_that_reaches_it(tiny, tmp_path, monkey
     """Each PruneSettings field is a --flag of `rcpu-lite prune`, and a value given there arrives."""
     import dataclasses
 
-    from rcpu_lite import pipeline
-    from rcpu_lite.config import PruneSettings
+    from rcpu_lite.prune import run
+    from rcpu_lite.settings import PruneSettings
 
     seen = {}
-    monkeypatch.setattr(pipeline, "prune", lambda model, out, settings, **kw: seen.setdefault("s", settings))
+    monkeypatch.setattr(run, "prune", lambda model, out, settings, **kw: seen.setdefault("s", settings))
     values = {"targets": "dense", "holdout": "none", "holdout_nsamples": "3", "reconstruct": "block",
               "recon_epochs": "2", "recon_lr": "0.01", "recon_micro_batch": "2", "recon_train": "out",
               "recon_norms": "train", "self_nsamples": "0", "gen_quant": "none", "damp": "0.05", "damp_abs": "0.001",

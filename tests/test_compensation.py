@@ -4,7 +4,7 @@ import torch
 
 from types import SimpleNamespace
 
-from rcpu_lite import compensation as comp
+from rcpu_lite.methods import compensation as comp
 
 GRAM_ONLY_METHODS = ("rotation", "rotation-scale", "none", "lstsq")  # the methods that need only the Gram
 

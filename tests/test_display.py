@@ -14,7 +14,7 @@ from rich.console import Console
 
 from rcpu_lite import cli
 from rcpu_lite.display import PlainReporter, RichReporter, StageCursor
-from rcpu_lite.pipeline import prune
+from rcpu_lite.prune.run import prune
 
 from test_pipeline import make_settings
 
@@ -105,7 +105,7 @@ def test_cross_reconstruction_reports_its_window_and_every_layer_once(model, cal
 
 
 def test_eval_counts_windows_and_their_steps_add_up(model, calib_file):
-    from rcpu_lite.evaluate import perplexity
+    from rcpu_lite.evaluate.perplexity import perplexity
 
     recorder = Recorder()
     perplexity(model, calib_file, seqlen=16, max_windows=5, device="cpu", reporter=recorder)

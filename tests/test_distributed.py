@@ -25,8 +25,8 @@ from typer.testing import CliRunner
 
 from rcpu_lite import distributed
 from rcpu_lite.cli import app
-from rcpu_lite.pipeline import REPORT_NAME, _check_split, prune
-from rcpu_lite.progress import MANIFEST_NAME
+from rcpu_lite.prune.run import REPORT_NAME, _check_split, prune
+from rcpu_lite.output.manifest import MANIFEST_NAME
 
 from test_pipeline import make_settings
 from test_resume import assert_same_output, cli_args

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from rcpu_lite import arch
+from rcpu_lite.families import arch
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "expand_kv.py"

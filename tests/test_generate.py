@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 import rcpu_lite
-from rcpu_lite import remote
+from rcpu_lite.output import remote
 from rcpu_lite.cli import app
-from rcpu_lite.generate import generate, prompt_ids
-from rcpu_lite.widths import LayerWidths as W
+from rcpu_lite.evaluate.generate import generate, prompt_ids
+from rcpu_lite.methods.allocation import LayerWidths as W
 from test_remote import write_output
 
 PROMPT = "The game was released in Japan"

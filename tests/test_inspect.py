@@ -9,11 +9,11 @@ import pytest
 from typer.testing import CliRunner
 
 from rcpu_lite.cli import app
-from rcpu_lite.config import PruneSettings
-from rcpu_lite.inspection import (PLOT_DPI, PLOT_EXTRA_HINT, PLOT_SIZE_INCHES, InspectReport, format_table,
+from rcpu_lite.settings import PruneSettings
+from rcpu_lite.evaluate.inspection import (PLOT_DPI, PLOT_EXTRA_HINT, PLOT_SIZE_INCHES, InspectReport, format_table,
                                inspect_output)
-from rcpu_lite.pipeline import prune
-from rcpu_lite.records import REPORT_NAME
+from rcpu_lite.prune.run import prune
+from rcpu_lite.output.report import REPORT_NAME
 
 runner = CliRunner()
 LAYERS = 3

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rcpu_lite.config import PruneSettings
+from rcpu_lite.settings import PruneSettings
 from rcpu_lite.models import resolve_model
-from rcpu_lite.pipeline import prune
+from rcpu_lite.prune.run import prune
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_synthetic.py"
 

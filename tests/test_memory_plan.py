@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from rcpu_lite import memory_plan as mp
-from rcpu_lite.arch import NAMED_SHAPES, LayerShape, named_layer_shape
-from rcpu_lite.config import PruneSettings, SettingsError
+from rcpu_lite.families.arch import NAMED_SHAPES, LayerShape, named_layer_shape
+from rcpu_lite.settings import PruneSettings, SettingsError
 from rcpu_lite.runtime import cuda_matmul_precision
 
 LLAMA_7B = LayerShape(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
@@ -83,7 +83,7 @@ def test_cuda_matmul_precision_restores_the_previous_setting():
 
 
 def test_statistics_accumulate_in_ieee_fp32_inside_a_tf32_block(monkeypatch):
-    from rcpu_lite.stats import InputStats
+    from rcpu_lite.methods.stats import InputStats
 
     seen = []
     stats = InputStats(4)

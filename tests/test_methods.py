@@ -3,8 +3,8 @@ ridge least squares (normal equations), FLAP's bias, and their composition."""
 import pytest
 import torch
 
-from rcpu_lite import compensation as comp
-from rcpu_lite.stats import InputStats
+from rcpu_lite.methods import compensation as comp
+from rcpu_lite.methods.stats import InputStats
 
 
 def _problem(seed=0, d_out=6, d_in=12, n=300, kept=(0, 2, 3, 5, 6, 8, 9, 11)):
@@ -122,7 +122,7 @@ def test_release_frees_the_gram():
 
 def _dense_problem(seed=20, d_out=6, d_in=12, n=400, kept=(0, 2, 3, 5, 6, 8, 9, 11)):
     """x (the dense stream's inputs) and x_hat = x + drift (what the already pruned layers pass on)."""
-    from rcpu_lite.stats import PairedStats
+    from rcpu_lite.methods.stats import PairedStats
 
     w, x, _, k = _problem(seed, d_out, d_in, n, kept)
     g = torch.Generator().manual_seed(seed + 1)
@@ -164,7 +164,7 @@ def test_dense_target_least_squares_and_bias():
 
 def test_dense_targets_on_the_same_stream_are_local_targets():
     """When the pruned stream is the dense one (nothing pruned before), dense and local targets agree."""
-    from rcpu_lite.stats import PairedStats
+    from rcpu_lite.methods.stats import PairedStats
 
     w, x, local, k = _problem(seed=22)
     paired = PairedStats(x.shape[1], dtype=torch.float64)

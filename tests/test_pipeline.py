@@ -15,9 +15,9 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rcpu_lite import calibration
-from rcpu_lite.arch import UnsupportedModel
-from rcpu_lite.config import PruneSettings
-from rcpu_lite.pipeline import REPORT_NAME, prune
+from rcpu_lite.families.arch import UnsupportedModel
+from rcpu_lite.settings import PruneSettings
+from rcpu_lite.prune.run import REPORT_NAME, prune
 
 import tiny
 

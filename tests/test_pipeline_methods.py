@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rcpu_lite import calibration, load_pruned
-from rcpu_lite.compensation import method_names
-from rcpu_lite.evaluate import perplexity
-from rcpu_lite.pipeline import prune
+from rcpu_lite import calibration
+from rcpu_lite import load_pruned
+from rcpu_lite.methods.compensation import method_names
+from rcpu_lite.evaluate.perplexity import perplexity
+from rcpu_lite.prune.run import prune
 from test_pipeline import make_settings, read_shards
 
 ALL_METHODS = method_names()

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rcpu_lite.config import PruneSettings
-from rcpu_lite.evaluate import perplexity
+from rcpu_lite.settings import PruneSettings
+from rcpu_lite.evaluate.perplexity import perplexity
 from rcpu_lite.models import resolve_model
-from rcpu_lite.pipeline import prune
+from rcpu_lite.prune.run import prune
 
 CALIB = "wikitext2"  # built-in calibration name: the bundled WikiText-2 validation split
 TEST = "wikitext2"  # built-in evaluation name: the bundled WikiText-2 raw test split

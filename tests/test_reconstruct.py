@@ -5,9 +5,10 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from rcpu_lite import arch, surgery
+from rcpu_lite.families import arch
+from rcpu_lite.families import units
 from rcpu_lite.checkpoint import CheckpointReader
-from rcpu_lite.reconstruct import ReconstructOptions, block_error, reconstruct, trainable_parameters
+from rcpu_lite.methods.reconstruct import ReconstructOptions, block_error, reconstruct, trainable_parameters
 
 WINDOWS, SEQLEN = 16, 16
 LR = 2e-2  # the paper's 2e-4 is for 7B models; tiny random ones need a larger step to move in a few epochs
@@ -39,10 +40,10 @@ class Model:
 
     def compact_tensors(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i cut to the kept units (o_proj / down_proj simply sliced: no compensation), as fresh tensors."""
-        columns = {"self_attn.o_proj.weight": surgery.head_columns(self.heads, self.shape.head_dim),
+        columns = {"self_attn.o_proj.weight": units.head_columns(self.heads, self.shape.head_dim),
                    "mlp.down_proj.weight": self.channels}
         return {name: t[:, columns[name]].clone() if name in columns else
-                surgery.slice_tensor(name, t, self.shape, self.heads, self.kv_heads, self.channels).clone()
+                units.slice_tensor(name, t, self.shape, self.heads, self.kv_heads, self.channels).clone()
                 for name, t in self.dense[i].items()}
 
     def compact_block(self, i: int):

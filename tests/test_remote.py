@@ -18,10 +18,12 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import rcpu_lite
-from rcpu_lite import arch, calibration, remote
+from rcpu_lite.families import arch
+from rcpu_lite import calibration
+from rcpu_lite.output import remote
 from rcpu_lite.checkpoint import CheckpointReader, ShardWriter, copy_side_files
-from rcpu_lite.evaluate import perplexity
-from rcpu_lite.widths import LayerWidths
+from rcpu_lite.evaluate.perplexity import perplexity
+from rcpu_lite.methods.allocation import LayerWidths
 
 W = LayerWidths
 # name -> (tiny spec, overrides, widths per layer, biases added)
@@ -198,7 +200,7 @@ def test_trust_remote_code_loads_and_reproduces_logits(output):
 def test_load_pruned_reproduces_logits_without_remote_code(output, tmp_path):
     model, info = rcpu_lite.load_pruned(output["out"], dtype=torch.float32, output_loading_info=True)
     assert_clean_load(info)
-    assert type(model).__module__ == "rcpu_lite.modeling_rcpu"  # rcpu-lite's own copy, not the one beside the weights
+    assert type(model).__module__ == "rcpu_lite.output.modeling_rcpu"  # rcpu-lite's own copy, not the one beside the weights
     delta = (model_logits(model, output["ids"]) - output["reference"]).abs().max().item()
     assert delta <= 1e-4, f"load_pruned model differs from the reference by {delta}"
 

@@ -13,8 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from rcpu_lite.cli import app
-from rcpu_lite.pipeline import REPORT_NAME, prune
-from rcpu_lite.progress import MANIFEST_NAME
+from rcpu_lite.prune.run import REPORT_NAME, prune
+from rcpu_lite.output.manifest import MANIFEST_NAME
 
 from test_pipeline import make_settings
 
@@ -128,7 +128,7 @@ def test_resume_refuses_a_changed_input(model, calib_file, tmp_path, monkeypatch
 
 def test_every_shard_is_fsynced_before_the_manifest_declares_it(model, calib_file, tmp_path, monkeypatch):
     import rcpu_lite.checkpoint as checkpoint
-    from rcpu_lite.progress import Manifest
+    from rcpu_lite.output.manifest import Manifest
 
     synced: list[str] = []
     real_fsync = checkpoint.os.fsync
@@ -162,7 +162,7 @@ def test_every_shard_is_fsynced_before_the_manifest_declares_it(model, calib_fil
     ],
 )
 def test_fingerprint_differences_say_what_changed(key, old, new, words):
-    from rcpu_lite.progress import differences
+    from rcpu_lite.output.manifest import differences
 
     assert differences({key: old}, {key: old}) == []
     diff = differences({key: old}, {key: new})
@@ -170,7 +170,7 @@ def test_fingerprint_differences_say_what_changed(key, old, new, words):
 
 
 def test_device_and_micro_batch_do_not_block_resume(model, calib_file):
-    from rcpu_lite.progress import fingerprint
+    from rcpu_lite.output.manifest import fingerprint
 
     windows = torch.zeros(2, 4, dtype=torch.long)
     a = fingerprint(model, make_settings(calib_file, micro_batch=3, device="cpu"), windows)

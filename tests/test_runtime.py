@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from rcpu_lite.config import PruneSettings, SettingsError
-from rcpu_lite.progress import RUNTIME_SETTINGS
+from rcpu_lite.settings import PruneSettings, SettingsError
+from rcpu_lite.output.manifest import RUNTIME_SETTINGS
 from rcpu_lite.runtime import decomposition_device, to_compute
 
 

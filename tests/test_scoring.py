@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from rcpu_lite import scoring, widths
-from rcpu_lite.arch import LayerShape
-from rcpu_lite.stats import InputStats
+from rcpu_lite.methods import scoring
+from rcpu_lite.methods import allocation
+from rcpu_lite.families.arch import LayerShape
+from rcpu_lite.methods.stats import InputStats
 
 
 def _setup(seed=0, d_out=5, d_in=8, n=200):
@@ -108,7 +109,7 @@ def test_kept_channels_paper_count():
 
 def _keep(n_heads, n_kv, ratio):
     """Query heads the uniform plan keeps (channels: n_heads = n_kv gives n - int(ratio * n))."""
-    return widths.heads_kept(LayerShape(64, n_heads, n_kv, 8, 96), ratio)[0]
+    return allocation.heads_kept(LayerShape(64, n_heads, n_kv, 8, 96), ratio)[0]
 
 
 def test_kept_heads_gqa_refuses_uneven_groups():

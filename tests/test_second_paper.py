@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from rcpu_lite import calibration
-from rcpu_lite.auto import candidates
-from rcpu_lite.pipeline import REPORT_NAME, prune
+from rcpu_lite.methods.auto import candidates
+from rcpu_lite.prune.run import REPORT_NAME, prune
 from test_pipeline import make_settings, read_shards
 from test_resume import assert_same_output
 

@@ -1,7 +1,7 @@
 """InputStats accumulated over micro-batches against direct fp64 computations."""
 import torch
 
-from rcpu_lite.stats import InputStats, PairedStats
+from rcpu_lite.methods.stats import InputStats, PairedStats
 
 
 def _activations(seed=0, n=300, d=7):

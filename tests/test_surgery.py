@@ -1,8 +1,8 @@
 """slice_layer / head_columns on a fake layer with distinguishable values."""
 import torch
 
-from rcpu_lite.arch import LayerShape
-from rcpu_lite.surgery import head_columns, slice_layer
+from rcpu_lite.families.arch import LayerShape
+from rcpu_lite.families.units import head_columns, slice_layer
 
 SHAPE = LayerShape(hidden_size=8, num_attention_heads=4, num_key_value_heads=2, head_dim=3, intermediate_size=5)
 

@@ -16,10 +16,10 @@ import yaml
 from typer.testing import CliRunner
 
 import rcpu_lite
-from rcpu_lite import remote
+from rcpu_lite.output import remote
 from rcpu_lite.cli import app
-from rcpu_lite.tasks import CONFIG_DIR, TASKS, format_table, run_tasks
-from rcpu_lite.widths import LayerWidths as W
+from rcpu_lite.evaluate.tasks import CONFIG_DIR, TASKS, format_table, run_tasks
+from rcpu_lite.methods.allocation import LayerWidths as W
 from test_remote import write_output  # noqa: E402
 
 runner = CliRunner()

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rcpu_lite.config import PruneSettings
-from rcpu_lite.pipeline import prune
+from rcpu_lite.settings import PruneSettings
+from rcpu_lite.prune.run import prune
 
 ROOT = Path(__file__).resolve().parents[1]
 

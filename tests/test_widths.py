@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from rcpu_lite import widths
-from rcpu_lite.arch import LayerShape, UnitCosts
+from rcpu_lite.methods import allocation
+from rcpu_lite.families.arch import LayerShape, UnitCosts
 
 LLAMA_7B = LayerShape(4096, 32, 32, 128, 11008)
 SMOLLM2 = LayerShape(576, 9, 3, 64, 1536)
@@ -21,24 +21,24 @@ def _fraction_removed(plan, shape):
 
 
 def test_uniform_is_the_paper_count():
-    plan = widths.uniform(LLAMA_7B, 32, 0.2)
-    assert plan.uniform and plan.layers[0] == widths.LayerWidths(26, 26, 11008 - 2201)
-    assert widths.uniform(SMOLLM2, 30, 0.2).layers[0] == widths.LayerWidths(9, 3, 1536 - 307)  # no head can go
+    plan = allocation.uniform(LLAMA_7B, 32, 0.2)
+    assert plan.uniform and plan.layers[0] == allocation.LayerWidths(26, 26, 11008 - 2201)
+    assert allocation.uniform(SMOLLM2, 30, 0.2).layers[0] == allocation.LayerWidths(9, 3, 1536 - 307)  # no head can go
 
 
 @pytest.mark.parametrize("target", [0.1, 0.2, 0.3])
 def test_target_params_hits_the_budget_on_gqa(target):
-    plan = widths.target_params(SMOLLM2, 30, target, _costs(SMOLLM2))
+    plan = allocation.target_params(SMOLLM2, 30, target, _costs(SMOLLM2))
     assert plan.uniform
     channel_share = _costs(SMOLLM2).channel / _costs(SMOLLM2).layer
     assert abs(_fraction_removed(plan, SMOLLM2) - target) <= channel_share / 2 + 1e-12  # nearest channel
-    assert _fraction_removed(widths.uniform(SMOLLM2, 30, target), SMOLLM2) < 0.8 * target  # what uniform falls short
+    assert _fraction_removed(allocation.uniform(SMOLLM2, 30, target), SMOLLM2) < 0.8 * target  # what uniform falls short
 
 
 @pytest.mark.parametrize("shape", [LLAMA_7B, SMOLLM2])
 def test_depth_rises_with_depth_and_hits_the_budget(shape):
     n_layers = 12
-    plan = widths.depth(shape, n_layers, 0.3, _costs(shape), spread=0.5)
+    plan = allocation.depth(shape, n_layers, 0.3, _costs(shape), spread=0.5)
     assert not plan.uniform
     channels = [w.channels for w in plan.layers]
     assert channels == sorted(channels, reverse=True)  # deeper layers keep fewer channels
@@ -57,7 +57,7 @@ def _adaptive_inputs(shape, n_layers, seed=0, low_layer=None):
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
 def test_adaptive_hits_the_budget_within_one_unit(shape, ratio):
     n_layers, costs = 4, _costs(shape)
-    plan = widths.adaptive(shape, n_layers, ratio, costs, *_adaptive_inputs(shape, n_layers))
+    plan = allocation.adaptive(shape, n_layers, ratio, costs, *_adaptive_inputs(shape, n_layers))
     budget = ratio * costs.layer * n_layers
     assert abs(plan.params_removed(shape, costs) - budget) <= costs.channel / 2 + 1e-9
     for w in plan.layers:
@@ -76,12 +76,12 @@ def test_adaptive_follows_standardised_scores_not_raw_scale():
     o, ch = _adaptive_inputs(shape, n_layers, seed=1)
     o[1], ch[1] = o[1] * 1000, ch[1] * 1000
     ch[2][:30] = -10.0  # 30 channels far below the rest of layer 2
-    plan = widths.adaptive(shape, n_layers, 0.2, _costs(shape), o, ch)
+    plan = allocation.adaptive(shape, n_layers, 0.2, _costs(shape), o, ch)
     kept = [w.channels for w in plan.layers]
     assert kept[2] <= 96 - 30
     assert abs(kept[0] - kept[1]) <= 5  # the scale of layer 1 did not protect it
 
 
 def test_plan_round_trips_through_json():
-    plan = widths.depth(LLAMA_7B, 4, 0.2, _costs(LLAMA_7B))
-    assert widths.WidthPlan.from_json(plan.as_json()) == plan
+    plan = allocation.depth(LLAMA_7B, 4, 0.2, _costs(LLAMA_7B))
+    assert allocation.WidthPlan.from_json(plan.as_json()) == plan

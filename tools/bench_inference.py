@@ -21,9 +21,9 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rcpu_lite import calibration  # noqa: E402
-from rcpu_lite.config import PruneSettings  # noqa: E402
+from rcpu_lite.settings import PruneSettings  # noqa: E402
 from rcpu_lite.models import load_tokenizer, resolve_model  # noqa: E402
-from rcpu_lite.pipeline import prune  # noqa: E402
+from rcpu_lite.prune.run import prune  # noqa: E402
 
 
 def load(path: Path):

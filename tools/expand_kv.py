@@ -26,11 +26,11 @@ import torch
 from transformers import AutoConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rcpu_lite import arch  # noqa: E402
+from rcpu_lite.families import arch  # noqa: E402
 from rcpu_lite.checkpoint import CheckpointReader, ShardWriter, copy_side_files  # noqa: E402
 from rcpu_lite.models import resolve_model  # noqa: E402
-from rcpu_lite.output import check_free_space  # noqa: E402
-from rcpu_lite.progress import fsync_dir  # noqa: E402
+from rcpu_lite.output.formats import check_free_space  # noqa: E402
+from rcpu_lite.output.manifest import fsync_dir  # noqa: E402
 
 KV_TENSORS = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
 

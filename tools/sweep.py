@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rcpu_lite.config import tomllib  # noqa: E402  (tomli on Python 3.10)
+from rcpu_lite.settings import tomllib  # noqa: E402  (tomli on Python 3.10)
 
 
 def run(cmd: list[str]) -> str:

@@ -10,8 +10,8 @@ import textwrap
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .output import working_dir
-from .records import PROJECTIONS, REPORT_NAME, LayerResult, ProjectionResult
+from rcpu_lite.output.formats import working_dir
+from rcpu_lite.output.report import PROJECTIONS, REPORT_NAME, LayerResult, ProjectionResult
 
 PLOT_SIZE_INCHES = (9.0, 7.0)
 PLOT_DPI = 100  # with PLOT_SIZE_INCHES: a 900 x 700 PNG

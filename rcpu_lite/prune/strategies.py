@@ -24,15 +24,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import arch
-from .layer import Carry, _reconstruct_options, propagate, prune_layer
-from .output import OutputError
-from .progress import fsync_dir
-from .records import LayerResult
-from .reconstruct import reconstruct
-from .runtime import Placement, Stopwatch, to_compute
-from .streams import Streams
-from .widths import LayerWidths
+from rcpu_lite.families import arch
+from rcpu_lite.prune.step import Carry, _reconstruct_options, propagate, prune_layer
+from rcpu_lite.output.formats import OutputError
+from rcpu_lite.output.manifest import fsync_dir
+from rcpu_lite.output.report import LayerResult
+from rcpu_lite.methods.reconstruct import reconstruct
+from rcpu_lite.runtime import Placement, Stopwatch, to_compute
+from rcpu_lite.prune.streams import Streams
+from rcpu_lite.methods.allocation import LayerWidths
 
 PENDING = "rcpu_pending-{:05d}.safetensors"
 _TARGETS = ("rcpu.targets.calib", "rcpu.targets.holdout")

@@ -12,11 +12,11 @@ import torch
 
 from dataclasses import dataclass
 
-from . import arch
-from .checkpoint import CheckpointReader
-from .compensation import has_bias
-from .widths import LayerWidths, WidthPlan
-from .progress import MANIFEST_NAME, fsync_dir
+from rcpu_lite.families import arch
+from rcpu_lite.checkpoint import CheckpointReader
+from rcpu_lite.methods.compensation import has_bias
+from rcpu_lite.methods.allocation import LayerWidths, WidthPlan
+from rcpu_lite.output.manifest import MANIFEST_NAME, fsync_dir
 
 log = logging.getLogger("rcpu_lite")
 
@@ -142,7 +142,7 @@ class OutputFormat:
 
 
 def _remote_format() -> OutputFormat:
-    from .modeling_rcpu import MODEL_TYPE  # the remote-code format (remote.py writes its config)
+    from rcpu_lite.output.modeling_rcpu import MODEL_TYPE  # the remote-code format (remote.py writes its config)
 
     return OutputFormat(True, MODEL_TYPE)
 
@@ -177,7 +177,7 @@ def pruned_config_json(model_dir: Path, layer_widths: list[LayerWidths], shape: 
     config = json.loads((model_dir / "config.json").read_text())
     config.pop("quantization_config", None)
     if fmt.remote:
-        from . import remote
+        from rcpu_lite.output import remote
 
         return remote.config_json(config, layer_widths, shape.head_dim, biases)
     widths = set(layer_widths)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .arch import LayerShape
+from rcpu_lite.families.arch import LayerShape
 
 
 def _rows(t: torch.Tensor, kept_units: torch.Tensor, unit: int) -> torch.Tensor:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .distributed import Group
-from .runtime import cuda_matmul_precision
+from rcpu_lite.distributed import Group
+from rcpu_lite.runtime import cuda_matmul_precision
 
 
 class InputStats:

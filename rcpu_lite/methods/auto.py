@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .compensation import Compensation, CompensationOptions, compensate
+from rcpu_lite.methods.compensation import Compensation, CompensationOptions, compensate
 
 DAMP_GRID = (1e-4, 1e-3, 1e-2, 1e-1)  # least squares: lambda = damp * mean(diag C_KK)
 METHODS = ("auto", "auto+bias")  # the --compensate values that choose

@@ -12,11 +12,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import arch, calibration, remote
-from .checkpoint import CheckpointReader
-from .display import PlainReporter, Reporter
-from .models import load_tokenizer, resolve_model
-from .runtime import peak_rss_bytes, pick_device, run_layer_batched, to_compute
+from rcpu_lite.families import arch
+from rcpu_lite import calibration
+from rcpu_lite.output import remote
+from rcpu_lite.checkpoint import CheckpointReader
+from rcpu_lite.display import PlainReporter, Reporter
+from rcpu_lite.models import load_tokenizer, resolve_model
+from rcpu_lite.runtime import peak_rss_bytes, pick_device, run_layer_batched, to_compute
 
 
 @torch.inference_mode()

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .inspection import MissingExtra
-from .models import hub_offline, load_tokenizer, resolve_model
-from .runtime import pick_device
+from rcpu_lite.evaluate.inspection import MissingExtra
+from rcpu_lite.models import hub_offline, load_tokenizer, resolve_model
+from rcpu_lite.runtime import pick_device
 
 CONFIG_DIR = Path(__file__).resolve().parent / "task_configs"
 EVAL_EXTRA_HINT = "pip install 'rcpu-lite[eval]'"
@@ -181,7 +181,7 @@ def run_tasks(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from .generate import load_model
+    from rcpu_lite.evaluate.generate import load_model
 
     model_dir = resolve_model(model)
     tokenizer = load_tokenizer(model_dir)

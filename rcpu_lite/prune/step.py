@@ -10,15 +10,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import arch, auto, compensation, scoring, surgery
-from .compensation import CompensationOptions
-from .config import PruneSettings
-from .records import LayerResult, ProjectionResult
-from .reconstruct import ReconstructOptions, block_error, reconstruct
-from .runtime import Placement, Stopwatch, cuda_matmul_precision, decomposition_device, to_compute
-from .stats import InputStats, PairedStats
-from .streams import Streams
-from .widths import LayerWidths
+from rcpu_lite.families import arch
+from rcpu_lite.methods import auto
+from rcpu_lite.methods import compensation
+from rcpu_lite.methods import scoring
+from rcpu_lite.families import units
+from rcpu_lite.methods.compensation import CompensationOptions
+from rcpu_lite.settings import PruneSettings
+from rcpu_lite.output.report import LayerResult, ProjectionResult
+from rcpu_lite.methods.reconstruct import ReconstructOptions, block_error, reconstruct
+from rcpu_lite.runtime import Placement, Stopwatch, cuda_matmul_precision, decomposition_device, to_compute
+from rcpu_lite.methods.stats import InputStats, PairedStats
+from rcpu_lite.prune.streams import Streams
+from rcpu_lite.methods.allocation import LayerWidths
 
 
 @dataclass
@@ -193,14 +197,14 @@ def prune_layer(
     heads, kv_heads, channels = scoring.select(settings.score, weights, dense.score_stats, shape, widths)
     run.group.broadcast([heads, kv_heads, channels])  # rank 0's units: the same on every rank whatever the rounding
     on_device = [t.to(run.device) for t in (heads, kv_heads, channels)]
-    kept_columns = {"o_proj": surgery.head_columns(heads, shape.head_dim).to(run.device), "down_proj": on_device[2]}
+    kept_columns = {"o_proj": units.head_columns(heads, shape.head_dim).to(run.device), "down_proj": on_device[2]}
     watch.lap("scores")
 
     compact = {}  # fp32, on the compute device, until written
     for name in list(tensors):
         if name in (arch.PROJECTIONS[p] + ".bias" for p in dense.stats):
             continue  # an output bias keeps its shape; a compensating bias is added to it below
-        compact[name] = surgery.slice_tensor(name, tensors.pop(name), shape, *on_device)
+        compact[name] = units.slice_tensor(name, tensors.pop(name), shape, *on_device)
     layer_cfg = arch.pruned_config(cfg, widths.heads, widths.kv_heads, widths.channels)
     targets = streams.dense if streams.dense is not None else dense.targets
     held_targets = streams.holdout_dense if streams.holdout_dense is not None else dense.held_out_targets
@@ -302,7 +306,7 @@ def propagate(layer_cfg, index: int, written: dict[str, torch.Tensor], streams: 
 
 
 def _uniform_widths(shape: arch.LayerShape, ratio: float) -> LayerWidths:
-    from .widths import uniform
+    from rcpu_lite.methods.allocation import uniform
 
     return uniform(shape, 1, ratio).layers[0]
 

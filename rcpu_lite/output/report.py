@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .widths import LayerWidths
+from rcpu_lite.methods.allocation import LayerWidths
 
 REPORT_NAME = "rcpu_report.json"  # the run report in every output directory
 PROJECTIONS = ("o_proj", "down_proj")

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .arch import LayerShape, UnitCosts
+from rcpu_lite.families.arch import LayerShape, UnitCosts
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from rcpu_lite import __version__
 
 MANIFEST_NAME = "rcpu_progress.json"
 RUNTIME_SETTINGS = ("device", "micro_batch", "max_gpu_memory", "decomposition_device")

@@ -21,22 +21,27 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from . import __version__, arch, calibration, distributed, scoring, widths
-from .checkpoint import CheckpointReader, ShardWriter, copy_side_files, fault_hook
-from .config import PruneSettings
-from .models import load_tokenizer, resolve_model
-from .output import (DiskFull, OutputError, OutputFormat, check_free_space, check_output, choose_format,
+from rcpu_lite import __version__
+from rcpu_lite.families import arch
+from rcpu_lite import calibration
+from rcpu_lite import distributed
+from rcpu_lite.methods import scoring
+from rcpu_lite.methods import allocation
+from rcpu_lite.checkpoint import CheckpointReader, ShardWriter, copy_side_files, fault_hook
+from rcpu_lite.settings import PruneSettings
+from rcpu_lite.models import load_tokenizer, resolve_model
+from rcpu_lite.output.formats import (DiskFull, OutputError, OutputFormat, check_free_space, check_output, choose_format,
                      expected_shard_bytes, human_bytes, output_biases, publish, pruned_config_json, working_dir)
-from .progress import Manifest, differences, fingerprint
-from .cross import CrossWindows
-from .display import PlainReporter, Reporter, StageCursor
-from .layer import dense_pass, propagate, prune_layer
-from .records import REPORT_NAME, LayerResult
-from .streams import Streams
-from .widths import WidthPlan
-from .memory_plan import DEFAULT_BUDGET_FRACTION, MemoryPlan, parse_size
-from .memory_plan import plan as plan_memory
-from .runtime import (Placement, Stopwatch, current_rss_bytes, decomposition_device, peak_gpu_bytes, peak_rss_bytes,
+from rcpu_lite.output.manifest import Manifest, differences, fingerprint
+from rcpu_lite.prune.strategies import CrossWindows
+from rcpu_lite.display import PlainReporter, Reporter, StageCursor
+from rcpu_lite.prune.step import dense_pass, propagate, prune_layer
+from rcpu_lite.output.report import REPORT_NAME, LayerResult
+from rcpu_lite.prune.streams import Streams
+from rcpu_lite.methods.allocation import WidthPlan
+from rcpu_lite.memory_plan import DEFAULT_BUDGET_FRACTION, MemoryPlan, parse_size
+from rcpu_lite.memory_plan import plan as plan_memory
+from rcpu_lite.runtime import (Placement, Stopwatch, current_rss_bytes, decomposition_device, peak_gpu_bytes, peak_rss_bytes,
                       pick_device, to_compute)
 
 __all__ = ["prune", "Interrupted", "OutputError", "DiskFull", "working_dir", "REPORT_NAME"]
@@ -232,7 +237,7 @@ def _prune(model: str | os.PathLike, out: str | os.PathLike, settings: PruneSett
     (work / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
     copy_side_files(model_dir, work)
     if fmt.remote:
-        from . import remote
+        from rcpu_lite.output import remote
 
         remote.install_code(work)
     layer_params = costs.layer * n_layers
@@ -337,7 +342,7 @@ def _calibration_sets(settings: PruneSettings, model_dir: Path, reporter: Report
 
 
 def _generated(settings: PruneSettings, model_dir: Path, n: int, reporter: Reporter) -> torch.Tensor:
-    from .selfgen import self_generated  # loads the whole model: only when asked for
+    from rcpu_lite.selfgen import self_generated  # loads the whole model: only when asked for
 
     return self_generated(model_dir, n, settings.seqlen, settings.seed, device=settings.device,
                           quant=settings.gen_quant, reporter=reporter)
@@ -378,12 +383,12 @@ def _width_plan(settings: PruneSettings, cfg, reader: CheckpointReader, names: l
         hidden = _placed(arch.embed(cfg, _embeddings(reader), windows), run, run.device)
         o_columns, channels = _scoring_pass(settings, cfg, reader, names, hidden, inputs, run, reporter)
         del hidden
-        return widths.adaptive(shape, n_layers, settings.budget, costs, o_columns, channels)
+        return allocation.adaptive(shape, n_layers, settings.budget, costs, o_columns, channels)
     if settings.allocation == "depth":
-        return widths.depth(shape, n_layers, settings.budget, costs, settings.depth_spread)
+        return allocation.depth(shape, n_layers, settings.budget, costs, settings.depth_spread)
     if settings.target_params:
-        return widths.target_params(shape, n_layers, settings.target_params, costs)
-    return widths.uniform(shape, n_layers, settings.ratio)
+        return allocation.target_params(shape, n_layers, settings.target_params, costs)
+    return allocation.uniform(shape, n_layers, settings.ratio)
 
 
 def _scoring_pass(settings: PruneSettings, cfg, reader: CheckpointReader, names: list[str], hidden: torch.Tensor,

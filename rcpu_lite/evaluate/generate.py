@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .models import load_tokenizer, resolve_model
-from .runtime import pick_device
-from .selfgen import GIB, available_memory_bytes, generation_memory_bytes, stored_dtype
+from rcpu_lite.models import load_tokenizer, resolve_model
+from rcpu_lite.runtime import pick_device
+from rcpu_lite.selfgen import GIB, available_memory_bytes, generation_memory_bytes, stored_dtype
 
 log = logging.getLogger("rcpu_lite")
 
@@ -105,7 +105,7 @@ def stop_ids(lm, tokenizer) -> dict:
 
 def load_model(model_dir: Path, device: torch.device):
     """The whole model in its stored dtype on `device`, after checking that it fits there."""
-    from .loading import load_pruned
+    from rcpu_lite.loading import load_pruned
 
     need = generation_memory_bytes(model_dir, device, seqlen=4096, micro_batch=1)
     have = available_memory_bytes(device)

@@ -19,8 +19,9 @@ from types import SimpleNamespace
 
 from transformers import AutoConfig, PretrainedConfig
 
-from . import arch, modeling_rcpu
-from .widths import LayerWidths
+from rcpu_lite.families import arch
+from rcpu_lite.output import modeling_rcpu
+from rcpu_lite.methods.allocation import LayerWidths
 
 CODE_NAME = "modeling_rcpu.py"
 BIASES = frozenset({"o_proj", "down_proj"})

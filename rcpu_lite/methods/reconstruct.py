@@ -24,9 +24,9 @@ from typing import Literal
 import torch
 from transformers import PretrainedConfig
 
-from . import arch
-from .distributed import SINGLE, Group
-from .runtime import cuda_matmul_precision
+from rcpu_lite.families import arch
+from rcpu_lite.distributed import SINGLE, Group
+from rcpu_lite.runtime import cuda_matmul_precision
 
 __all__ = ["Block", "ReconstructOptions", "ReconstructResult", "reconstruct", "block_error", "trainable_parameters"]
 

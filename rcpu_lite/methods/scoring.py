@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .arch import LayerShape
-from .stats import InputStats
-from .widths import LayerWidths
+from rcpu_lite.families.arch import LayerShape
+from rcpu_lite.methods.stats import InputStats
+from rcpu_lite.methods.allocation import LayerWidths
 
 
 @dataclass(frozen=True)

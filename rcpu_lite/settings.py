@@ -13,13 +13,13 @@ else:  # pragma: no cover
 
 import torch
 
-from .calibration import DEFAULT_CALIBRATION
-from .compensation import DECOMPOSITIONS, method_names
-from .memory_plan import parse_size
-from .records import PROJECTIONS
-from .runtime import DECOMPOSITION_DEVICES
-from .scoring import SCORES
-from .widths import ALLOCATIONS
+from rcpu_lite.calibration import DEFAULT_CALIBRATION
+from rcpu_lite.methods.compensation import DECOMPOSITIONS, method_names
+from rcpu_lite.memory_plan import parse_size
+from rcpu_lite.output.report import PROJECTIONS
+from rcpu_lite.runtime import DECOMPOSITION_DEVICES
+from rcpu_lite.methods.scoring import SCORES
+from rcpu_lite.methods.allocation import ALLOCATIONS
 
 
 class SettingsError(ValueError):
