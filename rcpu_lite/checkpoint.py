@@ -1,11 +1,8 @@
-"""Reading a safetensors checkpoint one layer at a time, and writing compact shards as layers finish."""
+"""Reading a safetensors checkpoint one layer at a time (output/writer.py writes the compact one)."""
 from __future__ import annotations
 
-import errno
 import json
 import os
-import signal
-import shutil
 import threading
 import weakref
 from collections.abc import Iterator
@@ -14,14 +11,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-# Weights are rewritten; everything else a checkpoint directory holds (tokenizer, generation
-# config, chat template) is copied as is.
-NOT_COPIED = {INDEX_NAME, SINGLE_NAME, "config.json", "pytorch_model.bin.index.json"}
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
 
 class CheckpointError(ValueError):
@@ -90,7 +82,7 @@ class CheckpointReader:
         return list(self._file(name).get_slice(name).get_shape())
 
     def dtype_bytes(self, name: str) -> int:
-        return _DTYPE_BYTES[self._file(name).get_slice(name).get_dtype()]
+        return DTYPE_BYTES[self._file(name).get_slice(name).get_dtype()]
 
     def get(self, name: str, handles: dict | None = None) -> torch.Tensor:
         try:
@@ -150,89 +142,5 @@ class CheckpointReader:
         """Nothing to release (no file stays open); kept so callers can say when they are done."""
 
 
-def shard_name(index: int, total: int) -> str:
-    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
-
-
-class ShardWriter:
-    """Writes numbered shards atomically (temporary name, fsync, rename), then the index from the files."""
-
-    def __init__(self, out_dir: Path, n_shards: int):
-        self.out_dir = out_dir
-        self.n_shards = n_shards
-
-    def path(self, index: int) -> Path:
-        return self.out_dir / shard_name(index, self.n_shards)
-
-    def write(self, index: int, tensors: dict[str, torch.Tensor]) -> int:
-        """Write shard `index` and return its size in bytes; a crash leaves no half-written shard."""
-        path = self.path(index)
-        tmp = path.with_name(path.name + ".tmp")
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        fault_hook("before_shard", index)
-        try:
-            save_file(cpu, str(tmp), metadata={"format": "pt"})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, path)
-        return path.stat().st_size
-
-    def read(self, index: int) -> dict[str, torch.Tensor]:
-        """A finished shard's tensors (used to replay finished layers on resume)."""
-        with safe_open(self.path(index), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-
-    def finish(self) -> int:
-        """Write the index from the shard files themselves; return the number of parameters."""
-        weight_map, total_bytes, total_params = {}, 0, 0
-        for index in range(self.n_shards):
-            path = self.path(index)
-            if not path.is_file():
-                raise RuntimeError(f"shard {path.name} is missing")
-            with safe_open(path, framework="pt") as f:
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    numel = torch.Size(sl.get_shape()).numel()
-                    weight_map[name] = path.name
-                    total_params += numel
-                    total_bytes += numel * _DTYPE_BYTES[sl.get_dtype()]
-        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        return total_params
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def fault_hook(point: str, index: int) -> None:
-    """Test-only fault injection: RCPU_LITE_FAULT="before_shard:3:kill" SIGKILLs this process just
-    before shard 3 is written; "enospc" raises a full-disk error instead, "sigint"/"sigterm" send
-    that signal to this process (the run then stops after this shard). "after_layer:2:kill" fires
-    once 2 layers are finished (the pipeline's loop, on every rank); a fourth field, as in
-    "after_layer:2:kill:1", limits it to that rank (RANK, set by torchrun)."""
-    spec = os.environ.get("RCPU_LITE_FAULT")
-    if not spec:
-        return
-    where, at, what, *rank = spec.split(":")
-    if where != point or int(at) != index or (rank and int(rank[0]) != int(os.environ.get("RANK", "0"))):
-        return
-    if what == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if what in ("sigint", "sigterm"):
-        os.kill(os.getpid(), signal.SIGINT if what == "sigint" else signal.SIGTERM)
-    if what == "enospc":
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Copy the tokenizer and other non-weight files of a checkpoint directory."""
-    copied = []
-    for item in sorted(src.iterdir()):
-        if item.is_file() and item.name not in NOT_COPIED and not item.name.endswith(WEIGHT_SUFFIXES):
-            shutil.copy2(item, dst / item.name)
-            copied.append(item.name)
-    return copied

@@ -41,7 +41,7 @@ def _fail(err: BaseException, debug: bool, micro_batch: object = "?", resumable:
     import torch
 
     from rcpu_lite.evaluate.inspection import MissingExtra
-    from rcpu_lite.prune.run import Interrupted
+    from rcpu_lite.prune.loop import Interrupted
 
     if isinstance(err, Interrupted):
         typer.secho(str(err), err=True, fg=typer.colors.YELLOW)

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -158,3 +161,23 @@ class Stopwatch:
         seconds = min(seconds, self.seconds.get(source, 0.0))
         self.seconds[source] = round(self.seconds.get(source, 0.0) - seconds, 4)
         self.seconds[target] = round(self.seconds.get(target, 0.0) + seconds, 4)
+
+
+def fault_hook(point: str, index: int) -> None:
+    """Test-only fault injection: RCPU_LITE_FAULT="before_shard:3:kill" SIGKILLs this process just
+    before shard 3 is written; "enospc" raises a full-disk error instead, "sigint"/"sigterm" send
+    that signal to this process (the run then stops after this shard). "after_layer:2:kill" fires
+    once 2 layers are finished (the pipeline's loop, on every rank); a fourth field, as in
+    "after_layer:2:kill:1", limits it to that rank (RANK, set by torchrun)."""
+    spec = os.environ.get("RCPU_LITE_FAULT")
+    if not spec:
+        return
+    where, at, what, *rank = spec.split(":")
+    if where != point or int(at) != index or (rank and int(rank[0]) != int(os.environ.get("RANK", "0"))):
+        return
+    if what == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if what in ("sigint", "sigterm"):
+        os.kill(os.getpid(), signal.SIGINT if what == "sigint" else signal.SIGTERM)
+    if what == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -8,6 +8,7 @@ from transformers import LlamaConfig, Qwen2Config
 
 from rcpu_lite.families.arch import (UnsupportedModel, check_supported, compute_config, layer_inputs, layer_shape,
                             layer_tensor_names, layer_tensor_shapes, saved_model_type)
+from rcpu_lite.families import arch
 from rcpu_lite.families.units import slice_tensor
 
 
@@ -100,3 +101,32 @@ def test_gemma3_layer_inputs_give_each_layer_type_its_rotary_table():
         assert kwargs["attention_mask"] is inputs.masks[layer_type]
     assert not torch.equal(inputs.position_embeddings["sliding_attention"][0],
                            inputs.position_embeddings["full_attention"][0])
+
+
+def test_every_family_is_one_table_entry_and_the_shipped_modeling_file_agrees():
+    """The remote-code file ships beside the weights and imports nothing of rcpu_lite: its projection table
+    must be the families' one."""
+    from rcpu_lite.output import modeling_rcpu
+
+    assert {flag: f"{parent}.{name}" for flag, (parent, name) in modeling_rcpu.BIASED.items()} == {
+        short + "_bias": module for short, module in arch.PROJECTIONS.items()}
+    for model_type, family in arch.FAMILIES.items():
+        assert family.model_type == model_type
+        assert set(dict(family.units.compensated)) == set(arch.PROJECTIONS)
+
+
+def test_a_family_with_other_module_names_slices_by_its_own_unit_map():
+    import torch
+
+    from rcpu_lite.families.units import slice_tensor
+
+    shape = arch.LayerShape(8, 2, 2, 4, 6)
+    units = arch.UnitMap(query_rows=("attn.wq",), kv_rows=("attn.wk", "attn.wv"), channel_rows=("ffn.w1", "ffn.w3"),
+                         compensated=(("o_proj", "attn.wo"), ("down_proj", "ffn.w2")))
+    heads, channels = torch.tensor([1]), torch.tensor([0, 5])
+    q = torch.arange(8 * 8.0).reshape(8, 8)
+    assert torch.equal(slice_tensor("attn.wq.weight", q, shape, heads, heads, channels, units), q[4:8])
+    w1 = torch.arange(6 * 8.0).reshape(6, 8)
+    assert torch.equal(slice_tensor("ffn.w1.weight", w1, shape, heads, heads, channels, units), w1[[0, 5]])
+    with pytest.raises(ValueError, match="compensated"):
+        slice_tensor("ffn.w2.weight", w1, shape, heads, heads, channels, units)

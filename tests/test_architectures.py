@@ -16,6 +16,8 @@ tiny.py's fixed-seed weights and tokenizer.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 from pathlib import Path
@@ -276,7 +278,8 @@ def streamed_ppl(model_dir: Path, calib_file: Path) -> float:
 
 
 def _no_embedding_scale(monkeypatch):
-    monkeypatch.setattr(arch, "SCALED_EMBEDDINGS", set())
+    unscaled = {k: dataclasses.replace(f, scaled_embeddings=False) for k, f in arch.FAMILIES.items()}
+    monkeypatch.setattr(arch, "FAMILIES", unscaled)
 
 
 def _no_final_softcap(monkeypatch):

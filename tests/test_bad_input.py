@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import rcpu_lite.prune.run as pipeline
+import rcpu_lite.prune.step as step_module
 import tiny
 from rcpu_lite.cli import app
 from rcpu_lite.output.manifest import MANIFEST_NAME
@@ -319,7 +320,7 @@ def _no_free_space(path):
 def test_disk_space_is_checked_before_starting(model, tmp_path, calib_file, monkeypatch):
     before = snapshot(model)
     out = tmp_path / "out"
-    monkeypatch.setattr("rcpu_lite.prune.run.shutil.disk_usage", _no_free_space)
+    monkeypatch.setattr("rcpu_lite.output.checks.shutil.disk_usage", _no_free_space)
     result = prune(model, out, calib_file)
     assert_one_line_error(result, "not enough free disk space (1000 bytes free)", ["KiB", "1000 B are free"],
                           ["free space", "choose another --out"])
@@ -331,7 +332,7 @@ def test_disk_space_is_checked_before_starting(model, tmp_path, calib_file, monk
 def test_after_disk_space_refusal_the_same_command_runs(model, tmp_path, calib_file, monkeypatch):
     """The message says "free space or choose another --out": once space is freed, the same command works."""
     out = tmp_path / "out"
-    monkeypatch.setattr("rcpu_lite.prune.run.shutil.disk_usage", _no_free_space)
+    monkeypatch.setattr("rcpu_lite.output.checks.shutil.disk_usage", _no_free_space)
     assert prune(model, out, calib_file).exit_code == 2
     monkeypatch.undo()  # space freed
     result = prune(model, out, calib_file)
@@ -347,7 +348,7 @@ def _oom(*args, **kwargs):
 
 def test_cuda_out_of_memory(model, tmp_path, calib_file, monkeypatch):
     before = snapshot(model)
-    monkeypatch.setattr(pipeline, "prune_layer", _oom)
+    monkeypatch.setattr(step_module, "prune_layer", _oom)
     result = prune(model, tmp_path / "out", calib_file)
     line = assert_one_line_error(result, "CUDA out of memory in prune_layer", ["out of memory"], ["--micro-batch"])
     assert "--device cpu" in line
@@ -358,7 +359,7 @@ def test_after_out_of_memory_the_suggested_resume_runs(model, tmp_path, calib_fi
     """The message says "use a smaller --micro-batch (now 16) ... then rerun with --resume"; doing
     exactly that must continue the run."""
     out = tmp_path / "out"
-    monkeypatch.setattr(pipeline, "prune_layer", _oom)
+    monkeypatch.setattr(step_module, "prune_layer", _oom)
     assert prune(model, out, calib_file).exit_code == 2
     monkeypatch.undo()
     result = prune(model, out, calib_file, "--micro-batch", "2", "--resume")
@@ -512,7 +513,7 @@ def test_second_interrupt_aborts_with_130_and_says_resume(model, tmp_path, calib
     def abort(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "prune_layer", abort)
+    monkeypatch.setattr(step_module, "prune_layer", abort)
     result = prune(model, tmp_path / "out", calib_file)
     assert result.exit_code == 130
     assert result.stderr.strip().startswith("aborted") and "--resume" in result.stderr

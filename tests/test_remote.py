@@ -21,7 +21,8 @@ import rcpu_lite
 from rcpu_lite.families import arch
 from rcpu_lite import calibration
 from rcpu_lite.output import remote
-from rcpu_lite.checkpoint import CheckpointReader, ShardWriter, copy_side_files
+from rcpu_lite.checkpoint import CheckpointReader
+from rcpu_lite.output.writer import ShardWriter, copy_side_files
 from rcpu_lite.evaluate.perplexity import perplexity
 from rcpu_lite.methods.allocation import LayerWidths
 
@@ -164,7 +165,7 @@ def test_config_json_contract(output):
     written = json.loads((output["out"] / "config.json").read_text())
     src = json.loads((output["src"] / "config.json").read_text())
     base = src["model_type"]
-    family = arch.FAMILIES[base]
+    family = arch.FAMILIES[base].class_prefix
     assert written["model_type"] == "rcpu_pruned" and written["base_model_type"] == base
     assert written["architectures"] == [f"Pruned{family}ForCausalLM"]
     assert written["auto_map"] == {"AutoConfig": f"modeling_rcpu.Pruned{family}Config",

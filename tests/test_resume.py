@@ -127,11 +127,12 @@ def test_resume_refuses_a_changed_input(model, calib_file, tmp_path, monkeypatch
 
 
 def test_every_shard_is_fsynced_before_the_manifest_declares_it(model, calib_file, tmp_path, monkeypatch):
-    import rcpu_lite.checkpoint as checkpoint
+    import rcpu_lite.output.fsutil as fsutil
     from rcpu_lite.output.manifest import Manifest
+    from rcpu_lite.output.writer import shard_name
 
     synced: list[str] = []
-    real_fsync = checkpoint.os.fsync
+    real_fsync = fsutil.os.fsync
 
     def recording_fsync(fd):
         synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
@@ -141,12 +142,12 @@ def test_every_shard_is_fsynced_before_the_manifest_declares_it(model, calib_fil
     real_record = Manifest.record
 
     def checking_record(self, shard, size, layer_report=None):
-        name = checkpoint.shard_name(shard, 5 + 2)
+        name = shard_name(shard, 5 + 2)
         assert name + ".tmp" in synced, f"{name} declared finished before it was fsynced"
         declared.append(shard)
         real_record(self, shard, size, layer_report)
 
-    monkeypatch.setattr(checkpoint.os, "fsync", recording_fsync)
+    monkeypatch.setattr(fsutil.os, "fsync", recording_fsync)
     monkeypatch.setattr(Manifest, "record", checking_record)
     prune(model, tmp_path / "out", make_settings(calib_file))
     assert declared == list(range(7))

@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rcpu_lite import calibration  # noqa: E402
 from rcpu_lite.settings import PruneSettings  # noqa: E402
 from rcpu_lite.models import load_tokenizer, resolve_model  # noqa: E402
-from rcpu_lite.checkpoint import CheckpointReader, ShardWriter  # noqa: E402
+from rcpu_lite.checkpoint import CheckpointReader  # noqa: E402
+from rcpu_lite.output.writer import ShardWriter  # noqa: E402
 from rcpu_lite.prune.run import prune  # noqa: E402
 
 

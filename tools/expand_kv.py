@@ -9,8 +9,8 @@ number of query heads from every KV group, so on a GQA model with few heads per 
 9 heads in 3 groups) small ratios never remove a head; the expanded copy lets them.
 
 Streamed one decoder layer at a time (one shard per layer, plus embeddings and head), every tensor
-keeps its dtype, and the output is written into a temporary folder beside --out and renamed at
-the end, so a crash leaves nothing half-written under --out.
+keeps its dtype, and the output is written by the package's writer into OUT.partial and published
+by the same rename as a prune's, so a crash leaves nothing half-written under --out.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,10 +26,11 @@ from transformers import AutoConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rcpu_lite.families import arch  # noqa: E402
-from rcpu_lite.checkpoint import CheckpointReader, ShardWriter, copy_side_files  # noqa: E402
+from rcpu_lite.checkpoint import CheckpointReader  # noqa: E402
 from rcpu_lite.models import resolve_model  # noqa: E402
-from rcpu_lite.output.formats import check_free_space  # noqa: E402
-from rcpu_lite.output.manifest import fsync_dir  # noqa: E402
+from rcpu_lite.output.checks import check_free_space, check_output  # noqa: E402
+from rcpu_lite.output.fsutil import publish  # noqa: E402
+from rcpu_lite.output.writer import ShardWriter  # noqa: E402
 
 KV_TENSORS = ("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
 
@@ -44,18 +44,6 @@ def repeat_kv_rows(tensor: torch.Tensor, kv_heads: int, group: int) -> torch.Ten
     the order in which transformers' repeat_kv pairs query heads with KV heads."""
     per_head = tensor.reshape(kv_heads, -1, *tensor.shape[1:])
     return per_head.repeat_interleave(group, dim=0).reshape(-1, *tensor.shape[1:])
-
-
-def _check_out(out: Path, src: Path, overwrite: bool) -> None:
-    target, src = out.resolve(), src.resolve()
-    if target == src or src.is_relative_to(target):
-        raise ExpandError(f"--out {out} is or contains the input checkpoint; choose another directory")
-    if target.is_relative_to(src):
-        raise ExpandError(f"--out {out} is inside the input checkpoint; choose a directory outside it")
-    if target.exists() and not target.is_dir():
-        raise ExpandError(f"--out {out} is a file; give a directory path")
-    if target.exists() and not overwrite:
-        raise ExpandError(f"{out} already exists; pass --overwrite to replace it")
 
 
 def expand_kv(model: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -73,7 +61,7 @@ def expand_kv(model: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
         raise ExpandError(f"{model} has {heads} query heads in {kv_heads} KV groups, which do not divide evenly")
     group = heads // kv_heads
     out = Path(out)
-    _check_out(out, model_dir, overwrite)
+    work = check_output(out, model_dir, overwrite, resume=False)
 
     n_layers = config.num_hidden_layers
     names = arch.layer_tensor_names(config)
@@ -82,15 +70,15 @@ def expand_kv(model: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
     reader.require(needed)
     nbytes = sum(torch.Size(reader.shape(n)).numel() * reader.dtype_bytes(n)
                  * (group if n.endswith(KV_TENSORS) else 1) for n in needed)
-    target = out.resolve()
-    check_free_space(target.parent, nbytes)
+    check_free_space(work, nbytes)
     skipped = sorted(set(reader.weight_map) - set(needed))
     if skipped:  # e.g. a tied lm_head stored anyway, or rotary buffers of old checkpoints: transformers drops them too
         more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
         print(f"not copied (not model weights transformers loads): {skipped[0]}{more}", file=sys.stderr)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    if work.exists():  # an earlier crash's (check_output refused it unless --overwrite)
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
     try:
         writer = ShardWriter(work, n_layers + 2)
         writer.write(0, {arch.EMBED: reader.get(arch.EMBED)})
@@ -104,33 +92,14 @@ def expand_kv(model: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
             del tensors
         writer.write(n_layers + 1, {n: reader.get(n) for n in final_names})
         writer.finish()
-
         config_json = json.loads((model_dir / "config.json").read_text())
         config_json.update(num_key_value_heads=heads, head_dim=shape.head_dim)
-        (work / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-        copy_side_files(model_dir, work)
-        for item in work.iterdir():
-            with open(item, "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(work)
-        work.chmod(0o755)  # mkdtemp makes it private
+        writer.write_json("config.json", config_json)
+        writer.copy_side_files(model_dir)
+        publish(work, out.resolve())
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)  # no resume here: a crash leaves nothing behind
         raise
-    # An old --out is moved aside first, so OUT is only ever missing between two renames.
-    old = work.with_name(work.name + ".old") if target.exists() else None
-    if old:
-        target.rename(old)
-    try:
-        work.rename(target)
-    except BaseException:
-        if old:
-            old.rename(target)
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    fsync_dir(target.parent)
-    if old:
-        shutil.rmtree(old)
     return out
 
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rcpu_lite.families.arch import NAMED_SHAPES  # noqa: E402
-from rcpu_lite.checkpoint import ShardWriter  # noqa: E402
+from rcpu_lite.output.writer import ShardWriter  # noqa: E402
 
 SHAPES = NAMED_SHAPES  # real published shapes, kept in rcpu_lite.arch (the memory plan uses them too)
 

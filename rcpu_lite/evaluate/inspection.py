@@ -10,7 +10,7 @@ import textwrap
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from rcpu_lite.output.formats import working_dir
+from rcpu_lite.output.checks import working_dir
 from rcpu_lite.output.report import PROJECTIONS, REPORT_NAME, LayerResult, ProjectionResult
 
 PLOT_SIZE_INCHES = (9.0, 7.0)

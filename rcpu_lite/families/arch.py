@@ -26,17 +26,47 @@ import torch
 from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-# model_type -> the class-name prefix used in transformers.models.<module>.modeling_<module>
-FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma2": "Gemma2",
-            "gemma3_text": "Gemma3"}
-# model_type -> <module>, where it is not the model_type itself
-MODULES = {"gemma3_text": "gemma3"}
-# Families whose model forward multiplies the embeddings by sqrt(hidden_size) (Gemma*ScaledWordEmbedding).
-SCALED_EMBEDDINGS = {"gemma2", "gemma3_text"}
-# Families whose rotary embedding takes a layer type: one table per layer type (Gemma 3: local vs global theta).
-ROPE_PER_LAYER_TYPE = {"gemma3_text"}
-# Families whose config class refuses hidden_size % num_attention_heads != 0 (even with an explicit head_dim).
-HEADS_MUST_DIVIDE_HIDDEN = {"llama", "gemma2", "gemma3_text"}
+@dataclass(frozen=True)
+class UnitMap:
+    """Which tensors a prunable unit owns, by module path under the layer prefix.
+
+    A query head owns its rows (and bias rows) of `query_rows`; a key/value head its rows of `kv_rows`; an MLP
+    channel its row of each of `channel_rows`; and the units are the input columns of the `compensated`
+    projections (short name -> module), whose outputs are repaired.
+    """
+
+    query_rows: tuple[str, ...] = ("self_attn.q_proj",)
+    kv_rows: tuple[str, ...] = ("self_attn.k_proj", "self_attn.v_proj")
+    channel_rows: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
+    compensated: tuple[tuple[str, str], ...] = (("o_proj", "self_attn.o_proj"), ("down_proj", "mlp.down_proj"))
+
+
+LLAMA_UNITS = UnitMap()
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything rcpu-lite needs to know about one architecture, as data."""
+
+    model_type: str
+    class_prefix: str  # transformers.models.<module>.modeling_<module>.<prefix>DecoderLayer, ...
+    module: str
+    units: UnitMap = LLAMA_UNITS
+    qkv_bias_always: bool = False  # q/k/v biases without an attention_bias flag (Qwen2)
+    scaled_embeddings: bool = False  # the model forward multiplies the embeddings by sqrt(hidden_size) (Gemma)
+    rope_per_layer_type: bool = False  # one rotary table per layer type (Gemma 3: local vs global theta)
+    heads_must_divide_hidden: bool = False  # the config class refuses hidden_size % num_attention_heads != 0
+
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    Family("llama", "Llama", "llama", heads_must_divide_hidden=True),
+    Family("mistral", "Mistral", "mistral"),
+    Family("qwen2", "Qwen2", "qwen2", qkv_bias_always=True),
+    Family("qwen3", "Qwen3", "qwen3"),
+    Family("gemma2", "Gemma2", "gemma2", scaled_embeddings=True, heads_must_divide_hidden=True),
+    Family("gemma3_text", "Gemma3", "gemma3", scaled_embeddings=True, rope_per_layer_type=True,
+           heads_must_divide_hidden=True),
+)}
 # model_type -> why it is refused, for families close to a supported one.
 REFUSED = {
     "gemma3": "it is Gemma 3 with a vision tower (Gemma3ForConditionalGeneration); rcpu-lite prunes the text-only "
@@ -44,8 +74,9 @@ REFUSED = {
 }
 
 EMBED = "model.embed_tokens.weight"
-# The two projections rcpu-lite prunes the inputs of and compensates, by short name.
-PROJECTIONS = {"o_proj": "self_attn.o_proj", "down_proj": "mlp.down_proj"}
+# The two projections rcpu-lite prunes the inputs of and compensates, by short name (every supported family
+# shares the Llama unit map; a family with other module names gives its own UnitMap).
+PROJECTIONS = dict(LLAMA_UNITS.compensated)
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
 
@@ -152,7 +183,7 @@ def layer_tensor_names(config: PretrainedConfig) -> list[str]:
 
 def has_qkv_bias(config: PretrainedConfig) -> bool:
     # Qwen2 always has q/k/v biases; the other families only with attention_bias.
-    return config.model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+    return FAMILIES[config.model_type].qkv_bias_always or bool(getattr(config, "attention_bias", False))
 
 
 def saved_model_type(config: PretrainedConfig, heads: int) -> str:
@@ -165,7 +196,7 @@ def saved_model_type(config: PretrainedConfig, heads: int) -> str:
     so are Gemma 2 / 3, whose configs check the same and have no twin (output.choose_format then
     writes the remote-code format, whose global config keeps the input's widths).
     """
-    if config.model_type not in HEADS_MUST_DIVIDE_HIDDEN or config.hidden_size % heads == 0:
+    if not family(config).heads_must_divide_hidden or config.hidden_size % heads == 0:
         return config.model_type
     if config.model_type != "llama":
         raise UnsupportedModel(
@@ -181,10 +212,14 @@ def saved_model_type(config: PretrainedConfig, heads: int) -> str:
     return "mistral"
 
 
+def family(config: PretrainedConfig) -> Family:
+    return FAMILIES[config.model_type]
+
+
 def _modeling(config: PretrainedConfig, name: str):
-    module_name = MODULES.get(config.model_type, config.model_type)
-    module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
-    return getattr(module, FAMILIES[config.model_type] + name)
+    f = family(config)
+    module = importlib.import_module(f"transformers.models.{f.module}.modeling_{f.module}")
+    return getattr(module, f.class_prefix + name)
 
 
 def compute_config(config: PretrainedConfig) -> PretrainedConfig:
@@ -283,7 +318,7 @@ def layer_inputs(config: PretrainedConfig, seqlen: int, device: torch.device, dt
     if layer_types - set(masks):  # chunked attention, or sliding layers without a sliding_window
         raise UnsupportedModel(f"layer types {sorted(layer_types - set(masks))} in config.layer_types are not "
                                f"supported; rcpu-lite runs full_attention and sliding_attention layers")
-    if config.model_type in ROPE_PER_LAYER_TYPE:  # the rotary module holds one table per type in layer_types
+    if family(config).rope_per_layer_type:  # the rotary module holds one table per type in layer_types
         tables = {t: rotary(dummy, positions, t) for t in layer_types}
     else:
         shared = rotary(dummy, positions)
@@ -303,7 +338,7 @@ def embed(config: PretrainedConfig, weight: torch.Tensor, ids: torch.Tensor) -> 
     does: its bf16 scale is rounded); the stored weight itself is not scaled.
     """
     rows = weight[ids]
-    if config.model_type in SCALED_EMBEDDINGS:
+    if family(config).scaled_embeddings:
         rows = rows * torch.tensor(config.hidden_size ** 0.5, dtype=rows.dtype)
     return rows.to(dtype=torch.float32)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from rcpu_lite.families.arch import LayerShape
+from rcpu_lite.families.arch import LLAMA_UNITS, PROJECTIONS, LayerShape, UnitMap
 
 
 def _rows(t: torch.Tensor, kept_units: torch.Tensor, unit: int) -> torch.Tensor:
@@ -28,22 +28,34 @@ def slice_layer(
 
 
 def slice_tensor(name: str, t: torch.Tensor, shape: LayerShape, heads: torch.Tensor, kv_heads: torch.Tensor,
-                 channels: torch.Tensor) -> torch.Tensor:
-    """One tensor of a layer cut to the kept heads and channels (o_proj / down_proj weights excepted)."""
+                 channels: torch.Tensor, units: UnitMap = LLAMA_UNITS) -> torch.Tensor:
+    """One tensor of a layer cut to the kept heads and channels, by the family's unit map (the compensated
+    projections' weights excepted)."""
     module = name.rsplit(".", 1)[0]
-    if module == "self_attn.q_proj":
+    if module in units.query_rows:
         return _rows(t, heads, shape.head_dim)
-    if module in ("self_attn.k_proj", "self_attn.v_proj"):
+    if module in units.kv_rows:
         return _rows(t, kv_heads, shape.head_dim)
-    if module in ("mlp.gate_proj", "mlp.up_proj"):
+    if module in units.channel_rows:
         return t[channels].contiguous()
-    if name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+    if name in (path + ".weight" for _, path in units.compensated):
         raise ValueError(f"{name} is replaced by its compensated weight, not sliced")
     # Norms and the o/down biases keep their shape. That includes Qwen3's and Gemma 3's q_norm / k_norm: the
     # issue expected a pruned head to lose "its norm slice", but in transformers (5.24) each is one RMSNorm of
     # size head_dim applied to every head alike (q_proj(x).view(..., -1, head_dim) then q_norm), so there is no
     # per-head slice: the kept heads keep the same shared weight.
     return t
+
+
+def slice_kept(tensors: dict[str, torch.Tensor], shape: LayerShape, kept
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+    """Cut every tensor of a layer to `kept` (a selection.Kept) except those of the compensated projections,
+    whose weights the caller has taken already: returns the cut tensors, in the layer's order, and each
+    compensated projection's own bias (None where it has none), which keeps its shape."""
+    biases = {name: module + ".bias" for name, module in PROJECTIONS.items()}
+    compact = {name: slice_tensor(name, tensors.pop(name), shape, kept.heads, kept.kv_heads, kept.channels)
+               for name in list(tensors) if name not in biases.values()}
+    return compact, {name: tensors.pop(bias, None) for name, bias in biases.items()}
 
 
 def head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:

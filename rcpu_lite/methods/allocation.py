@@ -7,6 +7,7 @@ heads can only go a group-multiple at a time, the MLP channels can take up what 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -161,9 +162,40 @@ def _standardised(scores: torch.Tensor) -> torch.Tensor:
     return (scores - scores.mean()) / std if std > 0 else scores - scores.mean()
 
 
-# name -> what it does (feeds validation and --help; the pipeline picks the function)
-ALLOCATIONS: dict[str, str] = {
-    "uniform": "every layer loses the same share (the paper's setting)",
-    "adaptive": "FLAP's global threshold over every layer's standardised scores (a scoring pass first)",
-    "depth": "the ratio rises linearly with depth, from ratio*(1-spread) to ratio*(1+spread) (SlimGPT-like)",
-}
+@dataclass(frozen=True)
+class Allocation:
+    """One --allocation: how the widths of every layer are planned from the settings and the layer shapes.
+
+    `needs_scores`: the plan reads every layer's unit scores on the dense model, so the run makes a scoring
+    pass (prune/plan.py) first; `plan` then receives (o_proj column scores, channel scores), one per layer.
+    """
+
+    name: str
+    help: str
+    plan: Callable[..., WidthPlan]  # (shape, n_layers, settings, costs, scores) -> WidthPlan
+    needs_scores: bool = False
+
+
+def _uniform(shape: LayerShape, n_layers: int, settings, costs: UnitCosts, scores=None) -> WidthPlan:
+    if settings.target_params:
+        return target_params(shape, n_layers, settings.target_params, costs)
+    return uniform(shape, n_layers, settings.ratio)
+
+
+def _adaptive(shape: LayerShape, n_layers: int, settings, costs: UnitCosts, scores) -> WidthPlan:
+    return adaptive(shape, n_layers, settings.budget, costs, *scores)
+
+
+def _depth(shape: LayerShape, n_layers: int, settings, costs: UnitCosts, scores=None) -> WidthPlan:
+    return depth(shape, n_layers, settings.budget, costs, settings.depth_spread)
+
+
+PLANS: dict[str, Allocation] = {a.name: a for a in (
+    Allocation("uniform", "every layer loses the same share (the paper's setting)", _uniform),
+    Allocation("adaptive", "FLAP's global threshold over every layer's standardised scores (a scoring pass first)",
+               _adaptive, needs_scores=True),
+    Allocation("depth", "the ratio rises linearly with depth, from ratio*(1-spread) to ratio*(1+spread) "
+               "(SlimGPT-like)", _depth),
+)}
+# name -> what it does (validation and --help)
+ALLOCATIONS: dict[str, str] = {name: a.help for name, a in PLANS.items()}

@@ -12,10 +12,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from rcpu_lite.methods.compensation import Compensation, CompensationOptions, compensate
+from rcpu_lite.methods import compensation as _compensation
+from rcpu_lite.methods.compensation import Compensation, CompensationOptions, Repaired, compensate
 
 DAMP_GRID = (1e-4, 1e-3, 1e-2, 1e-1)  # least squares: lambda = damp * mean(diag C_KK)
-METHODS = ("auto", "auto+bias")  # the --compensate values that choose
+
 
 
 def candidates(with_bias: bool) -> dict[str, tuple[str, float | None]]:
@@ -54,3 +55,14 @@ def choose(weight: torch.Tensor, stats, kept: torch.Tensor, held_out, options: C
     refit(stats)
     method, opts = fitted[best]
     return Choice(best, compensate(weight, stats, kept, method, opts, release=True), errors[best], errors)
+
+
+@_compensation.register_chooser("auto", "per layer and projection, the lowest held-out error among rotation, "
+                                "rotation-scale, none and lstsq over a damping grid, refitted on every token")
+def choose_and_refit(weight: torch.Tensor, stats, kept: torch.Tensor, options: CompensationOptions, with_bias: bool,
+                     held_out) -> Repaired:
+    choice = choose(weight, stats, kept, held_out, options, with_bias, refit=held_out.add_to)
+    return Repaired(choice.label, choice.result, choice.held_out_error)
+
+
+METHODS = tuple(_compensation.chooser_names())  # the --compensate values that choose: auto, auto+bias

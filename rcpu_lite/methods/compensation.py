@@ -258,6 +258,45 @@ def add_bias(result: Compensation, weight: torch.Tensor, stats, kept: torch.Tens
     return result
 
 
+@dataclass
+class Repaired:
+    """What the pipeline writes for one projection: the method's label (a chooser names what it chose), the
+    compensation, and its error on the held-out windows (None without held-out windows)."""
+
+    label: str
+    result: Compensation
+    held_out_error: float | None
+
+
+# A chooser: (W, statistics, kept columns, options, with_bias, held-out inputs) -> Repaired. It picks among the
+# closed-form methods by held-out error (auto.py); registered by name like the methods themselves.
+ChooserFn = Callable[..., Repaired]
+CHOOSERS: dict[str, Method] = {}
+
+
+def register_chooser(name: str, help: str):
+    def add(fn: ChooserFn) -> ChooserFn:
+        CHOOSERS[name] = Method(name, fn, help)
+        return fn
+    return add
+
+
+def chooser_names() -> list[str]:
+    """The --compensate values that choose a method per projection (each, and each + bias)."""
+    return [n for c in CHOOSERS for n in (c, c + BIAS_SUFFIX)]
+
+
+def repair(weight: torch.Tensor, stats, kept: torch.Tensor, method: str, options: CompensationOptions,
+           held_out) -> Repaired:
+    """Compensate one projection with `method` (a method, a method + bias, or a chooser such as auto), freeing
+    the statistics as soon as they are used; `held_out` (step.HeldOut) measures the held-out error."""
+    base = method[:-len(BIAS_SUFFIX)] if method.endswith(BIAS_SUFFIX) else method
+    if base in CHOOSERS:
+        return CHOOSERS[base].fn(weight, stats, kept, options, method.endswith(BIAS_SUFFIX), held_out)
+    result = compensate(weight, stats, kept, method, options, release=True)
+    return Repaired(method, result, held_out.error(kept, result.weight, result.bias) if held_out.x else None)
+
+
 def parse_method(method: str) -> tuple[str, bool]:
     """'rotation+bias' -> ('rotation', True); 'bias' -> ('none', True); unknown names raise ValueError."""
     base, with_bias = method, False
@@ -438,3 +477,6 @@ def _sum64(t: torch.Tensor) -> float:
 
 def _ratio(error_energy: float, y_energy: float) -> float:
     return (max(error_energy, 0.0) / y_energy) ** 0.5 if y_energy > 0 else 0.0
+
+
+from rcpu_lite.methods import auto  # noqa: E402,F401  (registers the auto chooser)

@@ -12,7 +12,6 @@ import torch
 
 from rcpu_lite.families.arch import LayerShape
 from rcpu_lite.methods.stats import InputStats
-from rcpu_lite.methods.allocation import LayerWidths
 
 
 @dataclass(frozen=True)
@@ -108,13 +107,3 @@ def kept_heads(scores: torch.Tensor, n_kv_heads: int, keep: int) -> tuple[torch.
     groups = scores.reshape(n_kv_heads, per_group)
     kept = [drop_lowest(groups[g], per_group - keep // n_kv_heads) + g * per_group for g in range(n_kv_heads)]
     return torch.cat(kept), torch.arange(n_kv_heads)
-
-
-def select(method: str, weights: dict[str, torch.Tensor], stats: dict[str, InputStats], shape: LayerShape,
-           widths: LayerWidths) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kept query heads, KV heads and MLP channels of one layer (sorted, on the host)."""
-    columns = column_scores(method, weights["o_proj"], stats["o_proj"])
-    heads, kv_heads = kept_heads(head_scores(columns, shape.head_dim, method), shape.num_key_value_heads,
-                                 widths.heads)
-    channels = kept_channels(column_scores(method, weights["down_proj"], stats["down_proj"]), widths.channels)
-    return heads.cpu(), kv_heads.cpu(), channels.cpu()

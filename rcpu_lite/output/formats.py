@@ -1,118 +1,20 @@
-"""The output checkpoint directory: checks before any work, its size, its config.json, and the final rename."""
+"""How an output is written: a stock checkpoint of the input's family, or rcpu-lite's remote-code format
+(output/remote.py), chosen from the width plan and the biases; and the output's config.json."""
+
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dataclasses import dataclass
-
 from rcpu_lite.families import arch
-from rcpu_lite.checkpoint import CheckpointReader
-from rcpu_lite.methods.compensation import has_bias
 from rcpu_lite.methods.allocation import LayerWidths, WidthPlan
-from rcpu_lite.output.manifest import MANIFEST_NAME, fsync_dir
+from rcpu_lite.methods.compensation import has_bias
 
 log = logging.getLogger("rcpu_lite")
-
-
-class OutputError(ValueError):
-    pass
-
-
-class DiskFull(OSError):
-    def __str__(self) -> str:  # the message alone, without "[Errno 28]"
-        return self.strerror
-
-
-def working_dir(out: Path) -> Path:
-    return out.parent / (out.name + ".partial")
-
-
-def check_output(out: Path, model_dir: Path, overwrite: bool, resume: bool) -> Path:
-    """Refuse a bad --out before any work, and return the sibling working directory (not created yet).
-
-    --overwrite deletes --out at the end, so --out may not hold the input or the current directory.
-    """
-    target, src, cwd = out.resolve(), model_dir.resolve(), Path.cwd().resolve()
-    if target == src:
-        raise OutputError(f"--out {out} is the input checkpoint; choose another directory")
-    if target.name in ("", "..") or target == Path(target.anchor):
-        raise OutputError(f"--out {out} is not a usable directory name; give a new directory such as {out}/pruned")
-    if src.is_relative_to(target):
-        raise OutputError(f"--out {out} contains the input checkpoint; choose a directory beside it")
-    if target.is_relative_to(src):
-        raise OutputError(f"--out {out} is inside the input checkpoint, which is only ever read; choose a "
-                          f"directory outside it")
-    if cwd.is_relative_to(target):
-        raise OutputError(f"--out {out} contains the current directory; choose another directory")
-    if target.exists() and not target.is_dir():
-        raise OutputError(f"--out {out} is a file; give a directory path")
-    if target.exists() and not overwrite:
-        raise OutputError(f"{out} already exists; pass --overwrite to replace it")
-    work = working_dir(target)
-    if resume and not (work / MANIFEST_NAME).is_file():
-        raise OutputError(f"there is no interrupted run to resume in {work}; run without --resume")
-    if not resume and work.exists() and not overwrite:
-        raise OutputError(f"{work} holds an interrupted run; pass --resume to continue it or --overwrite to "
-                          f"start over")
-    return work
-
-
-def publish(work: Path, out: Path) -> None:
-    """Make every file durable, then replace --out by the working directory in one rename."""
-    for item in work.iterdir():
-        if item.is_file():
-            with open(item, "rb") as f:
-                os.fsync(f.fileno())
-    fsync_dir(work)
-    if out.exists():
-        shutil.rmtree(out)
-    work.rename(out)
-    # The manifest goes last: a crash before this point leaves a complete OUT.partial that --resume finishes.
-    (out / MANIFEST_NAME).unlink()
-    fsync_dir(out.parent)
-
-
-def expected_shard_bytes(reader: CheckpointReader, cfg, names: list[str], final_names: list[str],
-                         plan: WidthPlan) -> list[int]:
-    """Bytes of every output shard, from the compact shapes (known before any work)."""
-    def size(name: str, shape=None) -> int:
-        return torch.Size(shape or reader.shape(name)).numel() * reader.dtype_bytes(name)
-    out = [size(arch.EMBED)]
-    shapes_of = {}
-    for i, w in enumerate(plan.layers):
-        if w not in shapes_of:
-            shapes_of[w] = arch.layer_tensor_shapes(arch.pruned_config(cfg, w.heads, w.kv_heads, w.channels))
-        prefix = arch.layer_prefix(i)
-        out.append(sum(size(prefix + n, shapes_of[w][n]) for n in names))
-    out.append(sum(size(n) for n in final_names))
-    return out
-
-
-def check_free_space(work: Path, needed: int) -> None:
-    where = work
-    while not where.exists():  # the nearest existing folder is on the disk the output will go to
-        where = where.parent
-    free = shutil.disk_usage(where).free
-    if needed > free:
-        raise DiskFull(errno.ENOSPC, f"the output needs about {human_bytes(needed)} but only {human_bytes(free)} "
-                       f"are free in {where}; free space or choose another --out")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"  # pragma: no cover
-
-
 
 
 def output_biases(settings, plan: WidthPlan, shape: arch.LayerShape) -> frozenset[str]:
@@ -135,9 +37,10 @@ class OutputFormat:
     def zero_biases(self, widths: LayerWidths, shape: arch.LayerShape) -> dict[str, torch.Tensor]:
         """The zero biases a stock Llama needs beside a compensating one (attention_bias and mlp_bias give
         every projection of the block a bias)."""
-        rows = {"self_attn.q_proj": widths.heads * shape.head_dim, "self_attn.k_proj": widths.kv_heads * shape.head_dim,
-                "self_attn.v_proj": widths.kv_heads * shape.head_dim, "mlp.gate_proj": widths.channels,
-                "mlp.up_proj": widths.channels}
+        units = arch.LLAMA_UNITS  # only a stock Llama gets these
+        rows = {**{m: widths.heads * shape.head_dim for m in units.query_rows},
+                **{m: widths.kv_heads * shape.head_dim for m in units.kv_rows},
+                **{m: widths.channels for m in units.channel_rows}}
         return {m + ".bias": torch.zeros(rows[m]) for m in self.zero_bias_modules}
 
 
@@ -161,12 +64,13 @@ def choose_format(cfg, plan: WidthPlan, biases: frozenset[str]) -> OutputFormat:
     if cfg.model_type != "llama" or cfg.hidden_size % heads:
         return _remote_format()
     updates, zeros = [], []
+    units = arch.LLAMA_UNITS
     if "o_proj" in biases and not getattr(cfg, "attention_bias", False):
         updates.append(("attention_bias", True))
-        zeros += ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+        zeros += [*units.query_rows, *units.kv_rows]
     if "down_proj" in biases and not getattr(cfg, "mlp_bias", False):
         updates.append(("mlp_bias", True))
-        zeros += ["mlp.gate_proj", "mlp.up_proj"]
+        zeros += list(units.channel_rows)
     return OutputFormat(False, "llama", tuple(updates), tuple(zeros))
 
 
@@ -192,6 +96,6 @@ def pruned_config_json(model_dir: Path, layer_widths: list[LayerWidths], shape: 
                     fmt.model_type, w.heads, shape.hidden_size)
         for llama_only in ("attention_bias", "mlp_bias", "pretraining_tp"):
             config.pop(llama_only, None)
-        config.update(model_type=fmt.model_type, architectures=[arch.FAMILIES[fmt.model_type] + "ForCausalLM"],
+        config.update(model_type=fmt.model_type, architectures=[arch.FAMILIES[fmt.model_type].class_prefix + "ForCausalLM"],
                       sliding_window=None)
     return config

@@ -8,12 +8,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from rcpu_lite import __version__
+from rcpu_lite.output.fsutil import write_json
 
 MANIFEST_NAME = "rcpu_progress.json"
 RUNTIME_SETTINGS = ("device", "micro_batch", "max_gpu_memory", "decomposition_device")
@@ -57,30 +57,6 @@ def differences(old: dict, new: dict) -> list[str]:
     return out
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class Manifest:
     """Finished shards and the per-layer reports of a run, persisted after every shard."""
 
@@ -107,5 +83,5 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        write_json_atomic(self.path, {"fingerprint": self.fingerprint, "shards": self.shards, "layers": self.layers,
+        write_json(self.path, {"fingerprint": self.fingerprint, "shards": self.shards, "layers": self.layers,
                                       "plan": self.plan})

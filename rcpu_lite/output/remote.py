@@ -24,7 +24,7 @@ from rcpu_lite.output import modeling_rcpu
 from rcpu_lite.methods.allocation import LayerWidths
 
 CODE_NAME = "modeling_rcpu.py"
-BIASES = frozenset({"o_proj", "down_proj"})
+BIASES = frozenset(arch.PROJECTIONS)  # the projections that may get a compensating bias
 
 
 def is_remote(config: dict) -> bool:
@@ -112,7 +112,8 @@ def layer_configs(model_dir: str | Path) -> tuple[PretrainedConfig, list[Pretrai
 def layer_tensor_names(config: PretrainedConfig) -> list[str]:
     """arch.layer_tensor_names, plus the o_proj / down_proj biases a layer config of this format flags."""
     names = arch.layer_tensor_names(config)
-    for flag, name in (("o_proj_bias", "self_attn.o_proj.bias"), ("down_proj_bias", "mlp.down_proj.bias")):
+    for short, module in arch.PROJECTIONS.items():
+        flag, name = short + "_bias", module + ".bias"
         if getattr(config, flag, False) and name not in names:
             names.append(name)
     return names

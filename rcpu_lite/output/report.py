@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rcpu_lite.families import arch
 from rcpu_lite.methods.allocation import LayerWidths
+from rcpu_lite.output.checks import human_bytes
 
 REPORT_NAME = "rcpu_report.json"  # the run report in every output directory
-PROJECTIONS = ("o_proj", "down_proj")
+PROJECTIONS = tuple(arch.PROJECTIONS)  # the repaired projections, by short name
 BLOCK_FIELDS = ("block_error_pruned", "block_error", "held_out_block_error_pruned", "held_out_block_error",
                 "reconstruct_seconds")
 
@@ -67,3 +69,31 @@ class LayerResult:
         return cls(data["layer"], data["kept_heads"], data["kept_kv_heads"], data["kept_channels"], projections,
                    **{f: data.get(f) for f in BLOCK_FIELDS}, seconds=data.get("seconds", 0.0),
                    seconds_by_stage=data.get("seconds_by_stage", {}), rss_bytes=data.get("rss_bytes", 0))
+
+
+def layer_line(record: LayerResult, n_layers: int, shape) -> str:
+    """One progress line for a finished layer."""
+    o, d = record.projections["o_proj"], record.projections["down_proj"]
+    return (f"layer {record.layer + 1}/{n_layers}  heads {shape.num_attention_heads}->{len(record.kept_heads)}  "
+            f"channels {shape.intermediate_size}->{len(record.kept_channels)}  "
+            f"o_proj err {o.error_pruned:.4f}->{o.error_compensated:.4f}  "
+            f"down_proj err {d.error_pruned:.4f}->{d.error_compensated:.4f}  {record.seconds:.1f}s")
+
+
+def shape_after(plan) -> dict:
+    """Uniform widths as the config names them; per-layer lists when they differ."""
+    keys = {"num_attention_heads": "heads", "num_key_value_heads": "kv_heads", "intermediate_size": "channels"}
+    values = {k: [getattr(w, f) for w in plan.layers] for k, f in keys.items()}
+    return {k: v[0] if plan.uniform else v for k, v in values.items()}
+
+
+def summary(report: dict, out) -> list[str]:
+    """The end of a run: parameters before and after, time, peak memory and where everything went."""
+    gpu = report["peak_gpu_bytes"]
+    return [
+        f"wrote {out}: {report['params_before']} -> {report['params_after']} parameters "
+        f"({100 * report['param_reduction']:.1f}% fewer) in {report['wall_seconds']:.0f}s",
+        f"peak memory {human_bytes(report['peak_rss_bytes'])} resident"
+        + (f", {human_bytes(gpu)} on the GPU" if gpu is not None else "")
+        + f"; report: {out / REPORT_NAME} (rcpu-lite inspect {out})",
+    ]

@@ -1,28 +1,29 @@
-"""The work on one decoder layer: a dense pass that collects statistics (and targets), then select,
-compensate, optionally reconstruct, and measure the errors on calibration and held-out windows.
+"""One decoder layer: collect -> select -> slice -> repair -> propagate.
 
-The pipeline moves the data (streams.Streams) from layer to layer; the algorithms live in
-scoring.py, compensation.py, auto.py and reconstruct.py; module names and shapes in arch.py.
+`LayerStep.prune` runs the dense layer over the streams (statistics, held-out inputs, local targets),
+selects the kept units, slices the layer and repairs o_proj and down_proj; it returns the compact layer
+before it moves the streams on, so a strategy (strategies.py) may refine it first. `LayerStep.propagate`
+then casts it to the stored dtypes and runs it over the streams. `prune_layer` does both. The maths is in
+methods/; module names and shapes in families/.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+from transformers import PretrainedConfig
 
-from rcpu_lite.families import arch
-from rcpu_lite.methods import auto
-from rcpu_lite.methods import compensation
-from rcpu_lite.methods import scoring
-from rcpu_lite.families import units
-from rcpu_lite.methods.compensation import CompensationOptions
-from rcpu_lite.settings import PruneSettings
-from rcpu_lite.output.report import LayerResult, ProjectionResult
-from rcpu_lite.methods.reconstruct import ReconstructOptions, block_error, reconstruct
-from rcpu_lite.runtime import Placement, Stopwatch, cuda_matmul_precision, decomposition_device, to_compute
+from rcpu_lite.families import arch, units
+from rcpu_lite.methods import compensation, selection
+from rcpu_lite.methods.allocation import LayerWidths, uniform
+from rcpu_lite.methods.metrics import relative_error
+from rcpu_lite.methods.reconstruct import block_error
 from rcpu_lite.methods.stats import InputStats, PairedStats
+from rcpu_lite.output.report import LayerResult, ProjectionResult
 from rcpu_lite.prune.streams import Streams
-from rcpu_lite.methods.allocation import LayerWidths
+from rcpu_lite.runtime import Placement, Stopwatch, cuda_matmul_precision, decomposition_device, to_compute
+from rcpu_lite.settings import PruneSettings
 
 
 @dataclass
@@ -44,7 +45,7 @@ class HeldOut:
                 z += bias
             err += float((y - z).square().sum(dtype=torch.float64))
             ref += float(y.square().sum(dtype=torch.float64))
-        return (err / ref) ** 0.5 if ref > 0 else 0.0
+        return relative_error(err, ref)
 
     def add_to(self, stats: InputStats) -> None:
         """Add the held-out tokens to the statistics (auto refits the chosen method on every token)."""
@@ -77,6 +78,41 @@ class DensePass:
     held_out_targets: torch.Tensor | None
 
 
+@dataclass
+class PrunedLayer:
+    """A layer after selection and repair, before it moves the streams: fp32 on the compute device."""
+
+    index: int
+    config: PretrainedConfig  # the config of its own widths
+    compact: dict[str, torch.Tensor]
+    record: LayerResult
+    dtypes: dict[str, torch.dtype]  # the stored dtypes it is written in
+    targets: torch.Tensor | None  # what the block should output on the calibration / held-out streams
+    held_targets: torch.Tensor | None
+
+
+class _DenseLayer:
+    """The dense layer with hooks that capture the inputs of o_proj and down_proj at every forward."""
+
+    def __init__(self, cfg, index: int, tensors: dict[str, torch.Tensor], inputs: arch.LayerInputs, run: Placement):
+        self.cfg, self.index, self.inputs, self.run = cfg, index, inputs, run
+        shape = arch.layer_shape(cfg)
+        self.dims = {"o_proj": shape.num_attention_heads * shape.head_dim, "down_proj": shape.intermediate_size}
+        self.layer = arch.build_layer(cfg, index, tensors)
+        self.weights = {n: arch.projection(self.layer, n).weight for n in self.dims}
+        self.captured: dict[str, torch.Tensor] = {}
+        captured, dims = self.captured, self.dims  # not self: a hook holding it would make a cycle with the layer
+        for n in dims:
+            arch.projection(self.layer, n).register_forward_pre_hook(
+                lambda module, args, name=n: captured.__setitem__(name, args[0].detach().reshape(-1, dims[name])))
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.captured.clear()
+        with cuda_matmul_precision(self.run.matmul):
+            return arch.run_layer(self.layer, hidden.to(self.run.device, non_blocking=True), self.inputs, self.cfg,
+                                  self.index)
+
+
 def dense_pass(cfg, index: int, tensors: dict[str, torch.Tensor], streams: Streams, inputs: arch.LayerInputs,
                run: Placement, keep_targets: bool, advance: tuple[torch.Tensor, ...] = ()) -> DensePass:
     """Run the dense layer over the calibration (and held-out) windows of every stream.
@@ -85,63 +121,18 @@ def dense_pass(cfg, index: int, tensors: dict[str, torch.Tensor], streams: Strea
     dense stream runs beside it, micro-batch by micro-batch, so its inputs pair with the pruned ones
     token by token (PairedStats), and the dense stream moves on to the next layer in place.
     """
-    shape = arch.layer_shape(cfg)
-    dims = {"o_proj": shape.num_attention_heads * shape.head_dim, "down_proj": shape.intermediate_size}
-    paired = streams.dense is not None
-    kind = PairedStats if paired else InputStats
-    stats = {n: kind(d, run.device) for n, d in dims.items()}
+    dense = _DenseLayer(cfg, index, tensors, inputs, run)
+    kind = PairedStats if streams.dense_targets else InputStats
+    stats = {n: kind(d, run.device) for n, d in dense.dims.items()}
     # Generated windows: scores use the real ones (decided over all ranks: one rank may hold only real ones).
     separate_scores = run.group.any(streams.n_real < streams.calib.shape[0])
-    score_stats = {n: InputStats(d, run.device) for n, d in dims.items()} if separate_scores else stats
-    layer = arch.build_layer(cfg, index, tensors)
-    weights = {n: arch.projection(layer, n).weight for n in dims}
-    captured: dict[str, torch.Tensor] = {}
-    for n in dims:
-        arch.projection(layer, n).register_forward_pre_hook(
-            lambda module, args, name=n: captured.__setitem__(name, args[0].detach().reshape(-1, dims[name])))
-
-    def forward(hidden: torch.Tensor) -> torch.Tensor:
-        captured.clear()
-        with cuda_matmul_precision(run.matmul):
-            return arch.run_layer(layer, hidden.to(run.device, non_blocking=True), inputs, cfg, index)
-
-    targets = torch.empty_like(streams.calib) if keep_targets and not paired else None
+    score_stats = {n: InputStats(d, run.device) for n, d in dense.dims.items()} if separate_scores else stats
     with torch.inference_mode():
-        for start, end in _batches(streams.calib.shape[0], run.micro_batch):
-            out = forward(streams.calib[start:end])
-            pruned_inputs = dict(captured)
-            if paired:
-                dense_out = forward(streams.dense[start:end])
-                for n in dims:
-                    stats[n].update_pair(pruned_inputs[n], captured[n], weights[n])
-                streams.dense[start:end].copy_(dense_out)  # the dense stream moves on
-            else:
-                for n in dims:
-                    stats[n].update(pruned_inputs[n])
-                if targets is not None:
-                    targets[start:end].copy_(out)
-            if separate_scores and start < streams.n_real:
-                for n in dims:
-                    real_tokens = (min(end, streams.n_real) - start) * streams.calib.shape[1]
-                    score_stats[n].update(pruned_inputs[n][:real_tokens])
-        held_out = {n: HeldOut(weights[n]) for n in dims}
-        held_out_targets = None
-        if streams.holdout is not None:
-            held_out_targets = None if paired else torch.empty_like(streams.holdout)
-            for start, end in _batches(streams.holdout.shape[0], run.micro_batch):
-                out = forward(streams.holdout[start:end])
-                pruned_inputs = dict(captured)
-                if paired:
-                    streams.holdout_dense[start:end].copy_(forward(streams.holdout_dense[start:end]))
-                for n in dims:
-                    x_hat = pruned_inputs[n].clone()
-                    held_out[n].x_hat.append(x_hat)
-                    held_out[n].x.append(captured[n].clone() if paired else x_hat)
-                if held_out_targets is not None:
-                    held_out_targets[start:end].copy_(out)
+        targets = _calibration_pass(dense, streams, stats, score_stats if separate_scores else None, keep_targets)
+        held_out, held_out_targets = _held_out_pass(dense, streams)
         for hidden in advance:
             for start, end in _batches(hidden.shape[0], run.micro_batch):
-                hidden[start:end].copy_(forward(hidden[start:end]))
+                hidden[start:end].copy_(dense(hidden[start:end]))
     for s in (*stats.values(), *(score_stats.values() if separate_scores else ())):
         s.reduce(run.group)  # every rank's share of the windows: one process's sums, within fp32 rounding
     for n, s in stats.items():
@@ -150,132 +141,170 @@ def dense_pass(cfg, index: int, tensors: dict[str, torch.Tensor], streams: Strea
     return DensePass(stats, score_stats, held_out, targets, held_out_targets)
 
 
+def _calibration_pass(dense: _DenseLayer, streams: Streams, stats: dict[str, InputStats],
+                      score_stats: dict[str, InputStats] | None, keep_targets: bool) -> torch.Tensor | None:
+    """Accumulate the statistics over the calibration windows; return the local targets when asked for."""
+    targets = torch.empty_like(streams.calib) if keep_targets and not streams.dense_targets else None
+    for start, end in _batches(streams.calib.shape[0], dense.run.micro_batch):
+        out = dense(streams.calib[start:end])
+        pruned_inputs = dict(dense.captured)
+        if streams.dense_targets:
+            dense_out = dense(streams.dense[start:end])
+            for n in dense.dims:
+                stats[n].update_pair(pruned_inputs[n], dense.captured[n], dense.weights[n])
+            streams.dense[start:end].copy_(dense_out)  # the dense stream moves on
+        else:
+            for n in dense.dims:
+                stats[n].update(pruned_inputs[n])
+            if targets is not None:
+                targets[start:end].copy_(out)
+        if score_stats is not None and start < streams.n_real:
+            for n in dense.dims:
+                real_tokens = (min(end, streams.n_real) - start) * streams.calib.shape[1]
+                score_stats[n].update(pruned_inputs[n][:real_tokens])
+    return targets
+
+
+def _held_out_pass(dense: _DenseLayer, streams: Streams) -> tuple[dict[str, HeldOut], torch.Tensor | None]:
+    """Keep the projection inputs on the held-out windows (and their local targets)."""
+    held_out = {n: HeldOut(dense.weights[n]) for n in dense.dims}
+    if streams.holdout is None:
+        return held_out, None
+    held_out_targets = None if streams.dense_targets else torch.empty_like(streams.holdout)
+    for start, end in _batches(streams.holdout.shape[0], dense.run.micro_batch):
+        out = dense(streams.holdout[start:end])
+        pruned_inputs = dict(dense.captured)
+        if streams.dense_targets:
+            streams.holdout_dense[start:end].copy_(dense(streams.holdout_dense[start:end]))
+        for n in dense.dims:
+            x_hat = pruned_inputs[n].clone()
+            held_out[n].x_hat.append(x_hat)
+            held_out[n].x.append(dense.captured[n].clone() if streams.dense_targets else x_hat)
+        if held_out_targets is not None:
+            held_out_targets[start:end].copy_(out)
+    return held_out, held_out_targets
+
+
 def _batches(n: int, micro_batch: int):
     for start in range(0, n, micro_batch):
         yield start, min(start + micro_batch, n)
 
 
-def prune_layer(
-    cfg,
-    index: int,
-    stored: dict[str, torch.Tensor],
-    streams: Streams | torch.Tensor,
-    inputs: arch.LayerInputs,
-    settings: PruneSettings,
-    widths: LayerWidths | None = None,
-    biases: frozenset[str] = frozenset(),
-    watch: Stopwatch | None = None,
-    placement: Placement | None = None,
-    carry: Carry | None = None,
-) -> tuple[dict[str, torch.Tensor], LayerResult]:
-    """Prune one decoder layer to `widths`, repair it, and move the streams past it.
+class LayerStep:
+    """Prunes layers of one model with one set of settings; see the module docstring for the order."""
 
-    Returns its compact tensors (on the host, in their stored dtypes) and its record. Order (DESIGN.md
-    section 2): one dense fp32 pass collects the o_proj and down_proj input statistics; then score,
-    select, compensate both projections (down_proj first: its Gram is the largest and goes first),
-    optionally reconstruct the block, and run the compact layer over the streams (in place).
-    `stored` is consumed so that the stored and the fp32 copy of the layer are never both resident.
-    `biases` names the projections that get a bias in every layer. With `carry`, the dense pass also
-    moves carry.previous on and leaves this layer's local targets in carry.own (--reconstruct cross).
-    """
+    def __init__(self, cfg, streams: Streams, inputs: arch.LayerInputs, settings: PruneSettings, run: Placement,
+                 biases: frozenset[str] = frozenset(), keep_targets: bool = False):
+        self.cfg, self.streams, self.inputs, self.settings, self.run = cfg, streams, inputs, settings, run
+        self.shape = arch.layer_shape(cfg)
+        self.biases = biases  # the projections that get a bias in every layer
+        self.keep_targets = keep_targets or streams.holdout is not None  # block errors need targets
+        self.options = compensation.CompensationOptions(
+            decomposition=settings.decomposition, damp=settings.damp, damp_abs=settings.damp_abs,
+            decomposition_device=str(run.decomposition))
+
+    def prune(self, index: int, stored: dict[str, torch.Tensor], widths: LayerWidths, watch: Stopwatch,
+              carry: Carry | None = None) -> PrunedLayer:
+        """Collect, select, slice and repair layer `index`. `stored` is consumed so that the stored and the
+        fp32 copy of the layer are never both resident. With `carry`, the dense pass also moves
+        carry.previous on and leaves this layer's local targets in carry.own (cross-block reconstruction)."""
+        dtypes = {k: v.dtype for k, v in stored.items()}
+        tensors = to_compute(stored, self.run.device, consume=True)
+        dense = dense_pass(self.cfg, index, tensors, self.streams, self.inputs, self.run, self.keep_targets,
+                           carry.previous if carry else ())
+        if carry is not None:
+            carry.own = (dense.targets, dense.held_out_targets)
+        watch.lap("statistics")
+
+        weights = {name: tensors.pop(arch.PROJECTIONS[name] + ".weight") for name in dense.stats}
+        kept = selection.select("topk", self.settings.score, weights, dense.score_stats, self.shape, widths)
+        self.run.group.broadcast(kept.tensors())  # rank 0's units, the same on every rank whatever the rounding
+        kept = kept.to(self.run.device)
+        watch.lap("scores")
+
+        compact, own_biases = units.slice_kept(tensors, self.shape, kept)
+        layer_cfg = arch.pruned_config(self.cfg, widths.heads, widths.kv_heads, widths.channels)
+        targets = self.streams.dense if self.streams.dense_targets else dense.targets
+        held_targets = self.streams.holdout_dense if self.streams.dense_targets else dense.held_out_targets
+        record = LayerResult(index, *kept.as_lists(), {})
+        if self.keep_targets:  # before the compensations, so that their temporaries and W_K copies never meet
+            record.block_error_pruned, record.held_out_block_error_pruned = self._block_errors(
+                compact, weights, kept, own_biases, layer_cfg, index, targets, held_targets)
+        self._repair(compact, weights, own_biases, kept, dense, record, watch)
+        return PrunedLayer(index, layer_cfg, compact, record, dtypes, targets, held_targets)
+
+    def _repair(self, compact: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
+                own_biases: dict[str, torch.Tensor | None], kept: selection.Kept, dense: DensePass,
+                record: LayerResult, watch: Stopwatch) -> None:
+        """Compensate down_proj (its Gram is the largest and goes first), then o_proj, into `compact`."""
+        projections, decomposition_seconds = {}, 0.0
+        for name in ("down_proj", "o_proj"):
+            module, columns, held = arch.PROJECTIONS[name], kept.columns(name), dense.held_out[name]
+            method = self.settings.compensate if name in self.settings.compensated_projections else "none"
+            w, own_bias = weights.pop(name), own_biases.pop(name)
+            held_pruned = held.error(columns, w[:, columns]) if held.x else None
+            repaired = compensation.repair(w, dense.stats[name], columns, method, self.options, held)
+            result = repaired.result
+            compact[module + ".weight"] = result.weight
+            if name in self.biases or own_bias is not None:
+                total = torch.zeros(w.shape[0], device=w.device) if own_bias is None else own_bias
+                compact[module + ".bias"] = total if result.bias is None else total + result.bias
+            projections[name] = ProjectionResult(result.error_pruned, result.error_compensated, repaired.label,
+                                                 result.damp_used, result.bias is not None, held_pruned,
+                                                 repaired.held_out_error)
+            decomposition_seconds += result.decomposition_seconds
+            del w, result, repaired
+        del dense.held_out, dense.stats
+        record.projections = {name: projections[name] for name in ("o_proj", "down_proj")}
+        watch.lap("compensation")
+        watch.move("compensation", "decomposition", decomposition_seconds)
+
+    def _block_errors(self, compact, weights, kept: selection.Kept, own_biases, layer_cfg, index: int, targets,
+                      held_targets) -> tuple[float | None, float | None]:
+        """The block's errors on calibration and held-out windows before compensation: the compact layer with
+        W_K (and only the biases it had)."""
+        pruned = dict(compact)
+        for name, w in weights.items():
+            module = arch.PROJECTIONS[name]
+            pruned[module + ".weight"] = w[:, kept.columns(name)]
+            if own_biases[name] is not None or name in self.biases:
+                pruned[module + ".bias"] = own_biases[name] if own_biases[name] is not None else torch.zeros(
+                    w.shape[0], device=w.device)
+        block = [(arch.build_layer(layer_cfg, index, pruned), layer_cfg, index)]
+        streams, run = self.streams, self.run
+        calib = block_error(block, streams.calib, targets, self.inputs, run.micro_batch, run.device, run.group)
+        held = block_error(block, streams.holdout, held_targets, self.inputs, run.micro_batch, run.device) \
+            if streams.holdout is not None else None
+        return calib, held
+
+    def propagate(self, pruned: PrunedLayer, watch: Stopwatch) -> dict[str, torch.Tensor]:
+        """The layer as written (host, stored dtypes), after it moved the streams on and measured its errors."""
+        written = {name: t.to("cpu", pruned.dtypes.get(name, torch.float32)) for name, t in pruned.compact.items()}
+        pruned.compact = {}
+        self.run.group.broadcast([written[k] for k in sorted(written)])  # every rank carries on with rank 0's
+        # Propagate through the weights exactly as written, so the next layer sees what the saved model computes.
+        pruned.record.block_error, pruned.record.held_out_block_error = propagate(
+            pruned.config, pruned.index, written, self.streams, self.inputs, self.run, pruned.targets,
+            pruned.held_targets)
+        watch.lap("propagate")
+        return written
+
+
+def prune_layer(cfg, index: int, stored: dict[str, torch.Tensor], streams: Streams | torch.Tensor,
+                inputs: arch.LayerInputs, settings: PruneSettings, widths: LayerWidths | None = None,
+                biases: frozenset[str] = frozenset(), watch: Stopwatch | None = None,
+                placement: Placement | None = None) -> tuple[dict[str, torch.Tensor], LayerResult]:
+    """Prune one decoder layer to `widths` (default: uniform at settings.ratio), repair it, and move the
+    streams past it; return its compact tensors (host, stored dtypes) and its record."""
     streams = streams if isinstance(streams, Streams) else Streams(streams)
-    shape = arch.layer_shape(cfg)
-    widths = widths or _uniform_widths(shape, settings.ratio)
     here = streams.calib.device
     run = placement or Placement(here, here, settings.micro_batch,
                                  decomposition=decomposition_device(settings.decomposition_device, here))
     watch = watch or Stopwatch(run.device)
-    dtypes = {k: v.dtype for k, v in stored.items()}
-    tensors = to_compute(stored, run.device, consume=True)
-    keep_targets = settings.reconstruct != "none" or streams.holdout is not None
-    dense = dense_pass(cfg, index, tensors, streams, inputs, run, keep_targets, carry.previous if carry else ())
-    if carry is not None:
-        carry.own = (dense.targets, dense.held_out_targets)
-    watch.lap("statistics")
-
-    weights = {name: tensors.pop(arch.PROJECTIONS[name] + ".weight") for name in dense.stats}
-    heads, kv_heads, channels = scoring.select(settings.score, weights, dense.score_stats, shape, widths)
-    run.group.broadcast([heads, kv_heads, channels])  # rank 0's units: the same on every rank whatever the rounding
-    on_device = [t.to(run.device) for t in (heads, kv_heads, channels)]
-    kept_columns = {"o_proj": units.head_columns(heads, shape.head_dim).to(run.device), "down_proj": on_device[2]}
-    watch.lap("scores")
-
-    compact = {}  # fp32, on the compute device, until written
-    for name in list(tensors):
-        if name in (arch.PROJECTIONS[p] + ".bias" for p in dense.stats):
-            continue  # an output bias keeps its shape; a compensating bias is added to it below
-        compact[name] = units.slice_tensor(name, tensors.pop(name), shape, *on_device)
-    layer_cfg = arch.pruned_config(cfg, widths.heads, widths.kv_heads, widths.channels)
-    targets = streams.dense if streams.dense is not None else dense.targets
-    held_targets = streams.holdout_dense if streams.holdout_dense is not None else dense.held_out_targets
-    own_biases = {name: tensors.pop(arch.PROJECTIONS[name] + ".bias", None) for name in dense.stats}
-    block_errors = _block_errors_before(compact, weights, kept_columns, own_biases, biases, layer_cfg, index, streams,
-                                        targets, held_targets, inputs, run) if keep_targets else (None, None)
-
-    options = CompensationOptions(decomposition=settings.decomposition, damp=settings.damp, damp_abs=settings.damp_abs,
-                                  decomposition_device=str(run.decomposition))
-    projections, decomposition_seconds = {}, 0.0
-    for name in ("down_proj", "o_proj"):
-        module, kept, held = arch.PROJECTIONS[name], kept_columns[name], dense.held_out[name]
-        method = settings.compensate if name in settings.compensated_projections else "none"
-        w, own_bias = weights.pop(name), own_biases.pop(name)
-        held_pruned = held.error(kept, w[:, kept]) if held.x else None
-        if method in auto.METHODS:
-            choice = auto.choose(w, dense.stats[name], kept, held, options, method.endswith("+bias"), refit=held.add_to)
-            chosen, result, held_compensated = choice.label, choice.result, choice.held_out_error
-        else:
-            chosen, result = method, compensation.compensate(w, dense.stats[name], kept, method, options, release=True)
-            held_compensated = held.error(kept, result.weight, result.bias) if held.x else None
-        compact[module + ".weight"] = result.weight
-        if name in biases or own_bias is not None:
-            total = torch.zeros(w.shape[0], device=w.device) if own_bias is None else own_bias
-            compact[module + ".bias"] = total if result.bias is None else total + result.bias
-        projections[name] = ProjectionResult(result.error_pruned, result.error_compensated, chosen, result.damp_used,
-                                             result.bias is not None, held_pruned, held_compensated)
-        decomposition_seconds += result.decomposition_seconds
-        del w, result
-    del dense.held_out, dense.stats
-    watch.lap("compensation")
-    watch.move("compensation", "decomposition", decomposition_seconds)
-
-    record = LayerResult(index, heads.tolist(), kv_heads.tolist(), channels.tolist(),
-                         {name: projections[name] for name in ("o_proj", "down_proj")})
-    record.block_error_pruned, record.held_out_block_error_pruned = block_errors
-    if settings.reconstruct == "block":
-        layer = arch.build_layer(layer_cfg, index, compact)
-        result = reconstruct([(layer, layer_cfg, index)], streams.calib, targets, inputs, _reconstruct_options(settings),
-                             device=run.device, matmul=run.matmul, group=run.group)
-        compact = {k: v.detach() for k, v in layer.state_dict().items()}
-        record.reconstruct_seconds = round(result.seconds, 3)
-        watch.lap("reconstruction")
-    written = {name: t.to("cpu", dtypes.get(name, torch.float32)) for name, t in compact.items()}
-    del compact
-    run.group.broadcast([written[k] for k in sorted(written)])  # every rank carries on with what rank 0 writes
-    # Propagate through the weights exactly as written, so the next layer sees what the saved model computes.
-    errors = propagate(layer_cfg, index, written, streams, inputs, run, targets, held_targets)
-    record.block_error, record.held_out_block_error = errors
-    del dense
-    watch.lap("propagate")
-    return written, record
-
-
-def _block_errors_before(compact, weights, kept_columns, own_biases, biases, layer_cfg, index: int, streams: Streams,
-                         targets, held_targets, inputs, run: Placement) -> tuple[float | None, float | None]:
-    """The block's errors on calibration and held-out windows before compensation: the compact layer with
-    W_K (and only the biases it had). Measured before the compensations run, so that their temporaries
-    and these W_K copies are never alive together."""
-    pruned = dict(compact)
-    for name, w in weights.items():
-        module = arch.PROJECTIONS[name]
-        pruned[module + ".weight"] = w[:, kept_columns[name]]
-        if own_biases[name] is not None or name in biases:
-            pruned[module + ".bias"] = own_biases[name] if own_biases[name] is not None else torch.zeros(
-                w.shape[0], device=w.device)
-    block = [(arch.build_layer(layer_cfg, index, pruned), layer_cfg, index)]
-    calib = block_error(block, streams.calib, targets, inputs, run.micro_batch, run.device, run.group)
-    held = block_error(block, streams.holdout, held_targets, inputs, run.micro_batch, run.device) \
-        if streams.holdout is not None else None
-    return calib, held
+    widths = widths or uniform(arch.layer_shape(cfg), 1, settings.ratio).layers[0]
+    step = LayerStep(cfg, streams, inputs, settings, run, biases)
+    pruned = step.prune(index, stored, widths, watch)
+    return step.propagate(pruned, watch), pruned.record
 
 
 def propagate(layer_cfg, index: int, written: dict[str, torch.Tensor], streams: Streams, inputs: arch.LayerInputs,
@@ -301,17 +330,5 @@ def propagate(layer_cfg, index: int, written: dict[str, torch.Tensor], streams: 
                 hidden[start:end].copy_(out)
         if hidden is streams.calib and target is not None:  # the held-out windows are the same on every rank
             err, ref = run.group.sum_floats([err, ref])
-        errors.append((err / ref) ** 0.5 if target is not None and ref > 0 else None)
+        errors.append(relative_error(err, ref) if target is not None else None)
     return errors[0], errors[1]
-
-
-def _uniform_widths(shape: arch.LayerShape, ratio: float) -> LayerWidths:
-    from rcpu_lite.methods.allocation import uniform
-
-    return uniform(shape, 1, ratio).layers[0]
-
-
-def _reconstruct_options(settings: PruneSettings) -> ReconstructOptions:
-    return ReconstructOptions(epochs=settings.recon_epochs, lr=settings.recon_lr, micro_batch=settings.recon_micro_batch,
-                              train=settings.recon_train, train_norms=settings.recon_norms == "train",
-                              seed=settings.seed).validate()

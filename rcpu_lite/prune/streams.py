@@ -24,6 +24,15 @@ class Streams:
         if self.n_real < 0:
             self.n_real = self.calib.shape[0]
 
+    @property
+    def dense_targets(self) -> bool:
+        """Whether the targets are the dense model's own outputs (a dense stream runs beside the pruned one)."""
+        return self.dense is not None
+
+    def copy_pruned(self) -> "Streams":
+        """A copy of the pruned calibration and held-out streams (what enters a layer, kept for later)."""
+        return Streams(self.calib.clone(), holdout=None if self.holdout is None else self.holdout.clone())
+
     @classmethod
     def start(cls, embed: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor,
               holdout: torch.Tensor | None, dense: bool, n_real: int, place) -> "Streams":

@@ -1,0 +1,90 @@
+"""Which heads and channels a layer keeps: the selection registry.
+
+A selection method takes the layer's o_proj / down_proj weights, their input statistics, the layer shape and
+the widths to keep, and returns the kept units (`Kept`). A method that repairs while it selects (a structured
+OBS) may also return the repaired weights in `Kept.repaired`; the compensation then starts from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from rcpu_lite.families.arch import LayerShape
+from rcpu_lite.families.units import head_columns
+from rcpu_lite.methods import scoring
+from rcpu_lite.methods.allocation import LayerWidths
+from rcpu_lite.methods.stats import InputStats
+
+
+@dataclass
+class Kept:
+    """The kept query heads, key/value heads and MLP channels of one layer (sorted indices)."""
+
+    heads: torch.Tensor
+    kv_heads: torch.Tensor
+    channels: torch.Tensor
+    head_dim: int
+    repaired: dict[str, torch.Tensor] | None = None  # weights a selection method repaired itself
+    _columns: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.heads, self.kv_heads, self.channels]
+
+    def to(self, device: torch.device) -> "Kept":
+        """The same units on `device` (the o_proj columns are derived on the host first, as they always were)."""
+        columns = {"o_proj": head_columns(self.heads, self.head_dim).to(device), "down_proj": self.channels.to(device)}
+        return Kept(*(t.to(device) for t in self.tensors()), self.head_dim, self.repaired, columns)
+
+    def columns(self, projection: str) -> torch.Tensor:
+        """The kept input columns of o_proj (its heads' columns) or down_proj (its channels)."""
+        if projection not in self._columns:
+            self._columns[projection] = (head_columns(self.heads, self.head_dim) if projection == "o_proj"
+                                         else self.channels)
+        return self._columns[projection]
+
+    def as_lists(self) -> tuple[list[int], list[int], list[int]]:
+        return self.heads.tolist(), self.kv_heads.tolist(), self.channels.tolist()
+
+
+# (score name, {projection: W}, {projection: stats}, shape, widths) -> Kept
+SelectFn = Callable[[str, dict[str, torch.Tensor], dict[str, InputStats], LayerShape, LayerWidths], Kept]
+
+
+@dataclass(frozen=True)
+class Selection:
+    name: str
+    fn: SelectFn
+    help: str
+
+
+SELECTIONS: dict[str, Selection] = {}
+
+
+def register(name: str, help: str) -> Callable[[SelectFn], SelectFn]:
+    def add(fn: SelectFn) -> SelectFn:
+        SELECTIONS[name] = Selection(name, fn, help)
+        return fn
+
+    return add
+
+
+@register("topk", "score every unit once (--score), keep the highest ones")
+def top_k(score: str, weights: dict[str, torch.Tensor], stats: dict[str, InputStats], shape: LayerShape,
+          widths: LayerWidths) -> Kept:
+    columns = scoring.column_scores(score, weights["o_proj"], stats["o_proj"])
+    heads, kv_heads = scoring.kept_heads(scoring.head_scores(columns, shape.head_dim, score), shape.num_key_value_heads,
+                                         widths.heads)
+    channels = scoring.kept_channels(scoring.column_scores(score, weights["down_proj"], stats["down_proj"]),
+                                     widths.channels)
+    return Kept(heads.cpu(), kv_heads.cpu(), channels.cpu(), shape.head_dim)
+
+
+def select(method: str, score: str, weights: dict[str, torch.Tensor], stats: dict[str, InputStats],
+           shape: LayerShape, widths: LayerWidths) -> Kept:
+    """The units one layer keeps, by the selection `method` (a SELECTIONS name) and the importance `score`."""
+    if method not in SELECTIONS:
+        raise ValueError(f"unknown selection {method!r}; choose one of {', '.join(SELECTIONS)}")
+    return SELECTIONS[method].fn(score, weights, stats, shape, widths)

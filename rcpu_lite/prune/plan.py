@@ -1,0 +1,83 @@
+"""The width plan: how many heads and channels every layer keeps, decided before the first layer is cut.
+
+The allocation (methods/allocation.py, PLANS) makes it; one that reads every layer's scores gets them from a
+scoring pass over the dense model here, one layer resident at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from rcpu_lite.display import Reporter
+from rcpu_lite.families import arch
+from rcpu_lite.methods import scoring
+from rcpu_lite.methods.allocation import PLANS, WidthPlan
+from rcpu_lite.output.formats import OutputFormat
+from rcpu_lite.prune.source import Source, check_finite
+from rcpu_lite.prune.step import dense_pass, propagate
+from rcpu_lite.prune.streams import Streams
+from rcpu_lite.runtime import Placement, to_compute
+from rcpu_lite.settings import PruneSettings
+
+log = logging.getLogger("rcpu_lite")
+
+
+def width_plan(settings: PruneSettings, source: Source, windows: torch.Tensor, inputs: arch.LayerInputs,
+               run: Placement, reporter: Reporter, place) -> WidthPlan:
+    """The widths of every layer; `windows` are the real calibration windows (the scores use only those) and
+    `place` puts hidden states where the run keeps them."""
+    allocation = PLANS[settings.allocation]
+    scores = None
+    if allocation.needs_scores:
+        # The embeddings are read again for the prune: only one layer's tensors are alive during the pass.
+        hidden = place(arch.embed(source.cfg, source.embeddings(), windows))
+        scores = scoring_pass(settings, source, hidden, inputs, run, reporter)
+        del hidden
+    return allocation.plan(source.shape, source.n_layers, settings, arch.unit_costs(source.cfg), scores)
+
+
+def scoring_pass(settings: PruneSettings, source: Source, hidden: torch.Tensor, inputs: arch.LayerInputs,
+                 run: Placement, reporter: Reporter) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every layer's o_proj column and MLP channel scores on the dense model, one layer resident at a time (FLAP's
+    global allocation needs all of them before the first layer is cut)."""
+    n_layers, cfg = source.n_layers, source.cfg
+    o_columns, channels = [], []
+    layer_reads = source.layers(list(range(n_layers)), background=run.device.type == "cuda")
+    reporter.start("scoring pass", n_layers, "layer")
+    for i in range(n_layers):
+        reporter.position(f"layer {i + 1}/{n_layers}")
+        reporter.phase("read")
+        stored = next(layer_reads)
+        check_finite(f"layer {i}", stored)
+        tensors = to_compute(stored, run.device, consume=True)
+        reporter.phase("statistics")
+        stats = dense_pass(cfg, i, tensors, Streams(hidden), inputs, run, keep_targets=False).stats
+        for name, s in stats.items():
+            s.release()  # scores need only the per-column sums
+            columns = scoring.column_scores(settings.score, tensors[arch.PROJECTIONS[name] + ".weight"], s).cpu()
+            (o_columns if name == "o_proj" else channels).append(columns)
+        propagate(cfg, i, tensors, Streams(hidden), inputs, run)
+        del tensors, stored, stats
+        reporter.advance(f"scoring pass: layer {i + 1}/{n_layers}")
+    return o_columns, channels
+
+
+def log_plan(plan: WidthPlan, shape: arch.LayerShape, costs: arch.UnitCosts, fmt: OutputFormat) -> None:
+    removed = plan.params_removed(shape, costs) / (costs.layer * len(plan.layers))
+    heads = sorted({w.heads for w in plan.layers})
+    channels = sorted({w.channels for w in plan.layers})
+    log.info("width plan (%s): heads %d -> %s, channels %d -> %s; %.1f%% of the decoder-layer parameters go; "
+             "output: %s", plan.allocation, shape.num_attention_heads, _span(heads), shape.intermediate_size,
+             _span(channels), 100 * removed, "remote code (per-layer widths or biases the stock class cannot hold)"
+             if fmt.remote else "stock transformers checkpoint")
+    if not plan.removes_heads(shape) and removed > 0 and shape.num_key_value_heads < shape.num_attention_heads:
+        log.warning("no attention heads are removed: with %d query heads per key/value group, a group loses a head "
+                    "only from ratio %.3f up; only MLP channels are pruned (--target-params gives the heads' "
+                    "share of the budget to the channels)", shape.num_attention_heads // shape.num_key_value_heads,
+                    shape.num_key_value_heads / shape.num_attention_heads)
+
+
+def _span(values: list[int]) -> str:
+    return str(values[0]) if len(values) == 1 else f"{values[0]}..{values[-1]}"
