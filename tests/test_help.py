@@ -1,7 +1,7 @@
-"""`--help` teaches, and the README's command reference says the same: every command, argument and option
-has a one-line explanation and a default, and each command's README section names exactly its options.
+"""`--help` teaches, and the command reference (docs/cli.md) says the same: every command, argument and option
+has a one-line explanation and a default, and each command's section in docs/cli.md names exactly its options.
 
-The commands are read from the typer app, so a command added later needs its README section
+The commands are read from the typer app, so a command added later needs its docs/cli.md section
 ("### `rcpu-lite NAME ...`") to pass.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import typer
 from rcpu_lite.aliases import ALIASES
 from rcpu_lite.cli import app
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CLI_DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 HEADING = re.compile(r"^### `rcpu-lite ([a-z][a-z ]*?)(?= [A-Z\[-]|`)", re.MULTILINE)
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
@@ -52,8 +52,8 @@ def long_names(option) -> set[str]:
 
 
 def readme_sections() -> dict[str, str]:
-    """The README's command reference: command words -> its section (heading included), up to the next heading."""
-    text = README.read_text(encoding="utf-8")
+    """The command reference in docs/cli.md: command words -> its section (heading included), up to the next heading."""
+    text = CLI_DOC.read_text(encoding="utf-8")
     part = text[text.index("\n## Command line"):]
     part = part[: part.find("\n## ", 1)] if "\n## " in part[1:] else part
     sections = {}
@@ -93,13 +93,13 @@ def test_every_group_explains_itself():
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_readme_section_lists_exactly_the_commands_options(name):
     sections = readme_sections()
-    assert name in sections, f"README's 'Command line' has no section '### `rcpu-lite {name} ...`'"
+    assert name in sections, f"docs/cli.md's 'Command line' has no section '### `rcpu-lite {name} ...`'"
     section = sections[name]
     prose = "\n".join(line for line in section.splitlines() if not line.startswith("    "))  # examples may run other commands
     listed = set(OPTION.findall(prose)) - {"--help"}
     known = set().union(*(long_names(o) for o in options(COMMANDS[name])))
-    assert known - listed == set(), f"{name}: options missing from the README: {sorted(known - listed)}"
-    assert listed - known == set(), f"{name}: the README lists options that do not exist: {sorted(listed - known)}"
+    assert known - listed == set(), f"{name}: options missing from docs/cli.md: {sorted(known - listed)}"
+    assert listed - known == set(), f"{name}: docs/cli.md lists options that do not exist: {sorted(listed - known)}"
 
 
 def test_readme_has_no_section_for_a_command_that_does_not_exist():
@@ -107,7 +107,7 @@ def test_readme_has_no_section_for_a_command_that_does_not_exist():
 
 
 def test_readme_alias_table_is_the_code_table():
-    text = README.read_text(encoding="utf-8")
+    text = CLI_DOC.read_text(encoding="utf-8")
     rows = dict(re.findall(r"^\| `([^`]+)` \| `([^`/]+/[^`]+)` \|$", text, re.MULTILINE))
     assert rows == ALIASES
 

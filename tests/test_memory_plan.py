@@ -100,10 +100,10 @@ def test_statistics_accumulate_in_ieee_fp32_inside_a_tf32_block(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# the 70B plan (README "Large models"): per-rank memory of a data-parallel run, and work per layer
+# the 70B plan (docs/scaling.md, "Large models"): per-rank memory of a data-parallel run, and work per layer
 
 LLAMA_2_70B = named_layer_shape("llama-2-70b")
-README = Path(__file__).resolve().parents[1] / "README.md"
+SCALING_DOC = Path(__file__).resolve().parents[1] / "docs" / "scaling.md"
 
 
 def test_70b_shapes_come_from_the_registry():
@@ -173,6 +173,6 @@ def test_the_readme_plan_is_the_generated_one(capsys):
     mp.main(["--table"])
     printed = capsys.readouterr().out
     assert printed == mp.render_tables()
-    text = README.read_text(encoding="utf-8")
+    text = SCALING_DOC.read_text(encoding="utf-8")
     assert "    python -m rcpu_lite.memory_plan --table\n" in text
-    assert printed in text, "README's 70B plan differs from `python -m rcpu_lite.memory_plan --table`"
+    assert printed in text, "docs/scaling.md's 70B plan differs from `python -m rcpu_lite.memory_plan --table`"
