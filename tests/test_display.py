@@ -16,7 +16,7 @@ from rcpu_lite import cli
 from rcpu_lite.display import PlainReporter, RichReporter, StageCursor
 from rcpu_lite.prune.run import prune
 
-from test_pipeline import make_settings
+from helpers import make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

@@ -28,8 +28,8 @@ from rcpu_lite.cli import app
 from rcpu_lite.prune.run import REPORT_NAME, _check_split, prune
 from rcpu_lite.output.manifest import MANIFEST_NAME
 
-from test_pipeline import make_settings
-from test_resume import assert_same_output, cli_args
+from helpers import make_settings
+from helpers import assert_same_output, cli_args
 
 RTOL = 1e-4  # of a tensor's largest entry: fp32 sums added in another order
 

@@ -69,7 +69,7 @@ def main() -> None:
         runs = [prune_once(model, args.dir / f"{args.shape}-{layers}l-pruned", args) for _ in range(args.repeats)]
         peaks[layers] = statistics.median(r["peak_rss_bytes"] for r in runs)
         walls = statistics.median(r["wall_seconds"] for r in runs)
-        split = {s: statistics.median(sum(l["seconds_by_stage"].get(s, 0) for l in r["layers"]) for r in runs)
+        split = {s: statistics.median(sum(layer["seconds_by_stage"].get(s, 0) for layer in r["layers"]) for r in runs)
                  for s in STAGES}
         print(f"{args.shape}, {layers} layers, {args.nsamples}x{args.seqlen} calibration, --compensate "
               f"{args.compensate} {args.prune_args}, {runs[0]['device_name']}, decomposition on "

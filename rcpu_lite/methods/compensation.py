@@ -12,8 +12,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from rcpu_lite.methods.stats import InputStats
 
 _GATHER_ROWS = 1024  # rows of C gathered at a time: bounds the temporary to 1024 x d_in
 
@@ -227,7 +231,7 @@ def least_squares(weight: torch.Tensor, stats, kept: torch.Tensor, options: Comp
         factor, info = torch.linalg.cholesky_ex(a)
         if int(info) == 0:
             break
-        del factor
+        factor = None  # freed before the next try
         lam *= 10
     else:
         raise ValueError(f"least squares: C_KK + lambda I is not positive definite even at lambda {added:.3g}; the "

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from rcpu_lite.families.arch import LayerShape
 from rcpu_lite.methods.stats import InputStats
 
 

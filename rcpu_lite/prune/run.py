@@ -7,6 +7,7 @@ layers (cross-block reconstruction: one more compact layer, the stream entering 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -110,7 +111,7 @@ def _prune(model: str | os.PathLike, out: Path, settings: PruneSettings, overwri
     writer = _open_output(r, plan)
     params_before = source.params()
     embed = source.embeddings()
-    streams = Streams.start(lambda ids: arch.embed(source.cfg, embed, ids), streams_windows, holdout,
+    streams = Streams.start(functools.partial(arch.embed, source.cfg, embed), streams_windows, holdout,
                             settings.targets == "dense", n_real, r.place)
     if not writer.done(0):
         writer.write(0, {arch.EMBED: embed})

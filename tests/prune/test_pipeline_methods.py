@@ -14,7 +14,7 @@ from rcpu_lite import load_pruned
 from rcpu_lite.methods.compensation import method_names
 from rcpu_lite.evaluate.perplexity import perplexity
 from rcpu_lite.prune.run import prune
-from test_pipeline import make_settings, read_shards
+from helpers import make_settings, read_shards
 
 ALL_METHODS = method_names()
 

@@ -16,41 +16,10 @@ from rcpu_lite.cli import app
 from rcpu_lite.prune.run import REPORT_NAME, prune
 from rcpu_lite.output.manifest import MANIFEST_NAME
 
-from test_pipeline import make_settings
+from helpers import make_settings
 
 # Timings and memory legitimately differ between runs; everything else in the report must not.
-VOLATILE = {"wall_seconds", "peak_rss_bytes", "peak_weight_bytes", "resumed_at_layer", "seconds", "rss_bytes",
-            "reconstruct_seconds",
-            "seconds_by_stage"}
-
-
-def digests(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.is_file()}
-
-
-def stable_report(directory: Path) -> dict:
-    def strip(value):
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k not in VOLATILE}
-        if isinstance(value, list):
-            return [strip(v) for v in value]
-        return value
-
-    return strip(json.loads((directory / REPORT_NAME).read_text()))
-
-
-def assert_same_output(a: Path, b: Path) -> None:
-    da, db = digests(a), digests(b)
-    da.pop(REPORT_NAME), db.pop(REPORT_NAME)
-    assert da == db
-    assert stable_report(a) == stable_report(b)
-
-
-def cli_args(src: Path, out: Path, calib: Path) -> list[str]:
-    s = make_settings(calib)
-    return ["prune", str(src), "--out", str(out), "--ratio", str(s.ratio), "--calib", str(calib), "--nsamples",
-            str(s.nsamples), "--seqlen", str(s.seqlen), "--micro-batch", str(s.micro_batch), "--device", "cpu",
-            "--seed", str(s.seed)]
+from helpers import VOLATILE, assert_same_output, cli_args, digests, stable_report  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")

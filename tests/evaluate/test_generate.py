@@ -15,7 +15,7 @@ from rcpu_lite.output import remote
 from rcpu_lite.cli import app
 from rcpu_lite.evaluate.generate import generate, prompt_ids
 from rcpu_lite.methods.allocation import LayerWidths as W
-from test_remote import write_output
+from remote_output import write_output
 
 PROMPT = "The game was released in Japan"
 N = 12

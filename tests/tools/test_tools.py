@@ -14,7 +14,7 @@ import torch
 from rcpu_lite.settings import PruneSettings
 from rcpu_lite.prune.run import prune
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_tool(name: str):

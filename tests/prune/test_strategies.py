@@ -13,8 +13,8 @@ import torch
 from rcpu_lite import calibration
 from rcpu_lite.methods.auto import candidates
 from rcpu_lite.prune.run import REPORT_NAME, prune
-from test_pipeline import make_settings, read_shards
-from test_resume import assert_same_output
+from helpers import make_settings, read_shards
+from helpers import assert_same_output
 
 
 def _layers(report: dict) -> list[dict]:

@@ -12,7 +12,7 @@ from rcpu_lite.settings import PruneSettings
 from rcpu_lite.models import resolve_model
 from rcpu_lite.prune.run import prune
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_synthetic.py"
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "make_synthetic.py"
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from rcpu_lite.families import arch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "expand_kv.py"
 IDS = torch.tensor([[1, 5, 17, 42, 99, 250, 3, 7, 64, 128, 200, 11, 300, 2, 31, 8]])
 

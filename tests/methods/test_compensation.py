@@ -118,7 +118,9 @@ def test_compensate_rotation_scale_matches_activations(decomposition):
     # s really differs from 1 here, so dropping the scale would fail the check above
     assert abs(float(s) - 1.0) > 1e-3
     # the scale is the least-squares optimum for the rotated weight: objective no worse than s*(1 +- eps)
-    obj = lambda t: torch.linalg.norm(y - t * q @ z)
+    def obj(t):
+        return torch.linalg.norm(y - t * q @ z)
+
     assert obj(s) <= obj(s * 1.01) and obj(s) <= obj(s * 0.99)
 
 

@@ -20,7 +20,7 @@ from rcpu_lite.output import remote
 from rcpu_lite.cli import app
 from rcpu_lite.evaluate.tasks import CONFIG_DIR, TASKS, format_table, run_tasks
 from rcpu_lite.methods.allocation import LayerWidths as W
-from test_remote import write_output  # noqa: E402
+from remote_output import write_output  # noqa: E402
 
 runner = CliRunner()
 ALL = list(TASKS)

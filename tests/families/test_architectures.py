@@ -35,7 +35,7 @@ from rcpu_lite.evaluate.perplexity import perplexity
 from rcpu_lite.prune.run import prune
 
 import tiny
-from test_pipeline import INDEX_NAME, load_model, logits, make_settings, read_shards, some_token_ids
+from helpers import INDEX_NAME, load_model, logits, make_settings, read_shards, some_token_ids
 
 SEQLEN = 32
 EVAL_WINDOWS = 12  # of SEQLEN tokens: enough to see the masks matter, cheap on a busy CPU

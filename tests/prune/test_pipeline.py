@@ -21,41 +21,7 @@ from rcpu_lite.prune.run import REPORT_NAME, prune
 
 import tiny
 
-INDEX_NAME = "model.safetensors.index.json"
-
-
-def make_settings(calib: Path, **overrides) -> PruneSettings:
-    values = dict(ratio=0.25, score="rcpu", compensate="rotation", calib=str(calib), nsamples=8, seqlen=32,
-                  seed=0, device="cpu", micro_batch=3)  # 3 does not divide 8: the last micro-batch is short
-    values.update(overrides)
-    return PruneSettings(**values)
-
-
-def load_model(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
-
-
-def read_shards(out: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(out.glob("*.safetensors")):
-        with safe_open(shard, framework="pt") as f:
-            for name in f.keys():
-                assert name not in tensors, f"{name} is written to more than one shard"
-                tensors[name] = f.get_tensor(name)
-    return tensors
-
-
-def some_token_ids(vocab: int, batch: int = 2, seqlen: int = 24, seed: int = 7) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False).logits
-
-
-# ---------------------------------------------------------------------------------------------
-# 1. ratio 0 is the identity
+from helpers import INDEX_NAME, load_model, logits, make_settings, read_shards, some_token_ids  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("spec", ["llama_mha", "mistral_gqa", "qwen2_gqa"])
