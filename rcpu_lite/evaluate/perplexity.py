@@ -1,6 +1,6 @@
 """Perplexity computed layer by layer, so a model larger than memory can be evaluated too.
 
-Plain checkpoints of the supported families and rcpu-lite's per-layer-width format (rcpu_lite.remote) are
+Plain checkpoints of the supported families and rcpu-lite's per-layer-width format (rcpu_lite.output.remote) are
 evaluated; anything else is refused with one line before any layer runs.
 """
 from __future__ import annotations
@@ -42,12 +42,7 @@ def perplexity(
     (display.py); by default one log line per layer and chunk.
     """
     reporter = reporter or PlainReporter()
-    if seqlen < 2:
-        raise ValueError(f"--seqlen must be at least 2 (a window predicts its tokens after the first), got {seqlen}")
-    if micro_batch < 1:
-        raise ValueError(f"--micro-batch must be at least 1, got {micro_batch}")
-    if max_windows is not None and max_windows < 1:
-        raise ValueError(f"--max-windows must be at least 1, got {max_windows}")
+    _check_arguments(seqlen, micro_batch, max_windows)
     text_path = calibration.resolve_text(text_file, "evaluation")  # before any model work: fail early
     started = time.perf_counter()
     model_dir = resolve_model(model)
@@ -56,38 +51,18 @@ def perplexity(
     names = remote.layer_tensor_names(layer_configs[0]) if layer_configs else []  # the same for every layer
     check_shapes(reader, config, layer_configs, names)
     dev = pick_device(device)
-    tokenizer = load_tokenizer(model_dir)
-    windows = calibration.consecutive_windows(
-        calibration.tokenize(tokenizer, calibration.evaluation_text(text_path)), seqlen, max_windows
-    )
-    vocab = reader.shape(arch.EMBED)[0]
-    if windows.numel() and int(windows.max()) >= vocab:
-        raise ValueError(f"the tokenizer of {model_dir} gives token id {int(windows.max())} but the model has only "
-                         f"{vocab} embeddings; the tokenizer files do not belong to this model")
+    windows = _windows(model_dir, reader, text_path, seqlen, max_windows)
     inputs = arch.layer_inputs(config, seqlen, dev, torch.float32)
     per_window = seqlen * config.hidden_size * 4
     chunk = max(1, int(max_hidden_gb * 2**30 // per_window))
 
     nll, count = 0.0, 0
-    n_windows, n_layers = int(windows.shape[0]), config.num_hidden_layers
+    n_windows = int(windows.shape[0])
     reporter.start("eval", n_windows, "windows")
     for start in range(0, windows.shape[0], chunk):
         ids = windows[start:start + chunk]
-        hidden = arch.embed(config, reader.get(arch.EMBED), ids).to(dev)
-        prefixes = [arch.layer_prefix(i) for i in range(config.num_hidden_layers)]
-        layer_reads = reader.layers(names, prefixes, background=dev.type == "cuda")
         where = f"windows {start + 1}-{start + ids.shape[0]} of {n_windows}"
-        for i in range(n_layers):
-            reporter.position(f"{where}, layer {i + 1}/{n_layers}")
-            reporter.phase("read")
-            stored = next(layer_reads)  # not enumerate(): it would keep the previous layer alive
-            tensors = to_compute(stored, dev, consume=True)
-            layer = arch.build_layer(layer_configs[i], i, tensors)
-            reporter.phase("forward")
-            run_layer_batched(layer, hidden, inputs, config, i, micro_batch)
-            del layer, tensors
-            # A window is done after the last layer; its share of each layer keeps the bar and the ETA moving.
-            reporter.advance(f"{where}: layer {i + 1}/{n_layers}", steps=ids.shape[0] / n_layers)
+        hidden = _last_hidden(reader, config, layer_configs, names, ids, inputs, dev, micro_batch, reporter, where)
         reporter.phase("logits")
         norm = arch.final_norm(config, reader.get(arch.FINAL_NORM).to(dev, torch.float32))
         head = reader.get(arch.head_weight_name(config)).to(dev, torch.float32)
@@ -110,6 +85,50 @@ def perplexity(
         "seconds": round(time.perf_counter() - started, 3),
         "peak_rss_bytes": peak_rss_bytes(),
     }
+
+
+def _check_arguments(seqlen: int, micro_batch: int, max_windows: int | None) -> None:
+    if seqlen < 2:
+        raise ValueError(f"--seqlen must be at least 2 (a window predicts its tokens after the first), got {seqlen}")
+    if micro_batch < 1:
+        raise ValueError(f"--micro-batch must be at least 1, got {micro_batch}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"--max-windows must be at least 1, got {max_windows}")
+
+
+def _windows(model_dir, reader: CheckpointReader, text_path, seqlen: int, max_windows: int | None) -> torch.Tensor:
+    """The text's consecutive windows; refuses a tokenizer whose ids the model has no embeddings for."""
+    tokenizer = load_tokenizer(model_dir)
+    windows = calibration.consecutive_windows(
+        calibration.tokenize(tokenizer, calibration.evaluation_text(text_path)), seqlen, max_windows
+    )
+    vocab = reader.shape(arch.EMBED)[0]
+    if windows.numel() and int(windows.max()) >= vocab:
+        raise ValueError(f"the tokenizer of {model_dir} gives token id {int(windows.max())} but the model has only "
+                         f"{vocab} embeddings; the tokenizer files do not belong to this model")
+    return windows
+
+
+def _last_hidden(reader: CheckpointReader, config, layer_configs: list, names: list[str], ids: torch.Tensor,
+                 inputs: arch.LayerInputs, dev: torch.device, micro_batch: int, reporter: Reporter,
+                 where: str) -> torch.Tensor:
+    """The hidden states after the last decoder layer for the windows `ids`, one layer resident at a time."""
+    n_layers = config.num_hidden_layers
+    hidden = arch.embed(config, reader.get(arch.EMBED), ids).to(dev)
+    prefixes = [arch.layer_prefix(i) for i in range(n_layers)]
+    layer_reads = reader.layers(names, prefixes, background=dev.type == "cuda")
+    for i in range(n_layers):
+        reporter.position(f"{where}, layer {i + 1}/{n_layers}")
+        reporter.phase("read")
+        stored = next(layer_reads)  # not enumerate(): it would keep the previous layer alive
+        tensors = to_compute(stored, dev, consume=True)
+        layer = arch.build_layer(layer_configs[i], i, tensors)
+        reporter.phase("forward")
+        run_layer_batched(layer, hidden, inputs, config, i, micro_batch)
+        del layer, tensors
+        # A window is done after the last layer; its share of each layer keeps the bar and the ETA moving.
+        reporter.advance(f"{where}: layer {i + 1}/{n_layers}", steps=ids.shape[0] / n_layers)
+    return hidden
 
 
 def check_shapes(reader: CheckpointReader, config, layer_configs: list, names: list[str]) -> None:

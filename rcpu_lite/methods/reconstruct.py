@@ -3,7 +3,7 @@
 After selection and closed-form compensation, the remaining weights of one decoder layer ("block"),
 or of a window of adjacent layers, are trained to reproduce a target output on the calibration
 windows (Shin et al., "Rethinking Pruning Large Language Models", EMNLP 2024, arXiv 2406.15524;
-DESIGN.md section 3). The target decides the propagation: the dense block on the pruned stream's
+docs/methods.md). The target decides the propagation: the dense block on the pruned stream's
 inputs is local propagation (LP); the dense block on the dense stream's inputs is global (GP).
 This module only trains; the caller chooses the inputs and the targets.
 
@@ -26,6 +26,7 @@ from transformers import PretrainedConfig
 
 from rcpu_lite.families import arch
 from rcpu_lite.distributed import SINGLE, Group
+from rcpu_lite.methods.metrics import relative_error
 from rcpu_lite.runtime import cuda_matmul_precision
 
 __all__ = ["Block", "ReconstructOptions", "ReconstructResult", "reconstruct", "block_error", "trainable_parameters"]
@@ -131,10 +132,6 @@ def _squared_errors(blocks: Sequence[Block], inputs: torch.Tensor, targets: torc
     return err.item(), ref.item()
 
 
-def _relative(err: float, ref: float) -> float:
-    return (err / ref) ** 0.5 if ref > 0 else float("inf") if err > 0 else 0.0
-
-
 def _check(blocks: Sequence[Block], inputs: torch.Tensor, targets: torch.Tensor) -> None:
     if not blocks:
         raise ValueError("reconstruction needs at least one layer")
@@ -161,7 +158,7 @@ def block_error(blocks: Sequence[Block], inputs: torch.Tensor, targets: torch.Te
     _check(blocks, inputs, targets)
     device = _device(blocks, device)
     with torch.inference_mode():
-        return _relative(*group.sum_floats(_squared_errors(blocks, inputs, targets, layer_inputs, micro_batch,
+        return relative_error(*group.sum_floats(_squared_errors(blocks, inputs, targets, layer_inputs, micro_batch,
                                                            device)))
 
 
@@ -230,58 +227,22 @@ def reconstruct(
     options = options.validate()
     _check(blocks, inputs, targets)
     device = _device(blocks, device)
-    n, mb = inputs.shape[0], options.micro_batch
+    mb = options.micro_batch
     started = time.perf_counter()
-    steps_per_epoch = -(-n // mb)
-    total_steps = options.epochs * steps_per_epoch
     try:
         with torch.inference_mode(False), torch.enable_grad(), cuda_matmul_precision(matmul):
             train_inputs = layer_inputs.map(_autograd_ready)
-            params = []
-            for layer, _, _ in blocks:
-                _release_inference_parameters(layer)
-                params += [p for _, p in trainable_parameters(layer, options.train, options.train_norms)]
-            for p in params:
-                if p.dtype != torch.float32:
-                    raise ValueError(f"reconstruction trains fp32 weights, got a {p.dtype} parameter")
+            params = _fp32_parameters(blocks, options)
             err, ref, numel = group.sum_floats([*_squared_errors(blocks, inputs, targets, train_inputs, mb, device),
                                                 inputs.numel()])
             if not (math.isfinite(err) and math.isfinite(ref)):
                 raise FloatingPointError("the block's output or its target is not finite before reconstruction")
-            loss_before, error_before = err / numel, _relative(err, ref)
+            loss_before, error_before = err / numel, relative_error(err, ref)
             for p in params:
                 p.requires_grad_(True)
-            optimizer = torch.optim.AdamW(params, lr=options.lr, betas=options.betas, eps=options.eps,
-                                          weight_decay=options.weight_decay)
-            generator = torch.Generator().manual_seed(options.seed)
-            epoch_losses, step = [], 0
-            for epoch in range(options.epochs):
-                order = torch.randperm(n, generator=generator)
-                total = 0.0
-                for start in range(0, n, mb):
-                    idx = order[start:start + mb]
-                    x = inputs[idx.to(inputs.device)].to(device, torch.float32, non_blocking=True)
-                    y = targets[idx.to(targets.device)].to(device, torch.float32, non_blocking=True)
-                    if options.schedule == "linear":
-                        for param_group in optimizer.param_groups:
-                            param_group["lr"] = options.lr * (total_steps - step) / total_steps
-                    loss = torch.nn.functional.mse_loss(_forward(blocks, x, train_inputs), y)
-                    loss.backward()
-                    _average_gradients(params, group)
-                    value = loss.item()
-                    if not math.isfinite(value):
-                        raise FloatingPointError(f"reconstruction loss became {value} at epoch {epoch + 1}, step "
-                                                 f"{step + 1}; lower the learning rate (it is {options.lr:g})")
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    total += value * len(idx)
-                    step += 1
-                    del x, y, loss
-                total, seen = group.sum_floats([total, n])
-                epoch_losses.append(total / seen)
-                if log is not None:
-                    log(f"reconstruction epoch {epoch + 1}/{options.epochs}: loss {total / seen:.6g}")
-            del optimizer
+            trainer = _Trainer(blocks, inputs, targets, train_inputs, options, params, device, group)
+            epoch_losses = [trainer.epoch(epoch, log) for epoch in range(options.epochs)]
+            del trainer.optimizer
             for p in params:
                 p.requires_grad_(False)
             err, ref = group.sum_floats(_squared_errors(blocks, inputs, targets, train_inputs, mb, device))
@@ -290,5 +251,65 @@ def reconstruct(
             for p in layer.parameters():
                 p.requires_grad_(False)
                 p.grad = None
-    return ReconstructResult(loss_before, err / numel, error_before, _relative(err, ref), tuple(epoch_losses),
-                             round(time.perf_counter() - started, 4), step, sum(p.numel() for p in params))
+    return ReconstructResult(loss_before, err / numel, error_before, relative_error(err, ref), tuple(epoch_losses),
+                             round(time.perf_counter() - started, 4), trainer.step, sum(p.numel() for p in params))
+
+
+def _fp32_parameters(blocks: Sequence[Block], options: ReconstructOptions) -> list[torch.nn.Parameter]:
+    """The parameters that train, freed of inference tensors; reconstruction trains fp32 weights only."""
+    params = []
+    for layer, _, _ in blocks:
+        _release_inference_parameters(layer)
+        params += [p for _, p in trainable_parameters(layer, options.train, options.train_norms)]
+    for p in params:
+        if p.dtype != torch.float32:
+            raise ValueError(f"reconstruction trains fp32 weights, got a {p.dtype} parameter")
+    return params
+
+
+class _Trainer:
+    """AdamW over micro-batches in an order reshuffled every epoch, the lr decaying linearly over all steps."""
+
+    def __init__(self, blocks: Sequence[Block], inputs: torch.Tensor, targets: torch.Tensor,
+                 train_inputs: arch.LayerInputs, options: ReconstructOptions, params: list[torch.nn.Parameter],
+                 device: torch.device, group: Group):
+        self.blocks, self.inputs, self.targets, self.train_inputs = blocks, inputs, targets, train_inputs
+        self.options, self.params, self.device, self.group = options, params, device, group
+        self.optimizer = torch.optim.AdamW(params, lr=options.lr, betas=options.betas, eps=options.eps,
+                                           weight_decay=options.weight_decay)
+        self.generator = torch.Generator().manual_seed(options.seed)
+        self.total_steps = options.epochs * -(-inputs.shape[0] // options.micro_batch)
+        self.step = 0
+
+    def epoch(self, epoch: int, log: Callable[[str], None] | None) -> float:
+        """One pass over every window; returns the mean loss (over every rank's windows)."""
+        options, n, mb = self.options, self.inputs.shape[0], self.options.micro_batch
+        order = torch.randperm(n, generator=self.generator)
+        total = 0.0
+        for start in range(0, n, mb):
+            idx = order[start:start + mb]
+            x = self.inputs[idx.to(self.inputs.device)].to(self.device, torch.float32, non_blocking=True)
+            y = self.targets[idx.to(self.targets.device)].to(self.device, torch.float32, non_blocking=True)
+            total += self._step(x, y, epoch) * len(idx)
+            del x, y
+        total, seen = self.group.sum_floats([total, n])
+        if log is not None:
+            log(f"reconstruction epoch {epoch + 1}/{options.epochs}: loss {total / seen:.6g}")
+        return total / seen
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> float:
+        options = self.options
+        if options.schedule == "linear":
+            for param_group in self.optimizer.param_groups:
+                param_group["lr"] = options.lr * (self.total_steps - self.step) / self.total_steps
+        loss = torch.nn.functional.mse_loss(_forward(self.blocks, x, self.train_inputs), y)
+        loss.backward()
+        _average_gradients(self.params, self.group)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"reconstruction loss became {value} at epoch {epoch + 1}, step "
+                                     f"{self.step + 1}; lower the learning rate (it is {options.lr:g})")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return value

@@ -1,6 +1,6 @@
 """Importance scores for the input columns of o_proj / down_proj, and the choice of what to keep.
 
-Pure functions of a weight matrix (d_out x d_in) and InputStats; see DESIGN.md section 2. Every
+Pure functions of a weight matrix (d_out x d_in) and InputStats (formulas: docs/methods.md). Every
 score is one entry of SCORES, which also feeds validation and --help.
 """
 from __future__ import annotations
