@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rcpu_lite.methods import metrics
+
 if TYPE_CHECKING:
     from rcpu_lite.methods.stats import InputStats
 
@@ -201,7 +203,7 @@ def least_squares(weight: torch.Tensor, stats, kept: torch.Tensor, options: Comp
     """
     gram, output_cross = stats.gram, stats.output_cross
     removed = _complement(kept, weight.shape[1])
-    if output_cross is None:
+    if not stats.paired:
         h = _weight_times_gram_columns(weight, gram, kept)  # W C[:, K]
         removed_energy = _quadratic(weight[:, removed], gram, removed)
     else:
@@ -212,7 +214,7 @@ def least_squares(weight: torch.Tensor, stats, kept: torch.Tensor, options: Comp
         stats.release()
     w_kept = weight[:, kept]
     z_energy = _sum64((w_kept @ a) * w_kept)
-    if stats.target_energy is None:  # local targets: ||Y||^2 from the Gram
+    if not stats.paired:  # local targets: ||Y||^2 from the Gram
         y_energy = 2 * _sum64(h * w_kept) - z_energy + removed_energy
     else:  # dense targets: ||Y||^2 was accumulated; ||Y - W_K X_K||^2 = ||Y||^2 - 2 <W_K, H> + ||Z||^2
         y_energy = stats.target_energy
@@ -352,7 +354,7 @@ def products(weight: torch.Tensor, stats, kept: torch.Tensor, with_m: bool = Tru
     ||Y - Z||^2 = ||Y||^2 - 2 tr(M) + ||Z||^2.
     """
     gram, output_cross = stats.gram, stats.output_cross
-    if output_cross is None:
+    if not stats.paired:
         removed = _complement(kept, weight.shape[1])
         g = _gram_times_kept(weight, gram, kept)
         z_energy = _inner(weight, g, kept)
@@ -479,8 +481,7 @@ def _sum64(t: torch.Tensor) -> float:
     return float(t.sum(dtype=torch.float64))
 
 
-def _ratio(error_energy: float, y_energy: float) -> float:
-    return (max(error_energy, 0.0) / y_energy) ** 0.5 if y_energy > 0 else 0.0
+_ratio = metrics.relative_error  # ||Y - Z|| / ||Y|| from the squared norms (methods/metrics.py)
 
 
 from rcpu_lite.methods import auto  # noqa: E402,F401  (registers the auto chooser)

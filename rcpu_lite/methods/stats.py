@@ -18,6 +18,7 @@ class InputStats:
     are None and `target_mean` is the mean. PairedStats aims at the dense model's own inputs instead.
     """
 
+    paired = False  # PairedStats: the targets are the dense model's, on inputs of their own
     output_cross: torch.Tensor | None = None
     target_energy: float | None = None
     summed_numbers: tuple[str, ...] = ("count",)  # plain-number statistics that reduce() sums across ranks
@@ -102,6 +103,7 @@ class PairedStats(InputStats):
     costs d_out x d_in instead of d_in^2 (Llama-7B down_proj: 180 MB instead of 485 MB).
     """
 
+    paired = True
     summed_numbers = ("count", "target_energy")
 
     def __init__(self, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):

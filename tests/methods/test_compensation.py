@@ -11,7 +11,7 @@ GRAM_ONLY_METHODS = ("rotation", "rotation-scale", "none", "lstsq")  # the metho
 
 def _compensate(w, c, k, method, decomposition="eigh", **options):
     """comp.compensate on statistics that hold only the Gram C (what every method but +bias reads)."""
-    stats = SimpleNamespace(gram=c, output_cross=None, target_energy=None)
+    stats = SimpleNamespace(gram=c, output_cross=None, target_energy=None, paired=False)
     return comp.compensate(w, stats, k, method, comp.CompensationOptions(decomposition, **options))
 
 
