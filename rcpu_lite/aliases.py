@@ -1,7 +1,7 @@
 """Short names for common checkpoints, as users type them: one table, mapping each to its hub id.
 
 Read by `models.resolve_model` (so by prune, eval, generate and the tools), the CLI's MODEL help and the
-README's list (a test keeps the two equal). Every id is the base (pretrained) model, not an instruct or chat
+alias table in docs/cli.md (a test keeps the two equal). Every id is the base (pretrained) model, not an instruct or chat
 tune: the pruning literature reports on base models, and calibration text is plain text.
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ Everything is estimated from shapes before any work, in fp32 bytes, on the gener
 
 cluster_plan() applies the same plan to each rank of a data-parallel run over windows, and
 layer_work() counts the floating-point work of one layer; render_tables() prints both as the
-README's plan for the 70B models (`python -m rcpu_lite.memory_plan --table`).
+the 70B plan in docs/scaling.md (`python -m rcpu_lite.memory_plan --table`).
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def plan(shape: LayerShape, nsamples: int, seqlen: int, budget_bytes: int, max_m
 EIGH_FLOPS_PER_D3 = 9 + 2 + 2 + 2
 # Assumed throughputs, for seconds only (none is measured on a GPU here):
 GPU_FP32_FLOPS = 30e12  # sustained fp32 of one 24 GB GPU: ~1/3 of an RTX 4090's 82.6 TFLOP/s peak
-# The CPU's fp64 decomposition rate as measured at the Llama-7B shape (README: 881 s for the 64
+# The CPU's fp64 decomposition rate as measured at the Llama-7B shape (docs/scaling.md: 881 s for the 64
 # decompositions of d = 4096 in the 32-layer run, 2 cores); a host with more cores is faster.
 CPU_FP64_FLOPS = EIGH_FLOPS_PER_D3 * 4096 ** 3 / (881 / 64)
 
@@ -194,7 +194,7 @@ def cluster_plan(shape: LayerShape, nsamples: int, seqlen: int, ranks: int, gpu_
                        layer_work(shape, nsamples, seqlen, ratio))
 
 
-# The README's plan: both 70B models, the paper's calibration and a long one, on one 12 GB GPU (the
+# The plan in docs/scaling.md: both 70B models, the paper's calibration and a long one, on one 12 GB GPU (the
 # design's consumer card), one 24 GB GPU and four 24 GB GPUs (ranks, bytes per GPU).
 TABLE_MODELS = ("llama-2-70b", "llama-3-70b")
 TABLE_CALIBRATIONS = ((128, 128), (512, 2048))
@@ -287,7 +287,7 @@ def parse_size(text: str | float | int) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m rcpu_lite.memory_plan",
-                                 description="Print the README's plan for the 70B models, computed from their shapes.")
+                                 description="Print the 70B plan of docs/scaling.md, computed from their shapes.")
     ap.add_argument("--table", action="store_true", help="print the Markdown tables (memory per rank, work per layer)")
     args = ap.parse_args(argv)
     if not args.table:

@@ -15,7 +15,7 @@ from tools/make_synthetic.py) compares the prune with the time to only read ever
 and write the pruned output's bytes (fsynced shards, as the pruner writes them). Both run with
 the input in the page cache, as the prune reads it right after the floor's read.
 
---nproc N (data parallelism, README "Several processes") prunes with one process and with N
+--nproc N (data parallelism, docs/scaling.md "Several processes") prunes with one process and with N
 (`python -m torch.distributed.run --nproc-per-node N -m rcpu_lite prune`, gloo on the CPU), one after
 the other in each repeat, and prints both prune times and their ratio. The time compared is the
 report's wall_seconds (rank 0, from the start of prune() to the published output), which leaves out

@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="run only jobs whose name contains this")
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep the pruned checkpoints")
     ap.add_argument("--markdown", action="store_true",
-                    help="run nothing: print the table and the commands of the recorded rows (for the README)")
+                    help="run nothing: print the table and the commands of the recorded rows (for docs/methods.md)")
     args = ap.parse_args()
     sweep = tomllib.loads(args.config.read_text())["sweep"]
     results = Path(sweep["results"])
