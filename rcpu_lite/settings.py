@@ -14,6 +14,7 @@ else:  # pragma: no cover
 import torch
 
 from rcpu_lite.calibration import DEFAULT_CALIBRATION
+from rcpu_lite.methods.auto import METHODS as AUTO_METHODS
 from rcpu_lite.methods.compensation import DECOMPOSITIONS, method_names
 from rcpu_lite.memory_plan import parse_size
 from rcpu_lite.output.report import PROJECTIONS
@@ -27,7 +28,6 @@ class SettingsError(ValueError):
 
 
 MATMUL_PRECISIONS = ("fp32", "tf32")
-AUTO_METHODS = ("auto", "auto+bias")
 # Settings with a fixed set of values (validation and --help).
 CHOICES = {
     "targets": ("local", "dense"),
