@@ -15,12 +15,13 @@ import torch
 
 from rcpu_lite.calibration import DEFAULT_CALIBRATION
 from rcpu_lite.methods.auto import METHODS as AUTO_METHODS
-from rcpu_lite.methods.compensation import COMPENSATIONS, DECOMPOSITIONS, method_names
+from rcpu_lite.methods.compensation import COMPENSATIONS, DECOMPOSITIONS, CompensationOptions, method_names
 from rcpu_lite.memory_plan import parse_size
 from rcpu_lite.output.report import PROJECTIONS
 from rcpu_lite.runtime import DECOMPOSITION_DEVICES
 from rcpu_lite.methods.scoring import SCORES
 from rcpu_lite.methods.allocation import ALLOCATIONS
+from rcpu_lite.methods.reconstruct import ReconstructOptions
 
 
 class SettingsError(ValueError):
@@ -146,6 +147,18 @@ class PruneSettings:
         """The fraction removed: of the decoder-layer parameters with --target-params (or a non-uniform
         allocation), else of every layer's heads and channels."""
         return self.target_params or self.ratio
+
+    def compensation_options(self, decomposition_device: str) -> CompensationOptions:
+        """The knobs of the closed-form compensation; `decomposition_device` is the device the run resolved
+        --decomposition-device to ("cpu", "cuda:0", ...)."""
+        return CompensationOptions(decomposition=self.decomposition, damp=self.damp, damp_abs=self.damp_abs,
+                                   decomposition_device=decomposition_device)
+
+    def reconstruct_options(self) -> ReconstructOptions:
+        """The knobs of block and cross-block reconstruction (the window order is shuffled with --seed)."""
+        return ReconstructOptions(epochs=self.recon_epochs, lr=self.recon_lr, micro_batch=self.recon_micro_batch,
+                                  train=self.recon_train, train_norms=self.recon_norms == "train",
+                                  seed=self.seed).validate()
 
     def validate(self) -> "PruneSettings":
         if not 0 <= self.ratio < 1:
