@@ -1,29 +1,20 @@
 """The rcpu-lite command line: each command is a thin call into the Python API."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from inspect import Parameter, signature
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from rcpu_lite.aliases import alias_list
-from rcpu_lite.methods.compensation import COMPENSATIONS
-from rcpu_lite.settings import PruneSettings
-from rcpu_lite.methods.scoring import SCORES
-from rcpu_lite.methods.allocation import ALLOCATIONS
-
-SCORE_HELP = {name: score.help for name, score in SCORES.items()}
-COMPENSATION_HELP = {name: method.help for name, method in COMPENSATIONS.items()}
-ALLOCATION_HELP = ALLOCATIONS
-
-
-def _choices(table: dict[str, str]) -> str:
-    """One option's help from its registry: 'name: what it does; ...'."""
-    return "; ".join(f"{name}: {text}" for name, text in table.items()) + "."
+from rcpu_lite.settings import PruneSettings, option_help
 
 app = typer.Typer(
     add_completion=False,
@@ -88,45 +79,42 @@ def _reporter(quiet: bool):
     return reporter
 
 
+def setting_options(cls: type = PruneSettings) -> list[Parameter]:
+    """One `--name` option per field of the settings dataclass, with the field's help and default: the method's
+    settings first, then those of the calibration data and the machinery, each in field order. None: not given
+    (the preset's value or the default applies)."""
+    fields = sorted(dataclasses.fields(cls), key=lambda f: f.metadata["run"])
+    types = {"float": float, "int": int, "str": str}
+    return [Parameter(f.name, Parameter.KEYWORD_ONLY, annotation=Optional[types[f.type]],
+                      default=typer.Option(None, "--" + f.name.replace("_", "-"), help=option_help(f)))
+            for f in fields]
+
+
+def with_setting_options(after: str, cls: type = PruneSettings) -> Callable:
+    """Give a command one option per setting (see setting_options), placed after its parameter `after`; the
+    command takes them as **keyword arguments, each None unless given."""
+    def add(command: Callable) -> Callable:
+        own_signature = signature(command, eval_str=True)
+        own = [p for p in own_signature.parameters.values() if p.kind is not Parameter.VAR_KEYWORD]
+        at = [p.name for p in own].index(after) + 1
+        own = [p.replace(kind=Parameter.KEYWORD_ONLY) for p in own]
+        command.__signature__ = own_signature.replace(parameters=[*own[:at], *setting_options(cls), *own[at:]])
+        return command
+    return add
+
+
 @app.command()
+@with_setting_options(after="out")
 def prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
-    ratio: Optional[float] = typer.Option(None, help="Fraction of attention heads and MLP channels removed in every layer, in [0, 1). (default: 0.2)"),
-    score: Optional[str] = typer.Option(None, help=f"Importance score. {_choices(SCORE_HELP)} (default: rcpu)"),
-    compensate: Optional[str] = typer.Option(None, help=f"Repair of o_proj/down_proj. {_choices(COMPENSATION_HELP)} Add +bias (e.g. rotation+bias, lstsq+bias) for FLAP's bias on top; bias alone is FLAP's. auto (or auto+bias) picks, per layer and projection, the one with the lowest held-out error among rotation, rotation-scale, none and lstsq over a damping grid, then refits it on every token. (default: rotation)"),
-    damp: Optional[float] = typer.Option(None, help="lstsq: ridge lambda = damp * mean(diag C_KK), as GPTQ damps; a failed Cholesky retries with 10x more and the report gives the lambda used. (default: 0.01)"),
-    damp_abs: Optional[float] = typer.Option(None, help="lstsq: an absolute lambda on the summed Gram sum x x^T instead of --damp (the RCPU reference code uses 1e-4). (default: 0 = use --damp)"),
-    compensate_on: Optional[str] = typer.Option(None, help="Which projections are compensated: o_proj, down_proj or both, comma-separated (the others are only pruned). (default: o_proj,down_proj)"),
-    allocation: Optional[str] = typer.Option(None, help=f"Widths per layer. {_choices(ALLOCATION_HELP)} Non-uniform widths write a checkpoint that loads with trust_remote_code=True or rcpu_lite.load_pruned. (default: uniform)"),
-    target_params: Optional[float] = typer.Option(None, help="Remove this fraction of the decoder layers' parameters: heads go as --ratio would remove them, MLP channels take the rest (for GQA models, where few heads can go). With adaptive/depth it is their budget. (default: off; adaptive/depth then read --ratio as the parameter fraction)"),
-    depth_spread: Optional[float] = typer.Option(None, help="depth allocation: layer ratios run from ratio*(1-spread) to ratio*(1+spread). (default: 0.5)"),
-    targets: Optional[str] = typer.Option(None, help="What compensation and reconstruction aim at: local (the dense layer on the pruned model's own hidden states) or dense (the dense model's outputs: a dense stream runs beside the pruned one; Shin et al.'s global propagation). (default: local)"),
-    holdout: Optional[str] = typer.Option(None, help="Held-out text for the per-layer held-out errors (and --compensate auto): a file or built-in name, or none. (default: a part of the calibration text that no calibration window used)"),
-    holdout_nsamples: Optional[int] = typer.Option(None, help="Held-out windows (0: none). (default: 16)"),
-    reconstruct: Optional[str] = typer.Option(None, help="After the closed-form compensation: none, block (train the compact layer's weights with AdamW on the MSE to its targets; Shin et al.), or cross (train each window of two adjacent compact layers together against the target after the second; Shin et al.'s cross-block reconstruction). (default: none)"),
-    recon_epochs: Optional[int] = typer.Option(None, help="Block reconstruction epochs. (default: 5)"),
-    recon_lr: Optional[float] = typer.Option(None, help="Block reconstruction learning rate (AdamW, betas 0.9/0.95, linear decay). (default: 2e-4)"),
-    recon_micro_batch: Optional[int] = typer.Option(None, help="Windows per reconstruction step. (default: 8)"),
-    recon_train: Optional[str] = typer.Option(None, help="Which weights train: all, or out (o_proj and down_proj only). (default: all)"),
-    recon_norms: Optional[str] = typer.Option(None, help="RMSNorm weights during reconstruction: frozen or train. (default: frozen)"),
-    self_nsamples: Optional[int] = typer.Option(None, help="Windows the model generates itself, added to the real ones for compensation and reconstruction (the scores use only the real ones). Generation loads the whole model (CPU: in its stored dtype; CUDA: --gen-quant 4bit fits a 7B model in 12 GB); the run refuses up front when the memory is not there. Cached: see rcpu-lite calib show. (default: 0)"),
-    gen_quant: Optional[str] = typer.Option(None, help="The generator's weights: none, or 4bit (CUDA and bitsandbytes). (default: none)"),
-    calib: Optional[str] = typer.Option(None, help="Calibration text: a UTF-8 file, a .jsonl file with a \"text\" field, or a built-in name: c4 (bundled C4 sample) or wikitext2 (WikiText-2 validation split), or self (every window generated by the model itself; see --self-nsamples). (default: c4)"),
-    nsamples: Optional[int] = typer.Option(None, help="Number of calibration windows. (default: 128)"),
-    seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window. (default: 128)"),
-    seed: Optional[int] = typer.Option(None, help="Seed for choosing the calibration windows. (default: 0)"),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda[:N]. (default: auto)"),
-    micro_batch: Optional[int] = typer.Option(None, help="Windows per forward pass. (default: 16)"),
-    decomposition: Optional[str] = typer.Option(None, help="How the rotation is found: eigh (eigendecomposition of M^T M, about 2x faster) or svd (the reference). Both give the same rotation. (default: eigh)"),
-    decomposition_device: Optional[str] = typer.Option(None, help="Where the fp64 decomposition of M runs: cpu, cuda (the run's GPU; M goes there and Q comes back), or auto (the run's GPU when it is a data-centre part with fast fp64 such as A100/H100, else the CPU). cpu stays the default because consumer GPUs run fp64 at 1/32 to 1/64 of their fp32 speed and no GPU timing has been measured. (default: cpu)"),
-    max_gpu_memory: Optional[str] = typer.Option(None, help="GPU memory the run may use, e.g. 10GiB: sets the micro-batch, and keeps the calibration hidden states on the host if they do not fit. (default: 90% of the free GPU memory)"),
-    matmul: Optional[str] = typer.Option(None, help="fp32, or tf32 for the layer forward passes on CUDA (faster on Ampere and newer; statistics and compensation stay full fp32). (default: fp32)"),
+    # here: one option per PruneSettings field (--ratio, --score, ...)
     config: Optional[Path] = typer.Option(None, "--config", help="TOML preset (see configs/); flags given here override it. (default: none)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out (and an interrupted run's OUT.partial) if it exists."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer (same settings)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print errors."),
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
+    **flags: object,
 ) -> None:
     """Prune MODEL into a smaller dense checkpoint at --out (plus rcpu_report.json). Several processes share the
     calibration windows under torchrun -m rcpu_lite prune ... (see the README)."""
@@ -134,17 +122,7 @@ def prune(
 
     reporter = _reporter(quiet or int(os.environ.get("RANK", "0")) > 0)  # under torchrun, rank 0 speaks for all
     try:
-        settings = PruneSettings.merged(config, ratio=ratio, score=score, compensate=compensate, calib=calib,
-                                        nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
-                                        micro_batch=micro_batch, decomposition=decomposition,
-                                        decomposition_device=decomposition_device,
-                                        max_gpu_memory=max_gpu_memory, matmul=matmul, damp=damp, damp_abs=damp_abs,
-                                        compensate_on=compensate_on, allocation=allocation,
-                                        target_params=target_params, depth_spread=depth_spread, targets=targets,
-                                        holdout=holdout, holdout_nsamples=holdout_nsamples, reconstruct=reconstruct,
-                                        recon_epochs=recon_epochs, recon_lr=recon_lr,
-                                        recon_micro_batch=recon_micro_batch, recon_train=recon_train,
-                                        recon_norms=recon_norms, self_nsamples=self_nsamples, gen_quant=gen_quant)
+        settings = PruneSettings.merged(config, **flags)
         with reporter:  # the bar stops before an error is printed
             run_prune(model, out, settings, overwrite=overwrite, resume=resume, reporter=reporter)
     except (Exception, KeyboardInterrupt) as e:

@@ -120,3 +120,63 @@ def test_every_setting_has_a_prune_option_that_reaches_it(tiny, tmp_path, monkey
     help_text = CliRunner().invoke(app, ["prune", "--help"], terminal_width=200).output
     for field in dataclasses.fields(PruneSettings):
         assert f"--{field.name.replace('_', '-')}" in help_text, field.name
+
+
+HAND_WRITTEN = {"model", "out", "config", "overwrite", "resume", "quiet", "debug", "help"}  # not settings
+
+
+def test_each_setting_is_exactly_one_prune_option_with_its_help_and_default():
+    """The options come from PruneSettings' fields: the flag, the help and the default shown are the field's."""
+    import dataclasses
+
+    import typer
+
+    from rcpu_lite.settings import PruneSettings, option_help
+
+    command = typer.main.get_command(app).commands["prune"]
+    options = [p for p in command.params if p.name not in HAND_WRITTEN]
+    fields = dataclasses.fields(PruneSettings)
+    assert sorted(p.name for p in options) == sorted(f.name for f in fields)  # one each, nothing else
+    method, run = [f for f in fields if not f.metadata["run"]], [f for f in fields if f.metadata["run"]]
+    assert [p.name for p in options] == [f.name for f in method + run]  # --help: the method's, then the run's
+    by_name = {p.name: p for p in options}
+    types = {"float": float, "int": int, "str": str}
+    for field in fields:
+        option = by_name[field.name]
+        assert option.opts == [f"--{field.name.replace('_', '-')}"] and not option.secondary_opts, field.name
+        assert option.default is None, field.name  # None: the preset's value, else the field's default
+        assert option.help == option_help(field) and option.help.endswith(f"(default: {field.metadata['shown']})")
+        shown = field.metadata["shown"]
+        if " " not in shown:  # a default given as one value, not in words: the field's own
+            assert types[field.type](shown) == field.default, field.name
+
+
+def test_a_new_setting_becomes_an_option_without_other_edits():
+    """A field added to the settings (here in a subclass) is an option with its help, and its value arrives."""
+    import dataclasses
+
+    import typer
+
+    from rcpu_lite.cli import with_setting_options
+    from rcpu_lite.settings import PruneSettings, knob
+
+    @dataclasses.dataclass
+    class Wider(PruneSettings):
+        wobble: int = knob(3, "How far to wobble.")
+
+    demo, seen = typer.Typer(), {}
+
+    @demo.command()
+    @with_setting_options(after="name", cls=Wider)
+    def run(name: str = typer.Argument(..., help="A name."),
+            loud: bool = typer.Option(False, "--loud", help="Louder."), **flags: object) -> None:
+        seen.update(flags=flags, name=name, loud=loud)
+
+    result = CliRunner().invoke(demo, ["x", "--wobble", "5", "--ratio", "0.3", "--loud"])
+    assert result.exit_code == 0, result.output
+    assert seen["name"] == "x" and seen["loud"] is True
+    assert seen["flags"]["wobble"] == 5 and seen["flags"]["ratio"] == 0.3 and seen["flags"]["score"] is None
+    settings = Wider.merged(None, **seen["flags"])
+    assert settings.wobble == 5 and settings.ratio == 0.3 and settings.score == "rcpu"
+    help_text = CliRunner().invoke(demo, ["--help"], terminal_width=200).output
+    assert "--wobble" in help_text and "How far to wobble. (default: 3)" in help_text
