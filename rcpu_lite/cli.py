@@ -117,7 +117,7 @@ def prune(
     **flags: object,
 ) -> None:
     """Prune MODEL into a smaller dense checkpoint at --out (plus rcpu_report.json). Several processes share the
-    calibration windows under torchrun -m rcpu_lite prune ... (see the README)."""
+    calibration windows under torchrun -m rcpu_lite prune ... (see docs/scaling.md, "Several processes")."""
     from rcpu_lite.prune.run import prune as run_prune
 
     reporter = _reporter(quiet or int(os.environ.get("RANK", "0")) > 0)  # under torchrun, rank 0 speaks for all
@@ -134,7 +134,7 @@ def evaluate(
     model: str = typer.Argument(..., help=MODEL_HELP),
     ppl: Optional[str] = typer.Option(None, "--ppl", help="Text to score (lines joined by blank lines): a UTF-8 file, or the built-in name wikitext2 (WikiText-2 raw test split). (default: none; give --ppl, --tasks or both)"),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Zero-shot tasks through lm-evaluation-harness, comma-separated: boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa; prints acc and acc_norm as the harness defines them and their mean (needs the package's eval extra). (default: none)"),
-    task_dir: Optional[Path] = typer.Option(None, "--task-dir", help="Run --tasks from local JSONL files instead of the hub: a folder per task holding the split the harness uses (see README). (default: none: the harness fetches the datasets from the hub)"),
+    task_dir: Optional[Path] = typer.Option(None, "--task-dir", help="Run --tasks from local JSONL files instead of the hub: a folder per task holding the split the harness uses (see docs/cli.md). (default: none: the harness fetches the datasets from the hub)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N documents of each task, for a quick look. (default: all)"),
     seqlen: int = typer.Option(128, help="Tokens per window (RCPU and FLAP use 128; SparseGPT/Wanda 2048)."),
     max_windows: Optional[int] = typer.Option(None, help="Score only the first K windows. (default: all)"),

@@ -1,6 +1,7 @@
 """Helpers shared by the prune tests: settings for tiny runs, reading an output back, logits."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 

@@ -199,9 +199,7 @@ class LayerStep:
         self.shape = arch.layer_shape(cfg)
         self.biases = biases  # the projections that get a bias in every layer
         self.keep_targets = keep_targets or streams.holdout is not None  # block errors need targets
-        self.options = compensation.CompensationOptions(
-            decomposition=settings.decomposition, damp=settings.damp, damp_abs=settings.damp_abs,
-            decomposition_device=str(run.decomposition))
+        self.options = settings.compensation_options(str(run.decomposition))
 
     def prune(self, index: int, stored: dict[str, torch.Tensor], widths: LayerWidths, watch: Stopwatch,
               carry: Carry | None = None) -> PrunedLayer:
