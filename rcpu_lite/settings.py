@@ -32,12 +32,20 @@ MATMUL_PRECISIONS = ("fp32", "tf32")
 # Settings with a fixed set of values (validation and --help).
 CHOICES = {
     "targets": ("local", "dense"),
-    "reconstruct": ("none", "block", "cross"),
+    "reconstruct": (),  # the names of prune/strategies.STRATEGIES, filled in by choices()
     "recon_train": ("all", "out"),
     "recon_norms": ("frozen", "train"),
     "gen_quant": ("none", "4bit"),
     "decomposition_device": DECOMPOSITION_DEVICES,
 }
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """CHOICES with the reconstruction strategies' names from their registry (imported when asked: the prune
+    package imports this module)."""
+    from rcpu_lite.prune.strategies import STRATEGIES
+
+    return {**CHOICES, "reconstruct": tuple(STRATEGIES)}
 
 
 def compensate_choices() -> list[str]:
@@ -168,7 +176,7 @@ class PruneSettings:
         if self.compensate not in compensate_choices():
             raise SettingsError(f"--compensate must be one of {', '.join(compensate_choices())}, got "
                                 f"{self.compensate!r}")
-        for name, allowed in CHOICES.items():
+        for name, allowed in choices().items():
             if getattr(self, name) not in allowed:
                 raise SettingsError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got "
                                     f"{getattr(self, name)!r}")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rcpu_lite.methods import metrics
+from rcpu_lite.methods.registry import Entry, registrar
 
 if TYPE_CHECKING:
     from rcpu_lite.methods.stats import InputStats
@@ -158,22 +159,9 @@ class CompensationOptions:
 CompensationFn = Callable[[torch.Tensor, "InputStats", torch.Tensor, CompensationOptions, bool], Compensation]
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    fn: CompensationFn
-    help: str
-
-
-COMPENSATIONS: dict[str, Method] = {}
+COMPENSATIONS: dict[str, Entry[CompensationFn]] = {}
 BIAS_SUFFIX = "+bias"
-
-
-def register(name: str, help: str):
-    def add(fn: CompensationFn) -> CompensationFn:
-        COMPENSATIONS[name] = Method(name, fn, help)
-        return fn
-    return add
+register = registrar(COMPENSATIONS)
 
 
 def _from_products(method: str):
@@ -277,14 +265,8 @@ class Repaired:
 # A chooser: (W, statistics, kept columns, options, with_bias, held-out inputs) -> Repaired. It picks among the
 # closed-form methods by held-out error (auto.py); registered by name like the methods themselves.
 ChooserFn = Callable[..., Repaired]
-CHOOSERS: dict[str, Method] = {}
-
-
-def register_chooser(name: str, help: str):
-    def add(fn: ChooserFn) -> ChooserFn:
-        CHOOSERS[name] = Method(name, fn, help)
-        return fn
-    return add
+CHOOSERS: dict[str, Entry[ChooserFn]] = {}
+register_chooser = registrar(CHOOSERS)
 
 
 def chooser_names() -> list[str]:

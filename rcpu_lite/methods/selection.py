@@ -16,6 +16,7 @@ from rcpu_lite.families.arch import LayerShape
 from rcpu_lite.families.units import head_columns
 from rcpu_lite.methods import scoring
 from rcpu_lite.methods.allocation import LayerWidths
+from rcpu_lite.methods.registry import Entry, registrar
 from rcpu_lite.methods.stats import InputStats
 
 
@@ -53,22 +54,8 @@ class Kept:
 SelectFn = Callable[[str, dict[str, torch.Tensor], dict[str, InputStats], LayerShape, LayerWidths], Kept]
 
 
-@dataclass(frozen=True)
-class Selection:
-    name: str
-    fn: SelectFn
-    help: str
-
-
-SELECTIONS: dict[str, Selection] = {}
-
-
-def register(name: str, help: str) -> Callable[[SelectFn], SelectFn]:
-    def add(fn: SelectFn) -> SelectFn:
-        SELECTIONS[name] = Selection(name, fn, help)
-        return fn
-
-    return add
+SELECTIONS: dict[str, Entry[SelectFn]] = {}
+register = registrar(SELECTIONS)
 
 
 @register("topk", "score every unit once (--score), keep the highest ones")
