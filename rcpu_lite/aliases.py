@@ -4,6 +4,7 @@ Read by `models.resolve_model` (so by prune, eval, generate and the tools), the 
 alias table in docs/cli.md (a test keeps the two equal). Every id is the base (pretrained) model, not an instruct or chat
 tune: the pruning literature reports on base models, and calibration text is plain text.
 """
+
 from __future__ import annotations
 
 ALIASES: dict[str, str] = {

@@ -1,4 +1,5 @@
 """Calibration and evaluation text -> token windows."""
+
 from __future__ import annotations
 
 import gzip
@@ -36,8 +37,10 @@ def resolve_text(source: str | os.PathLike, role: Role = "calibration") -> Path:
     names = BUILT_IN[role]
     if str(source) in names:
         return names[str(source)]
-    raise CalibrationError(f"{role} text {str(source)!r} does not exist: it is neither a file nor a built-in name "
-                           f"(built-in {role} texts: {', '.join(names)})")
+    raise CalibrationError(
+        f"{role} text {str(source)!r} does not exist: it is neither a file nor a built-in name "
+        f"(built-in {role} texts: {', '.join(names)})"
+    )
 
 
 def read_text(source: str | os.PathLike, role: Role = "calibration") -> str:
@@ -73,7 +76,7 @@ def _jsonl_texts(path: Path, text: str) -> list[str]:
             except (json.JSONDecodeError, KeyError, TypeError):
                 doc = None
             if not isinstance(doc, str):
-                raise CalibrationError(f"{path}:{n} is not a JSON object with a \"text\" string")
+                raise CalibrationError(f'{path}:{n} is not a JSON object with a "text" string')
             docs.append(doc)
     return docs
 
@@ -111,7 +114,7 @@ def unused_windows(tokens: torch.Tensor, used_starts: list[int], n: int, seqlen:
     windows from the calibration text itself), at seeded random places among the free ones."""
     free = torch.ones(tokens.numel(), dtype=torch.bool)
     for s in used_starts:
-        free[s:s + seqlen] = False
+        free[s : s + seqlen] = False
     # A start is possible when its whole window is free: a running count of free tokens tells.
     counts = torch.cat([torch.zeros(1, dtype=torch.long), free.long().cumsum(0)])
     possible = ((counts[seqlen:] - counts[:-seqlen]) == seqlen).nonzero().squeeze(1)
@@ -122,13 +125,15 @@ def unused_windows(tokens: torch.Tensor, used_starts: list[int], n: int, seqlen:
             chosen.append(s)
             if len(chosen) == n:
                 return _gather(tokens, sorted(chosen), seqlen)
-    raise CalibrationError(f"the calibration text has room for only {len(chosen)} held-out windows of {seqlen} tokens "
-                           f"beside the calibration windows, {n} were asked for; give --holdout FILE, more text, or "
-                           f"lower --holdout-nsamples")
+    raise CalibrationError(
+        f"the calibration text has room for only {len(chosen)} held-out windows of {seqlen} tokens "
+        f"beside the calibration windows, {n} were asked for; give --holdout FILE, more text, or "
+        f"lower --holdout-nsamples"
+    )
 
 
 def _gather(tokens: torch.Tensor, starts: list[int], seqlen: int) -> torch.Tensor:
-    return torch.stack([tokens[s:s + seqlen] for s in starts])
+    return torch.stack([tokens[s : s + seqlen] for s in starts])
 
 
 def consecutive_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

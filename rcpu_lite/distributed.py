@@ -14,6 +14,7 @@ the same way every time (NCCL does too for a fixed topology and version, without
 run does not depend on timing. The sum over ranks adds the ranks' partial sums, not the tokens in one
 sequence, so results match a single process only within fp32 rounding.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Loading a pruned output as a transformers model, whichever format it was written in."""
+
 from __future__ import annotations
 
 import os

@@ -14,6 +14,7 @@ cluster_plan() applies the same plan to each rank of a data-parallel run over wi
 layer_work() counts the floating-point work of one layer; render_tables() prints both as the
 the 70B plan in docs/scaling.md (`python -m rcpu_lite.memory_plan --table`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,11 @@ class MemoryPlan:
     @property
     def peak_bytes(self) -> int:
         """What the plan puts on the GPU at once: fixed, the hidden states if there, one micro-batch."""
-        return self.fixed_bytes + (self.hidden_bytes if self.hidden_on_device else 0) + \
-            self.micro_batch * self.per_window_bytes
+        return (
+            self.fixed_bytes
+            + (self.hidden_bytes if self.hidden_on_device else 0)
+            + self.micro_batch * self.per_window_bytes
+        )
 
 
 def linear_params(shape: LayerShape) -> int:
@@ -65,14 +69,16 @@ def layer_bytes(shape: LayerShape) -> int:
 
 def gram_bytes(shape: LayerShape) -> dict[str, int]:
     """The fp32 Gram matrix of each compensated projection's input (d_in x d_in)."""
-    return {"o_proj": (shape.num_attention_heads * shape.head_dim) ** 2 * FP32,
-            "down_proj": shape.intermediate_size ** 2 * FP32}
+    return {
+        "o_proj": (shape.num_attention_heads * shape.head_dim) ** 2 * FP32,
+        "down_proj": shape.intermediate_size**2 * FP32,
+    }
 
 
 def decomposition_bytes(shape: LayerShape) -> int:
     """The fp64 decomposition of the hidden x hidden M at its peak: M, M^T M, the eigenvectors and
     the eigensolver's workspace (about 2 d^2: LAPACK/cuSOLVER syevd) are alive together."""
-    return 5 * shape.hidden_size ** 2 * FP64
+    return 5 * shape.hidden_size**2 * FP64
 
 
 def fixed_bytes(shape: LayerShape, decomposition_on_gpu: bool = False) -> int:
@@ -98,8 +104,14 @@ def per_window_bytes(shape: LayerShape, seqlen: int) -> int:
     return (seqlen * per_token + shape.num_attention_heads * seqlen * seqlen) * FP32
 
 
-def plan(shape: LayerShape, nsamples: int, seqlen: int, budget_bytes: int, max_micro_batch: int,
-         decomposition_on_gpu: bool = False) -> MemoryPlan:
+def plan(
+    shape: LayerShape,
+    nsamples: int,
+    seqlen: int,
+    budget_bytes: int,
+    max_micro_batch: int,
+    decomposition_on_gpu: bool = False,
+) -> MemoryPlan:
     """The largest micro-batch up to max_micro_batch that fits, keeping the hidden states on the
     device when they fit beside it (they are read and written every layer: moving them costs)."""
     fixed, window = fixed_bytes(shape, decomposition_on_gpu), per_window_bytes(shape, seqlen)
@@ -108,7 +120,8 @@ def plan(shape: LayerShape, nsamples: int, seqlen: int, budget_bytes: int, max_m
         raise MemoryBudgetError(
             f"--max-gpu-memory {budget_bytes / GIB:.2f} GiB is too small for this model: one layer, its "
             f"statistics and one window of {seqlen} tokens need about {(fixed + window) / GIB:.2f} GiB; raise it, "
-            f"shorten --seqlen, or use --device cpu")
+            f"shorten --seqlen, or use --device cpu"
+        )
     on_device = budget_bytes >= fixed + hidden + window
     room = budget_bytes - fixed - (hidden if on_device else 0)
     micro_batch = max(1, min(max_micro_batch, nsamples, room // window))
@@ -124,7 +137,7 @@ EIGH_FLOPS_PER_D3 = 9 + 2 + 2 + 2
 GPU_FP32_FLOPS = 30e12  # sustained fp32 of one 24 GB GPU: ~1/3 of an RTX 4090's 82.6 TFLOP/s peak
 # The CPU's fp64 decomposition rate as measured at the Llama-7B shape (docs/scaling.md: 881 s for the 64
 # decompositions of d = 4096 in the 32-layer run, 2 cores); a host with more cores is faster.
-CPU_FP64_FLOPS = EIGH_FLOPS_PER_D3 * 4096 ** 3 / (881 / 64)
+CPU_FP64_FLOPS = EIGH_FLOPS_PER_D3 * 4096**3 / (881 / 64)
 
 
 @dataclass(frozen=True)
@@ -147,8 +160,12 @@ def layer_work(shape: LayerShape, nsamples: int, seqlen: int, ratio: float = 0.2
     compensation = 0
     for d_in, k in ((q, kept.heads * shape.head_dim), (shape.intermediate_size, kept.channels)):
         compensation += 2 * h * d_in * (k + h) + 2 * h * (d_in - k) ** 2 + 2 * h * h * k
-    return LayerWork(forward=2 * one_pass, grams=2 * tokens * sum(b // FP32 for b in gram_bytes(shape).values()),
-                     compensation=compensation, decomposition=2 * EIGH_FLOPS_PER_D3 * h ** 3)
+    return LayerWork(
+        forward=2 * one_pass,
+        grams=2 * tokens * sum(b // FP32 for b in gram_bytes(shape).values()),
+        compensation=compensation,
+        decomposition=2 * EIGH_FLOPS_PER_D3 * h**3,
+    )
 
 
 @dataclass(frozen=True)
@@ -178,8 +195,15 @@ class ClusterPlan:
         return ((w.forward + w.grams) / self.ranks + w.compensation) / GPU_FP32_FLOPS + w.decomposition / CPU_FP64_FLOPS
 
 
-def cluster_plan(shape: LayerShape, nsamples: int, seqlen: int, ranks: int, gpu_bytes: int,
-                 max_micro_batch: int = 16, ratio: float = 0.2) -> ClusterPlan:
+def cluster_plan(
+    shape: LayerShape,
+    nsamples: int,
+    seqlen: int,
+    ranks: int,
+    gpu_bytes: int,
+    max_micro_batch: int = 16,
+    ratio: float = 0.2,
+) -> ClusterPlan:
     """The memory plan of each of `ranks` GPUs of gpu_bytes (planned at DEFAULT_BUDGET_FRACTION of it),
     each taking ceil(nsamples / ranks) windows, and the per-layer work."""
     windows = -(-nsamples // ranks)
@@ -188,10 +212,17 @@ def cluster_plan(shape: LayerShape, nsamples: int, seqlen: int, ranks: int, gpu_
         memory = plan(shape, windows, seqlen, budget, max_micro_batch)
     except MemoryBudgetError:
         memory = None
-    return ClusterPlan(ranks, windows, budget, fixed_bytes(shape), per_window_bytes(shape, seqlen),
-                       hidden_bytes(shape, windows, seqlen), memory,
-                       2 * (ranks - 1) * sum(gram_bytes(shape).values()) // ranks,
-                       layer_work(shape, nsamples, seqlen, ratio))
+    return ClusterPlan(
+        ranks,
+        windows,
+        budget,
+        fixed_bytes(shape),
+        per_window_bytes(shape, seqlen),
+        hidden_bytes(shape, windows, seqlen),
+        memory,
+        2 * (ranks - 1) * sum(gram_bytes(shape).values()) // ranks,
+        layer_work(shape, nsamples, seqlen, ratio),
+    )
 
 
 # The plan in docs/scaling.md: both 70B models, the paper's calibration and a long one, on one 12 GB GPU (the
@@ -213,30 +244,62 @@ def _gpus(ranks: int) -> str:
     return f"{ranks} GPU{'s' if ranks > 1 else ''}"
 
 
-def _memory_row(name: str, nsamples: int, seqlen: int, p: ClusterPlan, gpu_bytes: int, embedding: int,
-                on_gpu: MemoryPlan | None) -> list[str]:
+def _memory_row(
+    name: str, nsamples: int, seqlen: int, p: ClusterPlan, gpu_bytes: int, embedding: int, on_gpu: MemoryPlan | None
+) -> list[str]:
     m = p.memory
-    cells = [name, f"{nsamples}×{seqlen}", f"{p.ranks} × {gpu_bytes // GIB} GB", str(p.windows_per_rank),
-             _gib(p.fixed_bytes), _gib(p.stream_bytes),
-             "—" if m is None else "GPU" if m.hidden_on_device else "host (pinned)",
-             "—" if m is None else str(m.micro_batch), "—" if m is None else _gib(m.peak_bytes),
-             "—" if m is None else _gib(0 if m.hidden_on_device else p.stream_bytes), _gib(embedding),
-             "yes" if p.fits else "**no**",
-             "**no**" if on_gpu is None else f"yes, micro-batch {on_gpu.micro_batch}"]
+    cells = [
+        name,
+        f"{nsamples}×{seqlen}",
+        f"{p.ranks} × {gpu_bytes // GIB} GB",
+        str(p.windows_per_rank),
+        _gib(p.fixed_bytes),
+        _gib(p.stream_bytes),
+        "—" if m is None else "GPU" if m.hidden_on_device else "host (pinned)",
+        "—" if m is None else str(m.micro_batch),
+        "—" if m is None else _gib(m.peak_bytes),
+        "—" if m is None else _gib(0 if m.hidden_on_device else p.stream_bytes),
+        _gib(embedding),
+        "yes" if p.fits else "**no**",
+        "**no**" if on_gpu is None else f"yes, micro-batch {on_gpu.micro_batch}",
+    ]
     return cells
 
 
-def render_tables(models: tuple[str, ...] = TABLE_MODELS, calibrations=TABLE_CALIBRATIONS,
-                  setups: tuple[tuple[int, int], ...] = TABLE_SETUPS) -> str:
+def render_tables(
+    models: tuple[str, ...] = TABLE_MODELS,
+    calibrations=TABLE_CALIBRATIONS,
+    setups: tuple[tuple[int, int], ...] = TABLE_SETUPS,
+) -> str:
     """Two Markdown tables from the shapes alone: memory per rank, and work per layer."""
-    header = ["model", "calibration", "GPUs", "windows / rank", "layer + Grams + temporaries", "streams / rank",
-              "streams live on", "micro-batch", "GPU peak / rank", "host RAM for streams / rank",
-              "embedding (host, at start)", "fits", "fits with --decomposition-device cuda"]
+    header = [
+        "model",
+        "calibration",
+        "GPUs",
+        "windows / rank",
+        "layer + Grams + temporaries",
+        "streams / rank",
+        "streams live on",
+        "micro-batch",
+        "GPU peak / rank",
+        "host RAM for streams / rank",
+        "embedding (host, at start)",
+        "fits",
+        "fits with --decomposition-device cuda",
+    ]
     rank_counts = sorted({r for r, _ in setups})
-    work_header = ["model", "calibration", "forward ×2 (TFLOP)", "Grams (TFLOP)", "compensation (TFLOP)",
-                   "decomposition (fp64 TFLOP)", "decomposition on the CPU (s)",
-                   *(f"all-reduce / rank, {_gpus(r)}" for r in rank_counts if r > 1),
-                   *(f"s / layer, {_gpus(r)}" for r in rank_counts), *(f"all layers, {_gpus(r)}" for r in rank_counts)]
+    work_header = [
+        "model",
+        "calibration",
+        "forward ×2 (TFLOP)",
+        "Grams (TFLOP)",
+        "compensation (TFLOP)",
+        "decomposition (fp64 TFLOP)",
+        "decomposition on the CPU (s)",
+        *(f"all-reduce / rank, {_gpus(r)}" for r in rank_counts if r > 1),
+        *(f"s / layer, {_gpus(r)}" for r in rank_counts),
+        *(f"all layers, {_gpus(r)}" for r in rank_counts),
+    ]
     memory, work = [header], [work_header]
     for name in models:
         shape, config = named_layer_shape(name), NAMED_SHAPES[name]
@@ -251,12 +314,20 @@ def render_tables(models: tuple[str, ...] = TABLE_MODELS, calibrations=TABLE_CAL
                 memory.append(_memory_row(name, nsamples, seqlen, p, gpu_bytes, embedding, on_gpu))
             by_ranks = {r: cluster_plan(shape, nsamples, seqlen, r, setups[-1][1]) for r in rank_counts}
             w = by_ranks[rank_counts[0]].work
-            work.append([name, f"{nsamples}×{seqlen}", _tflop(w.forward), _tflop(w.grams), _tflop(w.compensation),
-                         _tflop(w.decomposition), f"{w.decomposition / CPU_FP64_FLOPS:,.0f}",
-                         *(_gib(p.allreduce_bytes) for r, p in by_ranks.items() if r > 1),
-                         *(f"{p.seconds_per_layer:,.0f} s" for p in by_ranks.values()),
-                         *(f"{p.seconds_per_layer * config['num_hidden_layers'] / 3600:,.1f} h"
-                           for p in by_ranks.values())])
+            work.append(
+                [
+                    name,
+                    f"{nsamples}×{seqlen}",
+                    _tflop(w.forward),
+                    _tflop(w.grams),
+                    _tflop(w.compensation),
+                    _tflop(w.decomposition),
+                    f"{w.decomposition / CPU_FP64_FLOPS:,.0f}",
+                    *(_gib(p.allreduce_bytes) for r, p in by_ranks.items() if r > 1),
+                    *(f"{p.seconds_per_layer:,.0f} s" for p in by_ranks.values()),
+                    *(f"{p.seconds_per_layer * config['num_hidden_layers'] / 3600:,.1f} h" for p in by_ranks.values()),
+                ]
+            )
     return "\n\n".join(_markdown(rows) for rows in (memory, work)) + "\n"
 
 
@@ -272,7 +343,7 @@ def parse_size(text: str | float | int) -> int:
     else:
         raw = str(text).strip().lower().replace(" ", "")
         number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
-        unit = raw[len(number):] or "gib"
+        unit = raw[len(number) :] or "gib"
         try:
             value = float(number)
         except ValueError:
@@ -286,8 +357,10 @@ def parse_size(text: str | float | int) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m rcpu_lite.memory_plan",
-                                 description="Print the 70B plan of docs/scaling.md, computed from their shapes.")
+    ap = argparse.ArgumentParser(
+        prog="python -m rcpu_lite.memory_plan",
+        description="Print the 70B plan of docs/scaling.md, computed from their shapes.",
+    )
     ap.add_argument("--table", action="store_true", help="print the Markdown tables (memory per rank, work per layer)")
     args = ap.parse_args(argv)
     if not args.table:

@@ -1,4 +1,5 @@
 """Turning the MODEL argument into a local safetensors checkpoint directory."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -109,26 +110,34 @@ def fetch_hub(repo_id: str, asked: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    subject = (f"{asked} stands for the hub model {repo_id}, which" if asked
-               else f"{repo_id} is not a local directory, and as a hub model it")
+    subject = (
+        f"{asked} stands for the hub model {repo_id}, which"
+        if asked
+        else f"{repo_id} is not a local directory, and as a hub model it"
+    )
     instead = "or pass a local checkpoint directory (config.json, *.safetensors, tokenizer files) as MODEL instead"
     offline = hub_offline()
     if not offline:
         log.info("%s: fetching its safetensors, config and tokenizer files into the Hugging Face cache", repo_id)
     try:
         # local_files_only when offline: nothing is attempted over the network, a cached snapshot still works
-        path = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, ignore_patterns=HUB_IGNORE,
-                                      local_files_only=offline))
+        path = Path(
+            snapshot_download(repo_id, allow_patterns=HUB_FILES, ignore_patterns=HUB_IGNORE, local_files_only=offline)
+        )
     except GatedRepoError:
-        raise ModelNotFound(f"{subject} is gated: accept its licence on https://huggingface.co/{repo_id} and log in "
-                            f"(hf auth login), {instead}") from None
+        raise ModelNotFound(
+            f"{subject} is gated: accept its licence on https://huggingface.co/{repo_id} and log in "
+            f"(hf auth login), {instead}"
+        ) from None
     except RepositoryNotFoundError:
         raise ModelNotFound(f"{subject} was not found on the hub (or is private); check the name, {instead}") from None
     except LocalEntryNotFoundError as e:  # also a cached snapshot that is incomplete
         why = "the hub is switched off (HF_HUB_OFFLINE)" if offline else "the hub cannot be reached"
         where = "only partly in" if "incomplete" in str(e) else "not in"
-        raise ModelNotFound(f"{subject} is {where} the Hugging Face cache, and {why}; run this once where the hub can "
-                            f"be reached (the files stay in the cache), {instead}") from None
+        raise ModelNotFound(
+            f"{subject} is {where} the Hugging Face cache, and {why}; run this once where the hub can "
+            f"be reached (the files stay in the cache), {instead}"
+        ) from None
     except Exception as e:  # the hub's or the disk's own error: its first line is the reason
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ModelNotFound(f"{subject} could not be fetched ({reason}); {instead}") from None
@@ -140,11 +149,15 @@ def check_snapshot(path: Path, repo_id: str) -> None:
     """A snapshot is usable only with config.json and safetensors weights (older huggingface_hub versions
     return a partly downloaded snapshot offline; some repos hold only .bin weights)."""
     if not (path / "config.json").is_file():
-        raise ModelNotFound(f"{repo_id}: the cached snapshot {path} has no config.json (an interrupted download?); "
-                            f"rerun where the hub can be reached to complete it")
+        raise ModelNotFound(
+            f"{repo_id}: the cached snapshot {path} has no config.json (an interrupted download?); "
+            f"rerun where the hub can be reached to complete it"
+        )
     if not any(path.glob("*.safetensors")):
-        raise ModelNotFound(f"{repo_id}: the snapshot {path} has no .safetensors weights, the only format rcpu-lite "
-                            f"reads; convert the checkpoint to safetensors and give its directory")
+        raise ModelNotFound(
+            f"{repo_id}: the snapshot {path} has no .safetensors weights, the only format rcpu-lite "
+            f"reads; convert the checkpoint to safetensors and give its directory"
+        )
 
 
 def load_tokenizer(model_dir: Path):
@@ -160,5 +173,7 @@ def load_tokenizer(model_dir: Path):
         return AutoTokenizer.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError, TypeError, ImportError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ModelNotFound(f"{model_dir} has no tokenizer that loads ({reason}); copy the original model's "
-                            f"tokenizer files (tokenizer.json, tokenizer_config.json) into it") from None
+        raise ModelNotFound(
+            f"{model_dir} has no tokenizer that loads ({reason}); copy the original model's "
+            f"tokenizer files (tokenizer.json, tokenizer_config.json) into it"
+        ) from None

@@ -1,4 +1,5 @@
 """Small runtime helpers shared by pruning and evaluation: device choice, memory, batched layer runs."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from rcpu_lite.families import arch
 from rcpu_lite.distributed import SINGLE, Group
+from rcpu_lite.families import arch
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,9 @@ def decomposition_device(requested: str, run_device: torch.device) -> torch.devi
     return run_device if run_device.type == "cuda" else torch.device("cuda")
 
 
-def to_compute(tensors: dict[str, torch.Tensor], device: torch.device, consume: bool = False
-               ) -> dict[str, torch.Tensor]:
+def to_compute(
+    tensors: dict[str, torch.Tensor], device: torch.device, consume: bool = False
+) -> dict[str, torch.Tensor]:
     """fp32 copies on the compute device; the copy goes first so that pinned memory is copied asynchronously.
 
     With `consume`, `tensors` is emptied one tensor at a time as the copies are made, so the stored
@@ -129,7 +131,7 @@ def run_layer_batched(
     device = device or hidden.device
     with cuda_matmul_precision(matmul):
         for start in range(0, hidden.shape[0], micro_batch):
-            chunk = hidden[start:start + micro_batch]
+            chunk = hidden[start : start + micro_batch]
             out = arch.run_layer(layer, chunk.to(device, non_blocking=True), inputs, config, index)
             if update:
                 chunk.copy_(out)

@@ -16,6 +16,7 @@ the model, not on the micro-batch. Sampling and greedy choices are made by one l
 among the tokenizer's ordinary tokens: special tokens (EOS included) and ids past the tokenizer
 (padded embedding rows) are never produced, so every window has exactly `seqlen` tokens.
 """
+
 from __future__ import annotations
 
 import gc
@@ -42,8 +43,7 @@ QUANTS = ("none", "4bit")
 FORMAT = "rcpu-lite self-generated calibration"
 FORMAT_VERSION = 1
 GIB = 2**30
-_DTYPES = {"F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
-           "BF16": (torch.bfloat16, 2)}
+_DTYPES = {"F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2)}
 _MAX_START_DRAWS = 10_000
 
 
@@ -64,11 +64,13 @@ class GenSettings:
 
     def validate(self) -> "GenSettings":
         if self.n < 1 or self.seqlen < 2:
-            raise SelfGenError(f"self-generated windows need n >= 1 and seqlen >= 2, got n={self.n}, "
-                               f"seqlen={self.seqlen}")
+            raise SelfGenError(
+                f"self-generated windows need n >= 1 and seqlen >= 2, got n={self.n}, seqlen={self.seqlen}"
+            )
         if not 0 <= self.greedy_tokens <= self.seqlen - 1:
-            raise SelfGenError(f"greedy_tokens must be in [0, seqlen - 1 = {self.seqlen - 1}], got "
-                               f"{self.greedy_tokens}")
+            raise SelfGenError(
+                f"greedy_tokens must be in [0, seqlen - 1 = {self.seqlen - 1}], got {self.greedy_tokens}"
+            )
         if not self.temperature > 0:
             raise SelfGenError(f"the sampling temperature must be > 0, got {self.temperature}")
         if self.quant not in QUANTS:
@@ -77,6 +79,7 @@ class GenSettings:
 
 
 # ---------------------------------------------------------------------------------------------- memory
+
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
@@ -146,8 +149,9 @@ def _activation_bytes(model_dir: Path, seqlen: int, micro_batch: int, act_bytes:
     return kv_cache + logits
 
 
-def generation_memory_bytes(model_dir: Path, device: str | torch.device, quant: str = "none", *, seqlen: int = 2048,
-                            micro_batch: int = 8) -> int:
+def generation_memory_bytes(
+    model_dir: Path, device: str | torch.device, quant: str = "none", *, seqlen: int = 2048, micro_batch: int = 8
+) -> int:
     """Memory that generating with the whole model needs on `device`, estimated from the checkpoint:
     parameters x bytes per parameter (stored dtype, or ~0.53 for 4-bit), + 10 %, + the KV cache and logits of
     one micro-batch, + 256 MiB. The estimate is the same for either device; `device` says where it must fit."""
@@ -181,11 +185,13 @@ def check_memory(model_dir: Path, device: torch.device, quant: str, seqlen: int,
         raise SelfGenError(
             f"self-generated calibration loads the whole model ({params / 1e9:.2f} B parameters): it needs about "
             f"{need / GIB:.1f} GiB but {have / GIB:.1f} GiB {where}; {alt} (fewer --self-nsamples does not "
-            f"reduce it; a smaller --micro-batch barely does), or calibrate on real text only")
+            f"reduce it; a smaller --micro-batch barely does), or calibrate on real text only"
+        )
     return need
 
 
 # ---------------------------------------------------------------------------------------------- generation
+
 
 def _window_generator(seed: int, index: int) -> torch.Generator:
     """The CPU generator of one window: a function of (seed, index) only."""
@@ -215,8 +221,10 @@ def start_token(tokenizer, allowed: torch.Tensor, generator: torch.Generator) ->
         token = int(pool[torch.randint(len(pool), (), generator=generator)])
         if is_english_start(tokenizer, token):
             return token
-    raise SelfGenError(f"no English start token in {_MAX_START_DRAWS} draws: this tokenizer's tokens are almost "
-                       f"never ASCII letters; self-generated calibration needs a tokenizer with English words")
+    raise SelfGenError(
+        f"no English start token in {_MAX_START_DRAWS} draws: this tokenizer's tokens are almost "
+        f"never ASCII letters; self-generated calibration needs a tokenizer with English words"
+    )
 
 
 class _Chooser(LogitsProcessor):
@@ -224,8 +232,14 @@ class _Chooser(LogitsProcessor):
     tokens, then sampled at `temperature` with one uniform draw per window from its own generator.
     It returns scores that are -inf except at the chosen token, so generate()'s greedy step takes it."""
 
-    def __init__(self, allowed: torch.Tensor, generators: list[torch.Generator], greedy_tokens: int,
-                 temperature: float, prompt_len: int = 1):
+    def __init__(
+        self,
+        allowed: torch.Tensor,
+        generators: list[torch.Generator],
+        greedy_tokens: int,
+        temperature: float,
+        prompt_len: int = 1,
+    ):
         self.allowed = allowed
         self.generators = generators
         self.greedy_tokens = greedy_tokens
@@ -257,14 +271,22 @@ def _load_model(model_dir: Path, device: torch.device, quant: str):
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise SelfGenError("--gen-quant 4bit needs bitsandbytes: pip install bitsandbytes (or the package's "
-                               "gpu extra: pip install 'rcpu-lite[gpu]')") from None
+            raise SelfGenError(
+                "--gen-quant 4bit needs bitsandbytes: pip install bitsandbytes (or the package's "
+                "gpu extra: pip install 'rcpu-lite[gpu]')"
+            ) from None
         from transformers import BitsAndBytesConfig
 
         compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        kwargs = {"dtype": compute, "quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute)}
+        kwargs = {
+            "dtype": compute,
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute,
+            ),
+        }
     if device.type == "cuda":
         kwargs["device_map"] = {"": str(device)}
     return load_pruned(model_dir, **kwargs).eval()
@@ -284,9 +306,18 @@ def _context_length(model_dir: Path) -> int | None:
     return cfg.get("text_config", cfg).get("max_position_embeddings")
 
 
-def generate_windows(model_dir: Path, n: int, seqlen: int, seed: int, device: str | torch.device = "cpu",
-                     quant: str = "none", greedy_tokens: int = 5, temperature: float = 1.0,
-                     micro_batch: int = 8, reporter: Reporter | None = None) -> torch.Tensor:
+def generate_windows(
+    model_dir: Path,
+    n: int,
+    seqlen: int,
+    seed: int,
+    device: str | torch.device = "cpu",
+    quant: str = "none",
+    greedy_tokens: int = 5,
+    temperature: float = 1.0,
+    micro_batch: int = 8,
+    reporter: Reporter | None = None,
+) -> torch.Tensor:
     """n self-generated windows of exactly seqlen token ids (n x seqlen, int64, on the CPU).
 
     Window i starts from an English start token drawn with its own generator (seeded from seed and
@@ -294,8 +325,6 @@ def generate_windows(model_dir: Path, n: int, seqlen: int, seed: int, device: st
     model is loaded whole (checked against the free memory first) and freed before returning.
     `reporter` shows the progress (display.py); by default one log line per micro-batch.
     """
-    from transformers import GenerationConfig, LogitsProcessorList
-
     from rcpu_lite.models import load_tokenizer
 
     model_dir = Path(model_dir)
@@ -304,39 +333,27 @@ def generate_windows(model_dir: Path, n: int, seqlen: int, seed: int, device: st
         raise SelfGenError(f"micro_batch must be at least 1, got {micro_batch}")
     context = _context_length(model_dir)
     if context is not None and seqlen > context:
-        raise SelfGenError(f"cannot generate windows of {seqlen} tokens: the model's context is {context} "
-                           f"(max_position_embeddings); use a smaller --seqlen")
+        raise SelfGenError(
+            f"cannot generate windows of {seqlen} tokens: the model's context is {context} "
+            f"(max_position_embeddings); use a smaller --seqlen"
+        )
     reporter = reporter or PlainReporter()
     dev = _device(device, quant)
     need = check_memory(model_dir, dev, quant, seqlen, min(micro_batch, n))
     tokenizer = load_tokenizer(model_dir)
-    log.info("self-generated calibration: loading %s whole on %s (%s, about %.1f GiB)", model_dir, dev,
-             "4-bit" if quant == "4bit" else str(stored_dtype(model_dir)).replace("torch.", ""), need / GIB)
+    log.info(
+        "self-generated calibration: loading %s whole on %s (%s, about %.1f GiB)",
+        model_dir,
+        dev,
+        "4-bit" if quant == "4bit" else str(stored_dtype(model_dir)).replace("torch.", ""),
+        need / GIB,
+    )
     reporter.start("self-generated calibration", n, "windows")
     reporter.phase("loading the model")
     model = _load_model(model_dir, dev, quant)
     reporter.phase("generating")
     try:
-        vocab = model.get_output_embeddings().weight.shape[0]
-        allowed = _ordinary_ids(tokenizer, vocab)
-        # A fresh config: the checkpoint's generation_config.json (temperature, top_p, penalties, EOS) must not apply.
-        model.generation_config = GenerationConfig(pad_token_id=0)
-        windows, t0 = [], time.perf_counter()
-        for lo in range(0, n, micro_batch):
-            rows = range(lo, min(lo + micro_batch, n))
-            generators = [_window_generator(settings.seed, i) for i in rows]
-            starts = torch.tensor([[start_token(tokenizer, allowed, g)] for g in generators], device=dev)
-            chooser = _Chooser(allowed, generators, settings.greedy_tokens, settings.temperature)
-            with torch.inference_mode():
-                out = model.generate(input_ids=starts, attention_mask=torch.ones_like(starts),
-                                     logits_processor=LogitsProcessorList([chooser]), do_sample=False,
-                                     max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1)
-            if out.shape != (len(rows), seqlen):
-                raise SelfGenError(f"generation returned {tuple(out.shape)} token ids, expected {(len(rows), seqlen)}")
-            windows.append(out.cpu())
-            done, elapsed = rows.stop, time.perf_counter() - t0
-            reporter.advance(f"self-generated calibration: {done}/{n} windows of {seqlen} tokens, {elapsed:.1f} s, "
-                             f"ETA {elapsed / done * (n - done):.0f} s", steps=len(rows))
+        windows = _generate(model, tokenizer, settings, n, micro_batch, dev, reporter)
     finally:
         del model
         gc.collect()
@@ -345,7 +362,46 @@ def generate_windows(model_dir: Path, n: int, seqlen: int, seed: int, device: st
     return torch.cat(windows).to(torch.long)
 
 
+def _generate(
+    model, tokenizer, settings: GenSettings, n: int, micro_batch: int, dev: torch.device, reporter: Reporter
+) -> list[torch.Tensor]:
+    """Generate the n windows a micro-batch at a time (each window with its own generator)."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    seqlen = settings.seqlen
+    vocab = model.get_output_embeddings().weight.shape[0]
+    allowed = _ordinary_ids(tokenizer, vocab)
+    # A fresh config: the checkpoint's generation_config.json (temperature, top_p, penalties, EOS) must not apply.
+    model.generation_config = GenerationConfig(pad_token_id=0)
+    windows, t0 = [], time.perf_counter()
+    for lo in range(0, n, micro_batch):
+        rows = range(lo, min(lo + micro_batch, n))
+        generators = [_window_generator(settings.seed, i) for i in rows]
+        starts = torch.tensor([[start_token(tokenizer, allowed, g)] for g in generators], device=dev)
+        chooser = _Chooser(allowed, generators, settings.greedy_tokens, settings.temperature)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=starts,
+                attention_mask=torch.ones_like(starts),
+                logits_processor=LogitsProcessorList([chooser]),
+                do_sample=False,
+                max_new_tokens=seqlen - 1,
+                min_new_tokens=seqlen - 1,
+            )
+        if out.shape != (len(rows), seqlen):
+            raise SelfGenError(f"generation returned {tuple(out.shape)} token ids, expected {(len(rows), seqlen)}")
+        windows.append(out.cpu())
+        done, elapsed = rows.stop, time.perf_counter() - t0
+        reporter.advance(
+            f"self-generated calibration: {done}/{n} windows of {seqlen} tokens, {elapsed:.1f} s, "
+            f"ETA {elapsed / done * (n - done):.0f} s",
+            steps=len(rows),
+        )
+    return windows
+
+
 # ---------------------------------------------------------------------------------------------- cache
+
 
 def model_identity(model_dir: Path) -> dict:
     """What identifies the model for the cache: config.json's content and the names and sizes of its files."""
@@ -356,8 +412,9 @@ def model_identity(model_dir: Path) -> dict:
 
 
 def cache_key(model_dir: Path, settings: GenSettings) -> str:
-    blob = json.dumps({"model": model_identity(model_dir), "settings": asdict(settings), "format": FORMAT_VERSION},
-                      sort_keys=True)
+    blob = json.dumps(
+        {"model": model_identity(model_dir), "settings": asdict(settings), "format": FORMAT_VERSION}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -400,9 +457,19 @@ def read_windows(path: Path) -> tuple[dict, torch.Tensor, list[str]]:
     return header, windows, texts
 
 
-def cached_windows(model_dir: Path, n: int, seqlen: int, seed: int, device: str = "auto", quant: str = "none",
-                   greedy_tokens: int = 5, temperature: float = 1.0, micro_batch: int = 8,
-                   cache_dir: Path | None = None, reporter: Reporter | None = None) -> tuple[torch.Tensor, Path]:
+def cached_windows(
+    model_dir: Path,
+    n: int,
+    seqlen: int,
+    seed: int,
+    device: str = "auto",
+    quant: str = "none",
+    greedy_tokens: int = 5,
+    temperature: float = 1.0,
+    micro_batch: int = 8,
+    cache_dir: Path | None = None,
+    reporter: Reporter | None = None,
+) -> tuple[torch.Tensor, Path]:
     """(windows, their file): read from the cache when this model and these settings were generated
     before, else generated with generate_windows() and written there."""
     model_dir = Path(model_dir)
@@ -421,19 +488,47 @@ def cached_windows(model_dir: Path, n: int, seqlen: int, seed: int, device: str 
     from rcpu_lite.models import load_tokenizer
 
     dev, t0 = _device(device, quant), time.perf_counter()
-    windows = generate_windows(model_dir, n, seqlen, seed, device=dev, quant=quant, greedy_tokens=greedy_tokens,
-                               temperature=temperature, micro_batch=micro_batch, reporter=reporter)
-    header = {"format": FORMAT, "version": FORMAT_VERSION, "key": key, "model_dir": str(model_dir.resolve()),
-              "settings": asdict(settings), "device": str(dev), "seconds": round(time.perf_counter() - t0, 2),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    windows = generate_windows(
+        model_dir,
+        n,
+        seqlen,
+        seed,
+        device=dev,
+        quant=quant,
+        greedy_tokens=greedy_tokens,
+        temperature=temperature,
+        micro_batch=micro_batch,
+        reporter=reporter,
+    )
+    header = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "key": key,
+        "model_dir": str(model_dir.resolve()),
+        "settings": asdict(settings),
+        "device": str(dev),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     write_windows(path, windows, header, load_tokenizer(model_dir))
     log.info("self-generated calibration: %d windows written to %s", n, path)
     return windows, path
 
 
-def self_generated(model_dir: Path, n: int, seqlen: int, seed: int, *, device: str = "auto", quant: str = "none",
-                   greedy_tokens: int = 5, temperature: float = 1.0, micro_batch: int = 8,
-                   cache_dir: Path | None = None, reporter: Reporter | None = None) -> torch.Tensor:
+def self_generated(
+    model_dir: Path,
+    n: int,
+    seqlen: int,
+    seed: int,
+    *,
+    device: str = "auto",
+    quant: str = "none",
+    greedy_tokens: int = 5,
+    temperature: float = 1.0,
+    micro_batch: int = 8,
+    cache_dir: Path | None = None,
+    reporter: Reporter | None = None,
+) -> torch.Tensor:
     """The n x seqlen self-generated calibration windows for a prune run (from the cache, or generated).
 
     For the pipeline (the options are wired in PruneSettings by the pipeline's owner):
@@ -448,9 +543,19 @@ def self_generated(model_dir: Path, n: int, seqlen: int, seed: int, *, device: s
     is back before pruning starts. Raises SelfGenError (a ValueError, one line) when memory, device
     or bitsandbytes do not allow generation.
     """
-    return cached_windows(model_dir, n, seqlen, seed, device=device, quant=quant, greedy_tokens=greedy_tokens,
-                          temperature=temperature, micro_batch=micro_batch, cache_dir=cache_dir,
-                          reporter=reporter)[0]
+    return cached_windows(
+        model_dir,
+        n,
+        seqlen,
+        seed,
+        device=device,
+        quant=quant,
+        greedy_tokens=greedy_tokens,
+        temperature=temperature,
+        micro_batch=micro_batch,
+        cache_dir=cache_dir,
+        reporter=reporter,
+    )[0]
 
 
 def show(path: Path, max_windows: int | None = None) -> str:

@@ -1,4 +1,5 @@
 """Shared fixtures: a calibration text file and a cache of tiny random checkpoints (see tests/tiny.py)."""
+
 from __future__ import annotations
 
 import os

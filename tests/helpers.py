@@ -1,28 +1,33 @@
 """Helpers shared by the prune tests: settings for tiny runs, reading an output back, logits."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from rcpu_lite import calibration
-from rcpu_lite.families.arch import UnsupportedModel
+from rcpu_lite.prune.run import REPORT_NAME
 from rcpu_lite.settings import PruneSettings
-from rcpu_lite.prune.run import REPORT_NAME, prune
-
-import tiny
 
 INDEX_NAME = "model.safetensors.index.json"
 
 
 def make_settings(calib: Path, **overrides) -> PruneSettings:
-    values = dict(ratio=0.25, score="rcpu", compensate="rotation", calib=str(calib), nsamples=8, seqlen=32,
-                  seed=0, device="cpu", micro_batch=3)  # 3 does not divide 8: the last micro-batch is short
+    values = dict(
+        ratio=0.25,
+        score="rcpu",
+        compensate="rotation",
+        calib=str(calib),
+        nsamples=8,
+        seqlen=32,
+        seed=0,
+        device="cpu",
+        micro_batch=3,
+    )  # 3 does not divide 8: the last micro-batch is short
     values.update(overrides)
     return PruneSettings(**values)
 
@@ -54,9 +59,16 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 # 1. ratio 0 is the identity
 
 
-VOLATILE = {"wall_seconds", "peak_rss_bytes", "peak_weight_bytes", "resumed_at_layer", "seconds", "rss_bytes",
-            "reconstruct_seconds",
-            "seconds_by_stage"}
+VOLATILE = {
+    "wall_seconds",
+    "peak_rss_bytes",
+    "peak_weight_bytes",
+    "resumed_at_layer",
+    "seconds",
+    "rss_bytes",
+    "reconstruct_seconds",
+    "seconds_by_stage",
+}
 
 
 def digests(directory: Path) -> dict[str, str]:
@@ -83,6 +95,23 @@ def assert_same_output(a: Path, b: Path) -> None:
 
 def cli_args(src: Path, out: Path, calib: Path) -> list[str]:
     s = make_settings(calib)
-    return ["prune", str(src), "--out", str(out), "--ratio", str(s.ratio), "--calib", str(calib), "--nsamples",
-            str(s.nsamples), "--seqlen", str(s.seqlen), "--micro-batch", str(s.micro_batch), "--device", "cpu",
-            "--seed", str(s.seed)]
+    return [
+        "prune",
+        str(src),
+        "--out",
+        str(out),
+        "--ratio",
+        str(s.ratio),
+        "--calib",
+        str(calib),
+        "--nsamples",
+        str(s.nsamples),
+        "--seqlen",
+        str(s.seqlen),
+        "--micro-batch",
+        str(s.micro_batch),
+        "--device",
+        "cpu",
+        "--seed",
+        str(s.seed),
+    ]

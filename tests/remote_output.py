@@ -1,23 +1,18 @@
 """Builds rcpu-lite remote-code outputs by hand (the reference the tests check the package against)."""
+
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-import pytest
 import torch
-import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig
 
-import rcpu_lite
-from rcpu_lite.families import arch
-from rcpu_lite import calibration
-from rcpu_lite.output import remote
 from rcpu_lite.checkpoint import CheckpointReader
-from rcpu_lite.output.writer import ShardWriter, copy_side_files
-from rcpu_lite.evaluate.perplexity import perplexity
+from rcpu_lite.families import arch
 from rcpu_lite.methods.allocation import LayerWidths
+from rcpu_lite.output import remote
+from rcpu_lite.output.writer import ShardWriter, copy_side_files
 
 W = LayerWidths
 # name -> (tiny spec, overrides, widths per layer, biases added)
@@ -37,15 +32,17 @@ PROJECTIONS = {"o_proj": "self_attn.o_proj", "down_proj": "mlp.down_proj"}
 def kept_units(shape: arch.LayerShape, w: LayerWidths, g: torch.Generator) -> tuple[list[int], list[int], list[int]]:
     """Random kept query heads, KV heads and channels: w.heads // w.kv_heads query heads in each kept group."""
     group = shape.num_attention_heads // shape.num_key_value_heads
-    kv = sorted(torch.randperm(shape.num_key_value_heads, generator=g)[:w.kv_heads].tolist())
-    heads = [k * group + j for k in kv
-             for j in sorted(torch.randperm(group, generator=g)[:w.heads // w.kv_heads].tolist())]
-    channels = sorted(torch.randperm(shape.intermediate_size, generator=g)[:w.channels].tolist())
+    kv = sorted(torch.randperm(shape.num_key_value_heads, generator=g)[: w.kv_heads].tolist())
+    heads = [
+        k * group + j for k in kv for j in sorted(torch.randperm(group, generator=g)[: w.heads // w.kv_heads].tolist())
+    ]
+    channels = sorted(torch.randperm(shape.intermediate_size, generator=g)[: w.channels].tolist())
     return heads, kv, channels
 
 
-def slice_layer(tensors: dict[str, torch.Tensor], shape: arch.LayerShape, w: LayerWidths, biases: set[str],
-                g: torch.Generator) -> dict[str, torch.Tensor]:
+def slice_layer(
+    tensors: dict[str, torch.Tensor], shape: arch.LayerShape, w: LayerWidths, biases: set[str], g: torch.Generator
+) -> dict[str, torch.Tensor]:
     heads, kv, channels = kept_units(shape, w, g)
     d = shape.head_dim
     rows = lambda units: torch.tensor([u * d + t for u in units for t in range(d)])  # noqa: E731
@@ -68,8 +65,9 @@ def slice_layer(tensors: dict[str, torch.Tensor], shape: arch.LayerShape, w: Lay
     return out
 
 
-def write_output(src: Path, out: Path, widths: list[LayerWidths], biases: set[str], remote_format: bool = True,
-                 seed: int = 0) -> list[dict[str, torch.Tensor]]:
+def write_output(
+    src: Path, out: Path, widths: list[LayerWidths], biases: set[str], remote_format: bool = True, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
     """A pruned output of `src` with the given widths; returns each layer's tensors as written."""
     config = AutoConfig.from_pretrained(src)
     shape = arch.layer_shape(config)
@@ -81,8 +79,9 @@ def write_output(src: Path, out: Path, widths: list[LayerWidths], biases: set[st
     g = torch.Generator().manual_seed(seed)
     layers = []
     for i, w in enumerate(widths):
-        tensors = slice_layer(reader.get_many(arch.layer_tensor_names(config), arch.layer_prefix(i)), shape, w,
-                              biases, g)
+        tensors = slice_layer(
+            reader.get_many(arch.layer_tensor_names(config), arch.layer_prefix(i)), shape, w, biases, g
+        )
         writer.write(i + 1, {arch.layer_prefix(i) + k: v for k, v in tensors.items()})
         layers.append(tensors)
     writer.write(n + 1, {name: reader.get(name) for name in arch.final_tensor_names(config)})
@@ -93,16 +92,22 @@ def write_output(src: Path, out: Path, widths: list[LayerWidths], biases: set[st
         remote.install_code(out)
     else:  # uniform, as the pipeline writes it
         assert len(set(widths)) == 1 and not biases
-        written = dict(raw, num_attention_heads=widths[0].heads, num_key_value_heads=widths[0].kv_heads,
-                       intermediate_size=widths[0].channels, head_dim=shape.head_dim)
+        written = dict(
+            raw,
+            num_attention_heads=widths[0].heads,
+            num_key_value_heads=widths[0].kv_heads,
+            intermediate_size=widths[0].channels,
+            head_dim=shape.head_dim,
+        )
     (out / "config.json").write_text(json.dumps(written, indent=2) + "\n")
     copy_side_files(src, out)
     return layers
 
 
 @torch.no_grad()
-def reference_logits(src: Path, widths: list[LayerWidths], layers: list[dict[str, torch.Tensor]],
-                     ids: torch.Tensor) -> torch.Tensor:
+def reference_logits(
+    src: Path, widths: list[LayerWidths], layers: list[dict[str, torch.Tensor]], ids: torch.Tensor
+) -> torch.Tensor:
     """The pruned model assembled by hand: stock decoder layers, each with a config of its own widths."""
     config = arch.compute_config(AutoConfig.from_pretrained(src))
     reader = CheckpointReader(src)

@@ -3,6 +3,7 @@
 Nothing here reaches the network: conftest sets HF_HUB_OFFLINE, every test points the Hugging Face cache
 at an empty temporary folder, and the hub API is replaced by one that fails the test if called.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,7 @@ from huggingface_hub import constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 from typer.testing import CliRunner
 
-from rcpu_lite import aliases
-from rcpu_lite import models
+from rcpu_lite import aliases, models
 from rcpu_lite.cli import app
 from rcpu_lite.models import ModelNotFound, resolve_model
 
@@ -72,6 +72,7 @@ def one_line_error(result) -> str:
 
 # --- the table ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("alias, repo_id", sorted(EXPECTED.items()))
 def test_alias_resolves_to_its_hub_id(alias, repo_id):
     assert aliases.hub_id(alias) == repo_id
@@ -93,6 +94,7 @@ def test_not_an_alias():
 
 # --- the cache ---------------------------------------------------------------------------------------------
 
+
 def test_cache_hit_offline_resolves_to_the_snapshot_directory(offline_empty_cache):
     snapshot = fake_snapshot(offline_empty_cache, "HuggingFaceTB/SmolLM2-360M")
     assert resolve_model("smollm2-360m") == snapshot
@@ -109,7 +111,7 @@ def test_alias_asks_only_for_weights_config_and_tokenizer(tmp_path, monkeypatch)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     path = resolve_model("Llama-2-7B")
     assert path.is_dir() and (path / "config.json").is_file()
-    (repo_id, kwargs), = calls
+    ((repo_id, kwargs),) = calls
     assert repo_id == "meta-llama/Llama-2-7b-hf"
     assert kwargs["local_files_only"] is True  # offline: nothing is tried over the network
     assert {"*.safetensors", "*.json"} <= set(kwargs["allow_patterns"])
@@ -140,8 +142,15 @@ def test_snapshot_without_safetensors_is_refused(offline_empty_cache):
 
 # --- errors --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", [["prune", "llama-7b", "--out", "OUT"], ["eval", "llama-7b", "--ppl", "wikitext2"],
-                                     ["generate", "llama-7b", "Hello"]])
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["prune", "llama-7b", "--out", "OUT"],
+        ["eval", "llama-7b", "--ppl", "wikitext2"],
+        ["generate", "llama-7b", "Hello"],
+    ],
+)
 def test_offline_error_names_the_hub_id_and_the_way_out(command, tmp_path):
     result = runner.invoke(app, [str(tmp_path / "out") if a == "OUT" else a for a in command])
     line = one_line_error(result)

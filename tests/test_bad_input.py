@@ -4,6 +4,7 @@ Every bad input must give ONE line on stderr that names the problem and the fix,
 no traceback (unless --debug), and leave the input checkpoint directory byte-for-byte untouched
 (same files, same sha256, same mtimes). Run with -s to print the table of messages seen.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,13 +14,13 @@ import traceback
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import rcpu_lite.prune.run as pipeline
 import rcpu_lite.prune.step as step_module
-import tiny
 from rcpu_lite.cli import app
 from rcpu_lite.output.manifest import MANIFEST_NAME
 
@@ -56,6 +57,7 @@ def model_copy(model, tmp_path) -> Path:
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
 
 def snapshot(root: Path) -> dict:
     """Every file and folder under root: sha256, size and mtime (folder mtimes catch files created and removed)."""
@@ -126,14 +128,19 @@ def interrupted_run(model, out, calib, monkeypatch, *extra):
 
 # --- 1, 2: the model argument ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["absolute", "relative"])
 def test_model_path_does_not_exist(tmp_path, calib_file, monkeypatch, name):
     monkeypatch.chdir(tmp_path)
     # "models/llama-7b" (one slash, relative) is also how a hub id looks.
     missing = tmp_path / "no" / "such-model" if name == "absolute" else Path("models") / "llama-7b"
     result = prune(missing, tmp_path / "out", calib_file)
-    assert_one_line_error(result, f"model path does not exist ({name}: {missing.name})", [str(missing)],
-                          ["give a checkpoint directory", "give the path of a checkpoint directory", "pass a", "check the path"])
+    assert_one_line_error(
+        result,
+        f"model path does not exist ({name}: {missing.name})",
+        [str(missing)],
+        ["give a checkpoint directory", "give the path of a checkpoint directory", "pass a", "check the path"],
+    )
     assert not missing.exists() and not missing.parent.exists()
     assert_no_output(tmp_path / "out")
 
@@ -149,6 +156,7 @@ def test_directory_without_config_json(model_copy, tmp_path, calib_file):
 
 # --- 3, 4: damaged safetensors ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("damage", ["truncated", "corrupted"])
 def test_damaged_safetensors(model_copy, tmp_path, calib_file, damage):
     weights = model_copy / "model.safetensors"
@@ -157,11 +165,15 @@ def test_damaged_safetensors(model_copy, tmp_path, calib_file, damage):
         weights.write_bytes(data[: len(data) // 2])
     else:
         garbage = b"\xde\xad\xbe\xef garbage!"
-        weights.write_bytes(garbage + data[len(garbage):])
+        weights.write_bytes(garbage + data[len(garbage) :])
     before = snapshot(model_copy)
     result = prune(model_copy, tmp_path / "out", calib_file)
-    assert_one_line_error(result, f"{damage} model.safetensors", ["model.safetensors", "truncated or corrupted"],
-                          ["download or convert it again"])
+    assert_one_line_error(
+        result,
+        f"{damage} model.safetensors",
+        ["model.safetensors", "truncated or corrupted"],
+        ["download or convert it again"],
+    )
     assert snapshot(model_copy) == before
     assert_no_output(tmp_path / "out")
 
@@ -173,22 +185,30 @@ def test_tensor_missing_from_checkpoint(model_copy, tmp_path, calib_file):
     save_file(tensors, weights, metadata={"format": "pt"})
     before = snapshot(model_copy)
     result = prune(model_copy, tmp_path / "out", calib_file)
-    assert_one_line_error(result, "tensor missing (model.layers.1.mlp.up_proj.weight)",
-                          ["model.layers.1.mlp.up_proj.weight", "missing"],
-                          ["download", "convert", "again", "re-save", "resave"])
+    assert_one_line_error(
+        result,
+        "tensor missing (model.layers.1.mlp.up_proj.weight)",
+        ["model.layers.1.mlp.up_proj.weight", "missing"],
+        ["download", "convert", "again", "re-save", "resave"],
+    )
     assert snapshot(model_copy) == before
     assert_no_output(tmp_path / "out")
 
 
 # --- 5, 6: what cannot be pruned ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("model_type", ["gpt2", "phi3"])
 def test_unsupported_model_type(tmp_path, calib_file, model_type):
     model = tiny.save_unsupported(tmp_path / model_type, model_type)
     before = snapshot(model)
     result = prune(model, tmp_path / "out", calib_file)
-    assert_one_line_error(result, f"unsupported model_type ({model_type})", [f"model_type {model_type!r}",
-                          "not supported"], ["rcpu-lite prunes gemma2, gemma3_text, llama, mistral, qwen2, qwen3"])
+    assert_one_line_error(
+        result,
+        f"unsupported model_type ({model_type})",
+        [f"model_type {model_type!r}", "not supported"],
+        ["rcpu-lite prunes gemma2, gemma3_text, llama, mistral, qwen2, qwen3"],
+    )
     assert snapshot(model) == before
     assert_no_output(tmp_path / "out")
 
@@ -202,13 +222,16 @@ def test_ratio_outside_range(model, tmp_path, calib_file, ratio):
     assert_no_output(tmp_path / "out")
 
 
-@pytest.mark.parametrize("args, words, fix", [
-    (["--max-gpu-memory", "lots"], ["--max-gpu-memory", "lots"], ["must look like"]),
-    (["--max-gpu-memory", "4TB"], ["--max-gpu-memory", "4TB"], ["unit must be"]),
-    (["--matmul", "bf16"], ["--matmul", "bf16"], ["must be one of"]),
-    (["--decomposition", "qr"], ["--decomposition", "qr"], ["must be one of"]),
-    (["--decomposition-device", "gpu"], ["--decomposition-device", "gpu"], ["must be one of"]),
-])
+@pytest.mark.parametrize(
+    "args, words, fix",
+    [
+        (["--max-gpu-memory", "lots"], ["--max-gpu-memory", "lots"], ["must look like"]),
+        (["--max-gpu-memory", "4TB"], ["--max-gpu-memory", "4TB"], ["unit must be"]),
+        (["--matmul", "bf16"], ["--matmul", "bf16"], ["must be one of"]),
+        (["--decomposition", "qr"], ["--decomposition", "qr"], ["must be one of"]),
+        (["--decomposition-device", "gpu"], ["--decomposition-device", "gpu"], ["must be one of"]),
+    ],
+)
 def test_bad_gpu_and_decomposition_options(model, tmp_path, calib_file, args, words, fix):
     result = prune(model, tmp_path / "out", calib_file, *args)
     assert_one_line_error(result, " ".join(args), words, fix)
@@ -218,12 +241,14 @@ def test_bad_gpu_and_decomposition_options(model, tmp_path, calib_file, args, wo
 def test_decomposition_on_cuda_without_cuda_is_refused_up_front(model, tmp_path, calib_file, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     result = prune(model, tmp_path / "out", calib_file, "--decomposition-device", "cuda")
-    assert_one_line_error(result, "--decomposition-device cuda without CUDA", ["--decomposition-device cuda"],
-                          ["use cpu"])
+    assert_one_line_error(
+        result, "--decomposition-device cuda without CUDA", ["--decomposition-device cuda"], ["use cpu"]
+    )
     assert_no_output(tmp_path / "out")
 
 
 # --- 7, 8: calibration text -----------------------------------------------------------------------
+
 
 def bad_calibration(tmp_path: Path, kind: str) -> Path:
     path = tmp_path / f"{kind}.txt"
@@ -237,8 +262,11 @@ def bad_calibration(tmp_path: Path, kind: str) -> Path:
 
 
 CALIB_CASES = {
-    "short": ("calibration text too short (3 words, --seqlen 64)", ["calibration text has", "windows of 64"],
-              ["give more text"]),
+    "short": (
+        "calibration text too short (3 words, --seqlen 64)",
+        ["calibration text has", "windows of 64"],
+        ["give more text"],
+    ),
     "binary": ("binary calibration file (NUL bytes)", ["looks binary"], ["give a UTF-8 text or .jsonl file"]),
     "latin1": ("non-UTF-8 calibration file (latin-1)", ["not UTF-8"], ["convert it to UTF-8"]),
 }
@@ -271,6 +299,7 @@ def test_after_bad_calibration_the_fixed_command_runs(model, tmp_path, calib_fil
 
 # --- 9: weights -----------------------------------------------------------------------------------
 
+
 def test_nan_in_weights_names_the_layer(model_copy, tmp_path, calib_file):
     weights = model_copy / "model.safetensors"
     tensors = load_file(weights)
@@ -278,26 +307,37 @@ def test_nan_in_weights_names_the_layer(model_copy, tmp_path, calib_file):
     save_file(tensors, weights, metadata={"format": "pt"})
     before = snapshot(model_copy)
     result = prune(model_copy, tmp_path / "out", calib_file)
-    assert_one_line_error(result, "NaN in model.layers.1.self_attn.q_proj.weight", ["layer 1", "NaN"],
-                          ["download", "convert", "again", "check the checkpoint", "fix the checkpoint", "use an intact copy"])
+    assert_one_line_error(
+        result,
+        "NaN in model.layers.1.self_attn.q_proj.weight",
+        ["layer 1", "NaN"],
+        ["download", "convert", "again", "check the checkpoint", "fix the checkpoint", "use an intact copy"],
+    )
     assert snapshot(model_copy) == before
     assert not (tmp_path / "out").exists()
 
 
 # --- 10, 11: disk space ---------------------------------------------------------------------------
 
+
 def test_disk_fills_during_shard_write_then_resume_matches_uninterrupted(model, tmp_path, calib_file, monkeypatch):
     before = snapshot(model)
     out = tmp_path / "out"
     partial = pipeline.working_dir(out)
     result = interrupted_run(model, out, calib_file, monkeypatch)
-    assert_one_line_error(result, f"disk fills while writing shard 2 (RCPU_LITE_FAULT={ENOSPC_AT_SHARD_2})",
-                          ["KiB more are needed", "model-00003-of-00005.safetensors"], ["--resume"])
+    assert_one_line_error(
+        result,
+        f"disk fills while writing shard 2 (RCPU_LITE_FAULT={ENOSPC_AT_SHARD_2})",
+        ["KiB more are needed", "model-00003-of-00005.safetensors"],
+        ["--resume"],
+    )
     assert not out.exists() and partial.is_dir()
     manifest = json.loads((partial / MANIFEST_NAME).read_text())
     assert sorted(manifest["shards"]) == ["0", "1"]
     assert sorted(p.name for p in partial.glob("*.safetensors*")) == [
-        "model-00001-of-00005.safetensors", "model-00002-of-00005.safetensors"]  # no half-written shard
+        "model-00001-of-00005.safetensors",
+        "model-00002-of-00005.safetensors",
+    ]  # no half-written shard
     assert snapshot(model) == before
 
     resumed = prune(model, out, calib_file, "--resume")
@@ -322,8 +362,12 @@ def test_disk_space_is_checked_before_starting(model, tmp_path, calib_file, monk
     out = tmp_path / "out"
     monkeypatch.setattr("rcpu_lite.output.checks.shutil.disk_usage", _no_free_space)
     result = prune(model, out, calib_file)
-    assert_one_line_error(result, "not enough free disk space (1000 bytes free)", ["KiB", "1000 B are free"],
-                          ["free space", "choose another --out"])
+    assert_one_line_error(
+        result,
+        "not enough free disk space (1000 bytes free)",
+        ["KiB", "1000 B are free"],
+        ["free space", "choose another --out"],
+    )
     assert not out.exists()
     assert not list(pipeline.working_dir(out).glob("*.safetensors*"))  # refused before any shard
     assert snapshot(model) == before
@@ -341,6 +385,7 @@ def test_after_disk_space_refusal_the_same_command_runs(model, tmp_path, calib_f
 
 
 # --- 12: out of memory ----------------------------------------------------------------------------
+
 
 def _oom(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -369,12 +414,19 @@ def test_after_out_of_memory_the_suggested_resume_runs(model, tmp_path, calib_fi
 
 # --- --debug --------------------------------------------------------------------------------------
 
+
 def test_debug_shows_the_traceback(tmp_path, calib_file):
     from rcpu_lite.models import ModelNotFound
 
     result = prune(tmp_path / "no-such-model", tmp_path / "out", calib_file, "--debug")
-    MESSAGES.append(("model path does not exist, with --debug", "(the exception propagates: Python prints "
-                     f"its traceback) {type(result.exception).__name__}: {result.exception}", result.exit_code))
+    MESSAGES.append(
+        (
+            "model path does not exist, with --debug",
+            "(the exception propagates: Python prints "
+            f"its traceback) {type(result.exception).__name__}: {result.exception}",
+            result.exit_code,
+        )
+    )
     assert result.exit_code != 0
     assert isinstance(result.exception, ModelNotFound), describe(result)  # not turned into a one-line exit
     shown = "".join(traceback.format_exception(*result.exc_info))
@@ -383,12 +435,17 @@ def test_debug_shows_the_traceback(tmp_path, calib_file):
 
 # --- 13, 14, 15: the output directory -------------------------------------------------------------
 
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_output_directory_is_the_input(model_copy, calib_file, overwrite):
     before = snapshot(model_copy)
     result = prune(model_copy, model_copy, calib_file, *(["--overwrite"] if overwrite else []))
-    assert_one_line_error(result, "--out is the input directory" + (" (with --overwrite)" if overwrite else ""),
-                          ["is the input checkpoint"], ["choose another directory"])
+    assert_one_line_error(
+        result,
+        "--out is the input directory" + (" (with --overwrite)" if overwrite else ""),
+        ["is the input checkpoint"],
+        ["choose another directory"],
+    )
     assert snapshot(model_copy) == before
     assert not pipeline.working_dir(model_copy).exists()
 
@@ -410,8 +467,7 @@ def test_leftover_partial_without_resume_or_overwrite(model, tmp_path, calib_fil
     partial = pipeline.working_dir(out)
     before, partial_before = snapshot(model), snapshot(partial)
     result = prune(model, out, calib_file)
-    assert_one_line_error(result, "leftover OUT.partial, no --resume/--overwrite", ["interrupted run"],
-                          ["--resume"])
+    assert_one_line_error(result, "leftover OUT.partial, no --resume/--overwrite", ["interrupted run"], ["--resume"])
     assert snapshot(model) == before and snapshot(partial) == partial_before
     assert not out.exists()
 
@@ -420,8 +476,9 @@ def test_resume_with_nothing_to_resume(model, tmp_path, calib_file):
     out = tmp_path / "out"
     before = snapshot(model)
     result = prune(model, out, calib_file, "--resume")
-    assert_one_line_error(result, "--resume with nothing to resume", ["no interrupted run to resume"],
-                          ["run without --resume"])
+    assert_one_line_error(
+        result, "--resume with nothing to resume", ["no interrupted run to resume"], ["run without --resume"]
+    )
     assert snapshot(model) == before
     assert_no_output(out)
 
@@ -432,13 +489,18 @@ def test_resume_with_different_settings(model, tmp_path, calib_file, monkeypatch
     partial = pipeline.working_dir(out)
     before, partial_before = snapshot(model), snapshot(partial)
     result = prune(model, out, calib_file, "--resume", "--ratio", "0.5")
-    assert_one_line_error(result, "--resume with a different --ratio (0.2 then, 0.5 now)", ["setting ratio"],
-                          ["--overwrite to start over"])
+    assert_one_line_error(
+        result,
+        "--resume with a different --ratio (0.2 then, 0.5 now)",
+        ["setting ratio"],
+        ["--overwrite to start over"],
+    )
     assert snapshot(model) == before and snapshot(partial) == partial_before
     assert not out.exists()
 
 
 # --- found in review: --out that would destroy something, an untied model without lm_head, eval options ---
+
 
 @pytest.mark.parametrize("where", ["parent_of_input", "inside_input", "cwd", "dot"])
 def test_output_that_overwrite_would_destroy_is_refused(model_copy, tmp_path, calib_file, monkeypatch, where):
@@ -446,11 +508,19 @@ def test_output_that_overwrite_would_destroy_is_refused(model_copy, tmp_path, ca
     elsewhere = tmp_path / "elsewhere" / "deeper"  # the current directory, away from the input
     elsewhere.mkdir(parents=True)
     monkeypatch.chdir(elsewhere)
-    out = {"parent_of_input": tmp_path, "inside_input": model_copy / "pruned", "cwd": elsewhere.parent,
-           "dot": Path(".")}[where]
+    out = {
+        "parent_of_input": tmp_path,
+        "inside_input": model_copy / "pruned",
+        "cwd": elsewhere.parent,
+        "dot": Path("."),
+    }[where]
     result = prune(model_copy, out, calib_file, "--overwrite")
-    assert_one_line_error(result, f"--out {where} with --overwrite", ["--out"],
-                          ["choose a directory", "choose another directory", "give a new directory"])
+    assert_one_line_error(
+        result,
+        f"--out {where} with --overwrite",
+        ["--out"],
+        ["choose a directory", "choose another directory", "give a new directory"],
+    )
     assert snapshot(model_copy) == before
     assert not (model_copy / "pruned").exists()
 
@@ -467,8 +537,9 @@ def test_untied_model_without_lm_head_is_refused(model_copy, tmp_path, calib_fil
     del tensors["lm_head.weight"]
     save_file(tensors, str(model_copy / "model.safetensors"), metadata={"format": "pt"})
     result = prune(model_copy, tmp_path / "out", calib_file)
-    assert_one_line_error(result, "untied model without lm_head", ["lm_head.weight", "missing"],
-                          ["download or convert it again"])
+    assert_one_line_error(
+        result, "untied model without lm_head", ["lm_head.weight", "missing"], ["download or convert it again"]
+    )
     result = runner.invoke(app, ["eval", str(model_copy), "--ppl", str(calib_file), "--seqlen", "16", "--quiet"])
     assert_one_line_error(result, "eval: untied model without lm_head", ["lm_head.weight"], ["again"])
 
@@ -481,20 +552,28 @@ def test_checkpoint_without_tokenizer(model_copy, tmp_path, calib_file):
     assert_no_output(tmp_path / "out")
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--device", "gpu"], "--device"), (["--seqlen", "1"], "--seqlen"), (["--micro-batch", "0"], "--micro-batch"),
-    (["--max-windows", "0"], "--max-windows"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--device", "gpu"], "--device"),
+        (["--seqlen", "1"], "--seqlen"),
+        (["--micro-batch", "0"], "--micro-batch"),
+        (["--max-windows", "0"], "--max-windows"),
+    ],
+)
 def test_eval_bad_options(model, calib_file, args, words):
     result = runner.invoke(app, ["eval", str(model), "--ppl", str(calib_file), "--quiet", *args])
     assert_one_line_error(result, f"eval {' '.join(args)}", [words], ["must be"])
 
 
-@pytest.mark.parametrize("text, words", [
-    ('ratio = "0.2"\n', "setting ratio must be a float"),
-    ('[prun]\nratio = 0.3\n', "[prun]"),
-    ('ratio = 0.3\nbogus = 1\n', "unknown setting"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ('ratio = "0.2"\n', "setting ratio must be a float"),
+        ("[prun]\nratio = 0.3\n", "[prun]"),
+        ("ratio = 0.3\nbogus = 1\n", "unknown setting"),
+    ],
+)
 def test_bad_preset(model, tmp_path, calib_file, text, words):
     preset = tmp_path / "preset.toml"
     preset.write_text(text)

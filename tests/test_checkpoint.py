@@ -1,12 +1,13 @@
 """checkpoint: layer reads, with and without the background thread of the GPU path."""
+
 from __future__ import annotations
 
 import time
 
 import torch
 
-from rcpu_lite.families import arch
 from rcpu_lite.checkpoint import CheckpointReader
+from rcpu_lite.families import arch
 
 
 def test_background_reads_give_the_same_tensors_and_at_most_two_layers(tiny_checkpoint):

@@ -1,13 +1,14 @@
 """The command line: presets with flag overrides, JSON eval output, one-line errors."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
+from tiny import SPECS, build_checkpoint, save_unsupported, write_calibration
 from typer.testing import CliRunner
 
 from rcpu_lite.cli import app
-from tiny import SPECS, build_checkpoint, save_unsupported, write_calibration
 
 runner = CliRunner()
 
@@ -27,8 +28,21 @@ def test_preset_values_apply_and_flags_override_them(tiny, tmp_path):
     model, calib = tiny
     preset = tmp_path / "preset.toml"
     preset.write_text('[prune]\nscore = "wanda-sp"\ncompensate = "none"\nratio = 0.5\nnsamples = 4\nseqlen = 16\n')
-    result = invoke("prune", model, "--out", tmp_path / "out", "--config", preset, "--ratio", "0.25",
-                    "--calib", calib, "--device", "cpu", "--quiet")
+    result = invoke(
+        "prune",
+        model,
+        "--out",
+        tmp_path / "out",
+        "--config",
+        preset,
+        "--ratio",
+        "0.25",
+        "--calib",
+        calib,
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     settings = json.loads((tmp_path / "out" / "rcpu_report.json").read_text())["settings"]
     assert settings["score"] == "wanda-sp" and settings["compensate"] == "none"  # from the file
@@ -72,8 +86,10 @@ def test_eval_json_prints_one_object_with_ppl(tiny):
 )
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, args, words):
     model, calib = tiny
-    args = [str(model) if a == "MODEL" else str(calib) if a == "CALIB" else str(tmp_path / a) if a == "X" else a
-            for a in args]
+    args = [
+        str(model) if a == "MODEL" else str(calib) if a == "CALIB" else str(tmp_path / a) if a == "X" else a
+        for a in args
+    ]
     result = invoke(*args)
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
@@ -104,11 +120,28 @@ def test_every_setting_has_a_prune_option_that_reaches_it(tiny, tmp_path, monkey
 
     seen = {}
     monkeypatch.setattr(run, "prune", lambda model, out, settings, **kw: seen.setdefault("s", settings))
-    values = {"targets": "dense", "holdout": "none", "holdout_nsamples": "3", "reconstruct": "block",
-              "recon_epochs": "2", "recon_lr": "0.01", "recon_micro_batch": "2", "recon_train": "out",
-              "recon_norms": "train", "self_nsamples": "0", "gen_quant": "none", "damp": "0.05", "damp_abs": "0.001",
-              "compensate_on": "o_proj", "allocation": "depth", "target_params": "0.3", "depth_spread": "0.25",
-              "compensate": "lstsq+bias", "score": "flap", "decomposition_device": "auto"}
+    values = {
+        "targets": "dense",
+        "holdout": "none",
+        "holdout_nsamples": "3",
+        "reconstruct": "block",
+        "recon_epochs": "2",
+        "recon_lr": "0.01",
+        "recon_micro_batch": "2",
+        "recon_train": "out",
+        "recon_norms": "train",
+        "self_nsamples": "0",
+        "gen_quant": "none",
+        "damp": "0.05",
+        "damp_abs": "0.001",
+        "compensate_on": "o_proj",
+        "allocation": "depth",
+        "target_params": "0.3",
+        "depth_spread": "0.25",
+        "compensate": "lstsq+bias",
+        "score": "flap",
+        "decomposition_device": "auto",
+    }
     args = ["prune", str(tiny), "--out", str(tmp_path / "o")]
     for name, value in values.items():
         args += [f"--{name.replace('_', '-')}", value]
@@ -168,8 +201,11 @@ def test_a_new_setting_becomes_an_option_without_other_edits():
 
     @demo.command()
     @with_setting_options(after="name", cls=Wider)
-    def run(name: str = typer.Argument(..., help="A name."),
-            loud: bool = typer.Option(False, "--loud", help="Louder."), **flags: object) -> None:
+    def run(
+        name: str = typer.Argument(..., help="A name."),
+        loud: bool = typer.Option(False, "--loud", help="Louder."),
+        **flags: object,
+    ) -> None:
         seen.update(flags=flags, name=name, loud=loud)
 
     result = CliRunner().invoke(demo, ["x", "--wobble", "5", "--ratio", "0.3", "--loud"])

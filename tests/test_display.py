@@ -1,4 +1,5 @@
 """Progress a person can read: a rich bar in a terminal, one plain line per layer elsewhere, nothing with --quiet."""
+
 from __future__ import annotations
 
 import io
@@ -10,13 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import make_settings
 from rich.console import Console
 
 from rcpu_lite import cli
 from rcpu_lite.display import PlainReporter, RichReporter, StageCursor
 from rcpu_lite.prune.run import prune
-
-from helpers import make_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -51,9 +51,12 @@ def model(tiny_checkpoint):
 
 def run_cli(*args) -> subprocess.CompletedProcess:
     """The real command with stderr a pipe, as under CI or nohup (CliRunner shares pytest's logging setup)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run([sys.executable, "-m", "rcpu_lite.cli", *map(str, args)], env=env, capture_output=True,
-                          text=True)
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "rcpu_lite.cli", *map(str, args)], env=env, capture_output=True, text=True
+    )
 
 
 def prune_args(model: Path, out: Path, calib: Path) -> list:
@@ -84,10 +87,16 @@ def test_prune_reports_layers_phases_and_a_summary(model, calib_file, tmp_path):
     report = prune(model, tmp_path / "out", make_settings(calib_file), reporter=recorder)
     assert ("start", "prune", 3, "layer", 0) in recorder.calls
     assert [c[1] for c in recorder.calls if c[0] == "position"] == ["layer 1/3", "layer 2/3", "layer 3/3"]
-    first_layer = recorder.calls[recorder.calls.index(("position", "layer 1/3")):]
-    first_layer = first_layer[:next(k for k, c in enumerate(first_layer) if c[0] == "advance")]
-    assert [c[1] for c in first_layer if c[0] == "phase"] == ["read", "statistics", "scores", "compensation",
-                                                              "propagate", "write"]
+    first_layer = recorder.calls[recorder.calls.index(("position", "layer 1/3")) :]
+    first_layer = first_layer[: next(k for k, c in enumerate(first_layer) if c[0] == "advance")]
+    assert [c[1] for c in first_layer if c[0] == "phase"] == [
+        "read",
+        "statistics",
+        "scores",
+        "compensation",
+        "propagate",
+        "write",
+    ]
     assert sum(1 for c in recorder.calls if c[0] == "advance") == 3
     summary = recorder.calls[-1]
     assert summary[0] == "finish"
@@ -164,6 +173,7 @@ def test_fractional_steps_finish_the_bar():
 
 def test_the_command_line_picks_the_bar_only_for_a_terminal_and_not_when_quiet(monkeypatch):
     monkeypatch.setattr(logging.root, "handlers", list(logging.root.handlers))  # whatever _reporter sets up goes
+
     class Terminal(io.StringIO):
         def isatty(self):
             return True

@@ -5,6 +5,7 @@ Two processes must give one process's result: the same kept units, weights withi
 --nproc-per-node 2 -m rcpu_lite prune ...`) runs once; the other runs fork the test process (no
 second import of torch) and call prune() with the environment torchrun would set.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,16 +21,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_output, cli_args, make_settings
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from rcpu_lite import distributed
 from rcpu_lite.cli import app
-from rcpu_lite.prune.run import REPORT_NAME, _check_split, prune
 from rcpu_lite.output.manifest import MANIFEST_NAME
-
-from helpers import make_settings
-from helpers import assert_same_output, cli_args
+from rcpu_lite.prune.run import REPORT_NAME, _check_split, prune
 
 RTOL = 1e-4  # of a tensor's largest entry: fp32 sums added in another order
 
@@ -48,8 +47,14 @@ def launcher_env(**extra: str) -> dict[str, str]:
 
 
 def _rank(rank: int, world: int, port: int, env: dict[str, str], model: Path, out: Path, settings, resume: bool):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), **env)
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        **env,
+    )
     try:
         prune(model, out, settings, resume=resume)
     except BaseException:
@@ -58,8 +63,9 @@ def _rank(rank: int, world: int, port: int, env: dict[str, str], model: Path, ou
     os._exit(0)  # not pytest's exit handlers: this is a forked copy of the test process
 
 
-def run_ranks(model: Path, out: Path, settings, resume: bool = False, world: int = 2, timeout: float = 60,
-              **env: str) -> list[int]:
+def run_ranks(
+    model: Path, out: Path, settings, resume: bool = False, world: int = 2, timeout: float = 60, **env: str
+) -> list[int]:
     """prune() in `world` forked processes, as torchrun would start them; their exit codes. As torchrun does,
     when one process fails the others are stopped."""
     ctx = multiprocessing.get_context("fork")
@@ -116,8 +122,20 @@ def single(model, calib_file, tmp_path_factory):
 def launched(model, calib_file, tmp_path_factory):
     """`torchrun --nproc-per-node 2 -m rcpu_lite prune ...` (torch.distributed.run is torchrun)."""
     out = tmp_path_factory.mktemp("launched") / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "rcpu_lite", *cli_args(model, out, calib_file)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "rcpu_lite",
+        *cli_args(model, out, calib_file),
+    ]
     proc = subprocess.run(cmd, env=launcher_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc.stderr
@@ -130,8 +148,9 @@ def test_torchrun_with_two_processes_matches_one_process(single, launched):
     assert not (out.parent / "out.partial").exists()
 
 
-def test_rank_one_killed_after_a_layer_leaves_a_run_that_resumes_to_the_same_output(model, calib_file, launched,
-                                                                                    tmp_path):
+def test_rank_one_killed_after_a_layer_leaves_a_run_that_resumes_to_the_same_output(
+    model, calib_file, launched, tmp_path
+):
     out, settings = tmp_path / "out", make_settings(calib_file)
     codes = run_ranks(model, out, settings, RCPU_LITE_FAULT="after_layer:1:kill:1")
     assert codes[1] == -signal.SIGKILL and codes[0] != 0
@@ -163,7 +182,9 @@ def test_cross_block_window_pending_at_a_kill_resumes_with_every_ranks_targets(m
     assert_matches(tmp_path / "one", tmp_path / "two")
 
 
-def test_generated_windows_and_adaptive_widths_over_an_uneven_split_match_one_process(model, calib_file, tmp_path, monkeypatch):
+def test_generated_windows_and_adaptive_widths_over_an_uneven_split_match_one_process(
+    model, calib_file, tmp_path, monkeypatch
+):
     # 8 real + 3 generated windows: rank 0 takes 6 real ones, rank 1 2 real and 3 generated; the scores and
     # the adaptive allocation's scoring pass use the real ones only, summed over both ranks.
     settings = make_settings(calib_file, self_nsamples=3, allocation="adaptive")

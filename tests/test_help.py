@@ -4,6 +4,7 @@ has a one-line explanation and a default, and each command's section in docs/cli
 The commands are read from the typer app, so a command added later needs its docs/cli.md section
 ("### `rcpu-lite NAME ...`") to pass.
 """
+
 from __future__ import annotations
 
 import re
@@ -54,12 +55,12 @@ def long_names(option) -> set[str]:
 def readme_sections() -> dict[str, str]:
     """The command reference in docs/cli.md: command words -> its section (heading included), up to the next heading."""
     text = CLI_DOC.read_text(encoding="utf-8")
-    part = text[text.index("\n## Command line"):]
+    part = text[text.index("\n## Command line") :]
     part = part[: part.find("\n## ", 1)] if "\n## " in part[1:] else part
     sections = {}
     for match in HEADING.finditer(part):
         end = part.find("\n#", match.end())
-        sections[match.group(1).strip()] = part[match.start(): end if end != -1 else len(part)]
+        sections[match.group(1).strip()] = part[match.start() : end if end != -1 else len(part)]
     return sections
 
 
@@ -95,7 +96,9 @@ def test_readme_section_lists_exactly_the_commands_options(name):
     sections = readme_sections()
     assert name in sections, f"docs/cli.md's 'Command line' has no section '### `rcpu-lite {name} ...`'"
     section = sections[name]
-    prose = "\n".join(line for line in section.splitlines() if not line.startswith("    "))  # examples may run other commands
+    prose = "\n".join(
+        line for line in section.splitlines() if not line.startswith("    ")
+    )  # examples may run other commands
     listed = set(OPTION.findall(prose)) - {"--help"}
     known = set().union(*(long_names(o) for o in options(COMMANDS[name])))
     assert known - listed == set(), f"{name}: options missing from docs/cli.md: {sorted(known - listed)}"

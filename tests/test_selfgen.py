@@ -1,4 +1,5 @@
 """Self-generated calibration windows (rcpu_lite.selfgen) on a tiny random checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -92,8 +93,14 @@ def test_cache_round_trips_and_second_call_does_not_generate(model_dir, tmp_path
 
     lines = path.read_text(encoding="utf-8").splitlines()
     header, rows = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
-    assert header["settings"] == {"n": 4, "seqlen": SEQLEN, "seed": 7, "greedy_tokens": 5, "temperature": 1.0,
-                                  "quant": "none"}
+    assert header["settings"] == {
+        "n": 4,
+        "seqlen": SEQLEN,
+        "seed": 7,
+        "greedy_tokens": 5,
+        "temperature": 1.0,
+        "quant": "none",
+    }
     assert header["model_dir"] == str(model_dir.resolve())
     tokenizer = load_tokenizer(model_dir)
     assert [r["ids"] for r in rows] == first.tolist()

@@ -1,4 +1,5 @@
 """Built-in texts: names per role (calibration, evaluation), the bundled files, and file paths winning over names."""
+
 from __future__ import annotations
 
 import gzip
@@ -45,16 +46,21 @@ def test_calibration_never_reads_the_test_split():
         calibration.resolve_text("wikitext2-test")
 
 
-@pytest.mark.parametrize("role, source, known", [
-    ("calibration", "wikitext-2", "c4, wikitext2"),
-    ("evaluation", "c4", "wikitext2"),  # c4 is a calibration text only
-    ("evaluation", "no/such/file.txt", "wikitext2"),
-])
+@pytest.mark.parametrize(
+    "role, source, known",
+    [
+        ("calibration", "wikitext-2", "c4, wikitext2"),
+        ("evaluation", "c4", "wikitext2"),  # c4 is a calibration text only
+        ("evaluation", "no/such/file.txt", "wikitext2"),
+    ],
+)
 def test_unknown_name_says_which_names_exist(role, source, known):
     with pytest.raises(CalibrationError) as e:
         calibration.read_text(source, role)
-    assert str(e.value) == (f"{role} text {source!r} does not exist: it is neither a file nor a built-in name "
-                            f"(built-in {role} texts: {known})")
+    assert str(e.value) == (
+        f"{role} text {source!r} does not exist: it is neither a file nor a built-in name "
+        f"(built-in {role} texts: {known})"
+    )
 
 
 def test_a_file_path_beats_a_name(tmp_path, monkeypatch):
@@ -69,13 +75,44 @@ def test_a_file_path_beats_a_name(tmp_path, monkeypatch):
 def test_cli_takes_the_names(tiny_checkpoint, tmp_path):
     model = tiny_checkpoint("llama_gqa")
     runner = CliRunner()
-    result = runner.invoke(app, ["eval", str(model), "--ppl", "wikitext2", "--seqlen", "16", "--max-windows", "2",
-                                 "--device", "cpu", "--json", "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(model),
+            "--ppl",
+            "wikitext2",
+            "--seqlen",
+            "16",
+            "--max-windows",
+            "2",
+            "--device",
+            "cpu",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout.strip())
     assert data["text"] == "wikitext2" and data["windows"] == 2
-    result = runner.invoke(app, ["prune", str(model), "--out", str(tmp_path / "out"), "--calib", "wikitext2",
-                                 "--nsamples", "4", "--seqlen", "16", "--device", "cpu", "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "prune",
+            str(model),
+            "--out",
+            str(tmp_path / "out"),
+            "--calib",
+            "wikitext2",
+            "--nsamples",
+            "4",
+            "--seqlen",
+            "16",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "rcpu_report.json").read_text())["settings"]["calib"] == "wikitext2"
 

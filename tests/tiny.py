@@ -14,6 +14,7 @@ Gemma 2's soft-capping at small caps, Gemma 3's local and global rotary bases fa
 Weights are drawn from a fixed seed and scaled up (std 0.15) so that pruning
 changes the outputs noticeably.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,8 +54,10 @@ class TinySpec:
     @property
     def name(self) -> str:
         tie = "tied" if self.tie_word_embeddings else "untied"
-        return (f"{self.model_type}-h{self.num_attention_heads}kv{self.num_key_value_heads}d{self.head_dim}"
-                f"-ff{self.intermediate_size}-L{self.num_hidden_layers}-{tie}-s{self.seed}")
+        return (
+            f"{self.model_type}-h{self.num_attention_heads}kv{self.num_key_value_heads}d{self.head_dim}"
+            f"-ff{self.intermediate_size}-L{self.num_hidden_layers}-{tie}-s{self.seed}"
+        )
 
 
 SPECS = {
@@ -63,8 +66,9 @@ SPECS = {
     "llama_mha_tied": TinySpec("llama", tie_word_embeddings=True),
     # grouped-query attention: 8 query heads in 2 KV groups, head_dim 8
     "llama_gqa": TinySpec("llama", num_attention_heads=8, num_key_value_heads=2, head_dim=8),
-    "llama_gqa_tied": TinySpec("llama", num_attention_heads=8, num_key_value_heads=2, head_dim=8,
-                               tie_word_embeddings=True),
+    "llama_gqa_tied": TinySpec(
+        "llama", num_attention_heads=8, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True
+    ),
     # GQA with an explicit head_dim: 8 heads x 16 = 128 != hidden 64
     "mistral_gqa": TinySpec("mistral", num_attention_heads=8, num_key_value_heads=2, head_dim=16),
     # GQA with q/k/v biases
@@ -72,11 +76,13 @@ SPECS = {
     # GQA with q_norm / k_norm, head_dim 16 on hidden 64
     "qwen3_gqa": TinySpec("qwen3", num_attention_heads=8, num_key_value_heads=2, head_dim=16),
     # four norms per layer, scaled embeddings, sliding / global layers, soft-capping, tied lm_head
-    "gemma2_gqa": TinySpec("gemma2", num_attention_heads=8, num_key_value_heads=2, head_dim=16,
-                           tie_word_embeddings=True),
+    "gemma2_gqa": TinySpec(
+        "gemma2", num_attention_heads=8, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True
+    ),
     # as Gemma 2 with q_norm / k_norm and a rotary table per layer type (no soft-capping)
-    "gemma3_gqa": TinySpec("gemma3_text", num_attention_heads=8, num_key_value_heads=2, head_dim=16,
-                           tie_word_embeddings=True),
+    "gemma3_gqa": TinySpec(
+        "gemma3_text", num_attention_heads=8, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True
+    ),
 }
 
 # Family features of the Gemma specs (see the module docstring).
@@ -139,13 +145,16 @@ def make_config(spec: TinySpec):
         return Qwen3Config(use_sliding_window=False, **common)
     # Gemma: the first layer slides, the next is global, and so on
     layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(spec.num_hidden_layers)]
-    gemma = dict(sliding_window=GEMMA_WINDOW, layer_types=layer_types, query_pre_attn_scalar=QUERY_PRE_ATTN_SCALAR,
-                 **common)
+    gemma = dict(
+        sliding_window=GEMMA_WINDOW, layer_types=layer_types, query_pre_attn_scalar=QUERY_PRE_ATTN_SCALAR, **common
+    )
     if spec.model_type == "gemma2":
         return Gemma2Config(attn_logit_softcapping=5.0, final_logit_softcapping=3.0, **gemma)
     if spec.model_type == "gemma3_text":
-        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
-                "full_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
+        rope = {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        }
         return Gemma3TextConfig(rope_parameters=rope, **gemma)
     raise ValueError(f"no tiny builder for model_type {spec.model_type!r}")
 
@@ -182,8 +191,11 @@ def build_checkpoint(out_dir: Path, spec: TinySpec, calib_text: str | None = Non
     out_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(spec)
     model.save_pretrained(out_dir, safe_serialization=True)
-    if spec.head_dim * spec.num_attention_heads == spec.hidden_size and spec.model_type in ("llama", "mistral",
-                                                                                              "qwen2"):
+    if spec.head_dim * spec.num_attention_heads == spec.hidden_size and spec.model_type in (
+        "llama",
+        "mistral",
+        "qwen2",
+    ):
         # Like Llama-1/2 checkpoints: no head_dim in config.json, it is hidden_size / num_attention_heads.
         # (Qwen3's and Gemma's configs default to a fixed head_dim instead.)
         config_file = out_dir / "config.json"
@@ -204,11 +216,28 @@ def save_unsupported(out_dir: Path, model_type: str) -> Path:
     if model_type == "gpt2":
         config = GPT2Config(vocab_size=320, n_positions=64, n_embd=32, n_layer=1, n_head=2, **ids)
     elif model_type == "gemma":
-        config = GemmaConfig(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                             num_attention_heads=2, num_key_value_heads=2, head_dim=16, pad_token_id=0, **ids)
+        config = GemmaConfig(
+            vocab_size=320,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=16,
+            pad_token_id=0,
+            **ids,
+        )
     elif model_type == "phi3":
-        config = Phi3Config(vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                            num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, **ids)
+        config = Phi3Config(
+            vocab_size=320,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            **ids,
+        )
     else:
         raise ValueError(model_type)
     torch.manual_seed(0)

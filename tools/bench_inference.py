@@ -8,6 +8,7 @@ prompt. Decode: greedy generation of --new-tokens tokens with the KV cache, less
 All models are loaded in one process and take turns in each of --repeats rounds; medians, as a
 Markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,9 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rcpu_lite import calibration  # noqa: E402
-from rcpu_lite.settings import PruneSettings  # noqa: E402
 from rcpu_lite.models import load_tokenizer, resolve_model  # noqa: E402
 from rcpu_lite.prune.run import prune  # noqa: E402
+from rcpu_lite.settings import PruneSettings  # noqa: E402
 
 
 def load(path: Path):
@@ -50,11 +51,15 @@ def measure(models: dict, prompt: torch.Tensor, new_tokens: int, repeats: int) -
     for _ in range(repeats):
         for name, model in models.items():
             runs[name].append(time_once(model, prompt, new_tokens))
-    return {name: {"params": sum(p.numel() for p in model.parameters()),
-                   "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-                   "prefill": statistics.median(r[0] for r in runs[name]),
-                   "decode": statistics.median(r[1] for r in runs[name])}
-            for name, model in models.items()}
+    return {
+        name: {
+            "params": sum(p.numel() for p in model.parameters()),
+            "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "prefill": statistics.median(r[0] for r in runs[name]),
+            "decode": statistics.median(r[1] for r in runs[name]),
+        }
+        for name, model in models.items()
+    }
 
 
 def main() -> None:
@@ -79,12 +84,16 @@ def main() -> None:
     results = measure({name: load(path) for name, path in paths.items()}, prompt, args.new_tokens, args.repeats)
     rows = list(results.items())
     base = results["dense"]
-    print(f"\n{args.model}, CPU, {torch.get_num_threads()} threads, batch 1, fp32, prompt {args.prompt_tokens} tokens, "
-          f"{args.new_tokens} new tokens, medians of {args.repeats}\n")
+    print(
+        f"\n{args.model}, CPU, {torch.get_num_threads()} threads, batch 1, fp32, prompt {args.prompt_tokens} tokens, "
+        f"{args.new_tokens} new tokens, medians of {args.repeats}\n"
+    )
     print("| model | parameters | weight memory | prefill tok/s | decode tok/s |\n|---|---|---|---|---|")
     for name, r in rows:
-        print(f"| {name} | {r['params'] / 1e6:.1f} M | {r['weight_bytes'] / 2**20:.0f} MiB | {r['prefill']:.0f} "
-              f"({r['prefill'] / base['prefill']:.2f}x) | {r['decode']:.1f} ({r['decode'] / base['decode']:.2f}x) |")
+        print(
+            f"| {name} | {r['params'] / 1e6:.1f} M | {r['weight_bytes'] / 2**20:.0f} MiB | {r['prefill']:.0f} "
+            f"({r['prefill'] / base['prefill']:.2f}x) | {r['decode']:.1f} ({r['decode'] / base['decode']:.2f}x) |"
+        )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ streaming promise: <= 10 %), and the time split by stage, summed over layers. Wi
 it also prints the peak GPU memory (torch.cuda.max_memory_allocated, from the run report), the
 GPU's name and the memory plan (micro-batch, where the calibration hidden states lived).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,29 @@ STAGES = ("read", "statistics", "scores", "compensation", "decomposition", "prop
 
 
 def prune_once(model: Path, out: Path, args) -> dict:
-    cmd = [sys.executable, "-m", "rcpu_lite.cli", "prune", str(model), "--out", str(out), "--ratio", str(args.ratio),
-           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--compensate", args.compensate,
-           "--device", args.device, "--matmul", args.matmul, "--overwrite", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rcpu_lite.cli",
+        "prune",
+        str(model),
+        "--out",
+        str(out),
+        "--ratio",
+        str(args.ratio),
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+        "--compensate",
+        args.compensate,
+        "--device",
+        args.device,
+        "--matmul",
+        args.matmul,
+        "--overwrite",
+        "--quiet",
+    ]
     if args.max_gpu_memory:
         cmd += ["--max-gpu-memory", args.max_gpu_memory]
     cmd += shlex.split(args.prune_args)  # later flags win: any method can be measured
@@ -57,8 +78,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     ap.add_argument("--matmul", default="fp32", help="fp32 (default) or tf32 (CUDA forward passes)")
     ap.add_argument("--max-gpu-memory", default=None, help="GPU memory budget, e.g. 10GiB (default: 90%% of free)")
-    ap.add_argument("--prune-args", default="", help="more rcpu-lite prune flags, e.g. \"--compensate lstsq "
-                    "--allocation adaptive\" or \"--decomposition-device cuda\" (they override the ones above)")
+    ap.add_argument(
+        "--prune-args",
+        default="",
+        help='more rcpu-lite prune flags, e.g. "--compensate lstsq '
+        '--allocation adaptive" or "--decomposition-device cuda" (they override the ones above)',
+    )
     args = ap.parse_args()
 
     peaks = {}
@@ -69,12 +94,16 @@ def main() -> None:
         runs = [prune_once(model, args.dir / f"{args.shape}-{layers}l-pruned", args) for _ in range(args.repeats)]
         peaks[layers] = statistics.median(r["peak_rss_bytes"] for r in runs)
         walls = statistics.median(r["wall_seconds"] for r in runs)
-        split = {s: statistics.median(sum(layer["seconds_by_stage"].get(s, 0) for layer in r["layers"]) for r in runs)
-                 for s in STAGES}
-        print(f"{args.shape}, {layers} layers, {args.nsamples}x{args.seqlen} calibration, --compensate "
-              f"{args.compensate} {args.prune_args}, {runs[0]['device_name']}, decomposition on "
-              f"{runs[0].get('decomposition_device', 'cpu')}: "
-              f"peak RSS {peaks[layers] / 2**30:.2f} GiB, wall {walls:.0f} s (median of {args.repeats})")
+        split = {
+            s: statistics.median(sum(layer["seconds_by_stage"].get(s, 0) for layer in r["layers"]) for r in runs)
+            for s in STAGES
+        }
+        print(
+            f"{args.shape}, {layers} layers, {args.nsamples}x{args.seqlen} calibration, --compensate "
+            f"{args.compensate} {args.prune_args}, {runs[0]['device_name']}, decomposition on "
+            f"{runs[0].get('decomposition_device', 'cpu')}: "
+            f"peak RSS {peaks[layers] / 2**30:.2f} GiB, wall {walls:.0f} s (median of {args.repeats})"
+        )
         if runs[0]["peak_gpu_bytes"] is not None:
             gpu = statistics.median(r["peak_gpu_bytes"] for r in runs)
             print(f"  peak GPU memory {gpu / 2**30:.2f} GiB, --matmul {args.matmul}, plan {runs[0]['memory_plan']}")

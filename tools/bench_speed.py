@@ -23,6 +23,7 @@ the interpreter start and the process-group set-up; the launcher's own wall time
 The CPU's cores are shared: one process gets all of them as torch threads, each of N processes
 cores / N, so only the work that is split (the passes over the calibration windows) can go faster.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,11 +42,11 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rcpu_lite import calibration  # noqa: E402
-from rcpu_lite.settings import PruneSettings  # noqa: E402
-from rcpu_lite.models import load_tokenizer, resolve_model  # noqa: E402
 from rcpu_lite.checkpoint import CheckpointReader  # noqa: E402
+from rcpu_lite.models import load_tokenizer, resolve_model  # noqa: E402
 from rcpu_lite.output.writer import ShardWriter  # noqa: E402
 from rcpu_lite.prune.run import prune  # noqa: E402
+from rcpu_lite.settings import PruneSettings  # noqa: E402
 
 
 @torch.inference_mode()
@@ -53,7 +54,7 @@ def dense_forward_seconds(model_dir: Path, windows: torch.Tensor, micro_batch: i
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     started = time.perf_counter()
     for start in range(0, windows.shape[0], micro_batch):
-        model(input_ids=windows[start:start + micro_batch], use_cache=False)
+        model(input_ids=windows[start : start + micro_batch], use_cache=False)
     return time.perf_counter() - started
 
 
@@ -82,8 +83,14 @@ def io_floor_seconds(model_dir: Path, pruned_dir: Path) -> tuple[float, float]:
 
 def io_floor_main(args) -> None:
     model_dir = resolve_model(args.model)
-    settings = PruneSettings(ratio=args.ratio, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                             device=args.device, decomposition_device=args.decomposition_device).validate()
+    settings = PruneSettings(
+        ratio=args.ratio,
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        device=args.device,
+        decomposition_device=args.decomposition_device,
+    ).validate()
     walls, floors = [], []
     with tempfile.TemporaryDirectory(dir=model_dir.parent) as tmp:
         for run in range(args.repeats):
@@ -91,12 +98,17 @@ def io_floor_main(args) -> None:
             read, write = io_floor_seconds(model_dir, Path(tmp) / "out")  # the output to rewrite exists now
             walls.append(report["wall_seconds"])
             floors.append(read + write)
-            print(f"run {run + 1}: prune {walls[-1]:.1f} s, I/O floor {floors[-1]:.1f} s (read {read:.1f} s, write "
-                  f"{write:.1f} s), ratio {walls[-1] / floors[-1]:.1f}", flush=True)
+            print(
+                f"run {run + 1}: prune {walls[-1]:.1f} s, I/O floor {floors[-1]:.1f} s (read {read:.1f} s, write "
+                f"{write:.1f} s), ratio {walls[-1] / floors[-1]:.1f}",
+                flush=True,
+            )
     layers = len(report["layers"])
-    print(f"{model_dir.name}, {layers} layers, {args.nsamples}x{args.seqlen} calibration, {report['device']}: "
-          f"median prune {statistics.median(walls):.1f} s ({statistics.median(walls) / layers:.1f} s/layer), median "
-          f"I/O floor {statistics.median(floors):.1f} s, ratio {statistics.median(walls) / statistics.median(floors):.1f}")
+    print(
+        f"{model_dir.name}, {layers} layers, {args.nsamples}x{args.seqlen} calibration, {report['device']}: "
+        f"median prune {statistics.median(walls):.1f} s ({statistics.median(walls) / layers:.1f} s/layer), median "
+        f"I/O floor {statistics.median(floors):.1f} s, ratio {statistics.median(walls) / statistics.median(floors):.1f}"
+    )
 
 
 def cores() -> int:
@@ -112,14 +124,41 @@ def _free_port() -> int:
 def prune_command(model_dir: Path, out: Path, args, nproc: int) -> tuple[list[str], dict[str, str]]:
     """The prune command line for 1 or nproc processes, and its environment: torch threads per process =
     cores // nproc, so that the processes together use the machine's cores once."""
-    prune_args = ["prune", str(model_dir), "--out", str(out), "--ratio", str(args.ratio), "--calib", args.calib,
-                  "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--device", "cpu", "--quiet"]
+    prune_args = [
+        "prune",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--ratio",
+        str(args.ratio),
+        "--calib",
+        args.calib,
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS=str(max(1, cores() // nproc)), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     if nproc == 1:
         return [sys.executable, "-m", "rcpu_lite", *prune_args], env
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-            "127.0.0.1", "--master-port", str(_free_port()), "-m", "rcpu_lite", *prune_args], env
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "rcpu_lite",
+        *prune_args,
+    ], env
 
 
 def timed_prune(model_dir: Path, args, nproc: int) -> tuple[float, float]:
@@ -144,16 +183,23 @@ def nproc_main(args) -> None:
     for run in range(args.repeats):
         one.append(timed_prune(model_dir, args, 1))
         many.append(timed_prune(model_dir, args, k))
-        print(f"run {run + 1}: 1 process {one[-1][0]:.1f} s, {k} processes {many[-1][0]:.1f} s, speed-up "
-              f"{one[-1][0] / many[-1][0]:.2f}x (launcher wall {one[-1][1]:.1f} s / {many[-1][1]:.1f} s)", flush=True)
+        print(
+            f"run {run + 1}: 1 process {one[-1][0]:.1f} s, {k} processes {many[-1][0]:.1f} s, speed-up "
+            f"{one[-1][0] / many[-1][0]:.2f}x (launcher wall {one[-1][1]:.1f} s / {many[-1][1]:.1f} s)",
+            flush=True,
+        )
     t1, tk = statistics.median(t for t, _ in one), statistics.median(t for t, _ in many)
-    print(f"{args.model}, {args.nsamples}x{args.seqlen} calibration, CPU, {n} cores (gloo): median prune with 1 process "
-          f"({max(1, n)} threads) {t1:.1f} s, with {k} processes ({max(1, n // k)} thread(s) each) {tk:.1f} s, "
-          f"speed-up {t1 / tk:.2f}x (time ratio {k} processes / 1 process {tk / t1:.2f})")
-    print(f"note: on a {n}-core machine the {k} processes share the same {n} cores (torch threads per rank = "
-          f"{n} cores / {k} processes = {max(1, n // k)}), so at most the parallel fraction of the work (the passes "
-          f"over the calibration windows) can speed up; reading and writing the layers, scores, compensation and "
-          f"the held-out windows run in full on every rank, and every statistic is all-reduced.")
+    print(
+        f"{args.model}, {args.nsamples}x{args.seqlen} calibration, CPU, {n} cores (gloo): median prune with 1 process "
+        f"({max(1, n)} threads) {t1:.1f} s, with {k} processes ({max(1, n // k)} thread(s) each) {tk:.1f} s, "
+        f"speed-up {t1 / tk:.2f}x (time ratio {k} processes / 1 process {tk / t1:.2f})"
+    )
+    print(
+        f"note: on a {n}-core machine the {k} processes share the same {n} cores (torch threads per rank = "
+        f"{n} cores / {k} processes = {max(1, n // k)}), so at most the parallel fraction of the work (the passes "
+        f"over the calibration windows) can speed up; reading and writing the layers, scores, compensation and "
+        f"the held-out windows run in full on every rank, and every statistic is all-reduced."
+    )
 
 
 def main() -> None:
@@ -166,18 +212,32 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--io-floor", action="store_true", help="compare with the I/O floor instead of a dense forward")
     ap.add_argument("--device", default="cpu", help="for --io-floor: cpu or cuda")
-    ap.add_argument("--decomposition-device", default="cpu", help="where the prune's fp64 decomposition runs: cpu "
-                    "(default), cuda or auto (rcpu-lite prune --decomposition-device)")
-    ap.add_argument("--nproc", type=int, default=1,
-                    help="compare the prune with 1 process and with NPROC processes (torchrun, gloo) instead")
+    ap.add_argument(
+        "--decomposition-device",
+        default="cpu",
+        help="where the prune's fp64 decomposition runs: cpu "
+        "(default), cuda or auto (rcpu-lite prune --decomposition-device)",
+    )
+    ap.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="compare the prune with 1 process and with NPROC processes (torchrun, gloo) instead",
+    )
     args = ap.parse_args()
     if args.io_floor:
         return io_floor_main(args)
     if args.nproc > 1:
         return nproc_main(args)
     model_dir = resolve_model(args.model)
-    settings = PruneSettings(ratio=args.ratio, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                             device="cpu", decomposition_device=args.decomposition_device).validate()
+    settings = PruneSettings(
+        ratio=args.ratio,
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        device="cpu",
+        decomposition_device=args.decomposition_device,
+    ).validate()
     tokens = calibration.tokenize(load_tokenizer(model_dir), calibration.read_text(args.calib))
     windows = calibration.random_windows(tokens, args.nsamples, args.seqlen, settings.seed)
     dense, pruned, ratios = [], [], []
@@ -186,11 +246,15 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             pruned.append(prune(model_dir, Path(tmp) / "out", settings)["wall_seconds"])
         ratios.append(pruned[-1] / dense[-1])
-        print(f"run {run + 1}: dense forward {dense[-1]:.1f} s, prune {pruned[-1]:.1f} s, ratio {ratios[-1]:.2f}",
-              flush=True)
-    print(f"{args.model}, {args.nsamples}x{args.seqlen} calibration, CPU ({torch.get_num_threads()} threads): "
-          f"median dense forward {statistics.median(dense):.1f} s, median prune {statistics.median(pruned):.1f} s, "
-          f"median ratio {statistics.median(ratios):.2f} (goal <= 4)")
+        print(
+            f"run {run + 1}: dense forward {dense[-1]:.1f} s, prune {pruned[-1]:.1f} s, ratio {ratios[-1]:.2f}",
+            flush=True,
+        )
+    print(
+        f"{args.model}, {args.nsamples}x{args.seqlen} calibration, CPU ({torch.get_num_threads()} threads): "
+        f"median dense forward {statistics.median(dense):.1f} s, median prune {statistics.median(pruned):.1f} s, "
+        f"median ratio {statistics.median(ratios):.2f} (goal <= 4)"
+    )
 
 
 if __name__ == "__main__":

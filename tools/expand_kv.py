@@ -12,6 +12,7 @@ Streamed one decoder layer at a time (one shard per layer, plus embeddings and h
 keeps its dtype, and the output is written by the package's writer into OUT.partial and published
 by the same rename as a prune's, so a crash leaves nothing half-written under --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,8 @@ import torch
 from transformers import AutoConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rcpu_lite.families import arch  # noqa: E402
 from rcpu_lite.checkpoint import CheckpointReader  # noqa: E402
+from rcpu_lite.families import arch  # noqa: E402
 from rcpu_lite.models import resolve_model  # noqa: E402
 from rcpu_lite.output.checks import check_free_space, check_output  # noqa: E402
 from rcpu_lite.output.fsutil import publish  # noqa: E402
@@ -55,8 +56,10 @@ def expand_kv(model: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
     shape = arch.layer_shape(config)
     heads, kv_heads = shape.num_attention_heads, shape.num_key_value_heads
     if kv_heads == heads:
-        raise ExpandError(f"{model} already has multi-head attention ({heads} query heads, {kv_heads} KV heads); "
-                          f"there is nothing to expand")
+        raise ExpandError(
+            f"{model} already has multi-head attention ({heads} query heads, {kv_heads} KV heads); "
+            f"there is nothing to expand"
+        )
     if heads % kv_heads:
         raise ExpandError(f"{model} has {heads} query heads in {kv_heads} KV groups, which do not divide evenly")
     group = heads // kv_heads
@@ -68,8 +71,10 @@ def expand_kv(model: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
     final_names = arch.final_tensor_names(config)
     needed = [arch.EMBED, *final_names, *(arch.layer_prefix(i) + n for i in range(n_layers) for n in names)]
     reader.require(needed)
-    nbytes = sum(torch.Size(reader.shape(n)).numel() * reader.dtype_bytes(n)
-                 * (group if n.endswith(KV_TENSORS) else 1) for n in needed)
+    nbytes = sum(
+        torch.Size(reader.shape(n)).numel() * reader.dtype_bytes(n) * (group if n.endswith(KV_TENSORS) else 1)
+        for n in needed
+    )
     check_free_space(work, nbytes)
     skipped = sorted(set(reader.weight_map) - set(needed))
     if skipped:  # e.g. a tied lm_head stored anyway, or rotary buffers of old checkpoints: transformers drops them too
@@ -105,8 +110,9 @@ def expand_kv(model: str | os.PathLike, out: str | os.PathLike, overwrite: bool 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", metavar="MODEL", help="a GQA checkpoint directory (safetensors) or a built-in name "
-                    "(smollm2-135m)")
+    ap.add_argument(
+        "model", metavar="MODEL", help="a GQA checkpoint directory (safetensors) or a built-in name (smollm2-135m)"
+    )
     ap.add_argument("--out", type=Path, required=True, help="the new checkpoint directory")
     ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = ap.parse_args(argv)

@@ -16,6 +16,7 @@ Both records must use the same --models directory: the inputs are written there 
 and their digests are part of the record (a changed input is reported as a difference).
 Only the public API is used: prune() and PruneSettings, from their new or their old modules.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,16 +33,49 @@ from typing import Any
 
 REPORT = "rcpu_report.json"
 # Report values that measure the machine or name a path, not what was computed: set to null.
-VOLATILE = {"seconds", "rss_bytes", "wall_seconds", "peak_rss_bytes", "peak_gpu_bytes", "reconstruct_seconds",
-            "peak_weight_bytes", "model_dir", "model"}
+VOLATILE = {
+    "seconds",
+    "rss_bytes",
+    "wall_seconds",
+    "peak_rss_bytes",
+    "peak_gpu_bytes",
+    "reconstruct_seconds",
+    "peak_weight_bytes",
+    "model_dir",
+    "model",
+}
 # (name, model class, config) of the tiny inputs; all get SmolLM2's tokenizer (vocab 49152).
 TINY = {
-    "llama_mha": ("LlamaForCausalLM", dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=8,
-                                           intermediate_size=128, tie_word_embeddings=False)),
-    "llama_gqa": ("LlamaForCausalLM", dict(hidden_size=96, num_attention_heads=12, num_key_value_heads=2,
-                                           intermediate_size=192, tie_word_embeddings=False)),
-    "qwen2_gqa": ("Qwen2ForCausalLM", dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
-                                           intermediate_size=128, tie_word_embeddings=True)),
+    "llama_mha": (
+        "LlamaForCausalLM",
+        dict(
+            hidden_size=64,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            intermediate_size=128,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "llama_gqa": (
+        "LlamaForCausalLM",
+        dict(
+            hidden_size=96,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            intermediate_size=192,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen2_gqa": (
+        "Qwen2ForCausalLM",
+        dict(
+            hidden_size=64,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 REAL = "smollm2-135m"
 SAMPLING = {"tiny": dict(calib="wikitext2", nsamples=8, seqlen=32), "real": dict(calib="c4", nsamples=8, seqlen=64)}
@@ -59,8 +93,11 @@ FAULT = "after_layer:2:kill"
 
 def digests(directory: Path, skip: str = "") -> dict[str, str]:
     """sha256 of every file in `directory` (not below it) but `skip`."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())
-            if p.is_file() and p.name != skip}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != skip
+    }
 
 
 def build_models(models: Path, which: list[str]) -> dict[str, Path]:
@@ -90,8 +127,9 @@ def build_tiny(out: Path, cls_name: str, shape: dict[str, Any], tokenizer_dir: P
     import transformers
 
     cls = getattr(transformers, cls_name)
-    config = cls.config_class(vocab_size=49152, num_hidden_layers=4, max_position_embeddings=256, bos_token_id=1,
-                              eos_token_id=2, **shape)
+    config = cls.config_class(
+        vocab_size=49152, num_hidden_layers=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, **shape
+    )
     torch.manual_seed(0)
     model = cls(config).to(torch.float32)
     g = torch.Generator().manual_seed(0)
@@ -110,8 +148,16 @@ def build_tiny(out: Path, cls_name: str, shape: dict[str, Any], tokenizer_dir: P
 def normalise(value: Any) -> Any:
     """The report without timings, memory and paths: those values become null; keys and their order stay."""
     if isinstance(value, dict):
-        return {k: ({s: None for s in v} if k == "seconds_by_stage" and isinstance(v, dict)
-                    else None if k in VOLATILE else normalise(v)) for k, v in value.items()}
+        return {
+            k: (
+                {s: None for s in v}
+                if k == "seconds_by_stage" and isinstance(v, dict)
+                else None
+                if k in VOLATILE
+                else normalise(v)
+            )
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [normalise(v) for v in value]
     return value
@@ -135,8 +181,9 @@ def run_child(job: dict[str, Any], fault: str | None = None) -> subprocess.Compl
     """`job` pruned by a fresh Python process (this file's `_run`), offline, with RCPU_LITE_FAULT=fault if given."""
     env = {k: v for k, v in os.environ.items() if k != "RCPU_LITE_FAULT"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **({"RCPU_LITE_FAULT": fault} if fault else {}))
-    return subprocess.run([sys.executable, __file__, "_run", json.dumps(job)], env=env, capture_output=True,
-                          text=True, check=False)
+    return subprocess.run(
+        [sys.executable, __file__, "_run", json.dumps(job)], env=env, capture_output=True, text=True, check=False
+    )
 
 
 def one_run(model: Path, kind: str, config: str, out: Path) -> dict[str, Any]:
@@ -146,8 +193,10 @@ def one_run(model: Path, kind: str, config: str, out: Path) -> dict[str, Any]:
         proc = run_child(job, FAULT)
         partial = out.with_name(out.name + ".partial")
         if proc.returncode != -9 or out.exists() or not partial.is_dir():
-            sys.exit(f"{out}: the run with RCPU_LITE_FAULT={FAULT} did not die by SIGKILL as expected "
-                     f"(exit {proc.returncode})\n{proc.stderr[-3000:]}")
+            sys.exit(
+                f"{out}: the run with RCPU_LITE_FAULT={FAULT} did not die by SIGKILL as expected "
+                f"(exit {proc.returncode})\n{proc.stderr[-3000:]}"
+            )
         job["resume"] = True
     proc = run_child(job)
     if proc.returncode != 0:
@@ -165,11 +214,19 @@ def record(args: argparse.Namespace) -> int:
     models = build_models(Path(args.models), names)
     work = Path(args.work or tempfile.mkdtemp(prefix="golden-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"rcpu_lite from {Path(rcpu_lite.__file__).parent}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; outputs under {work}", flush=True)
+    print(
+        f"rcpu_lite from {Path(rcpu_lite.__file__).parent}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; outputs under {work}",
+        flush=True,
+    )
     result: dict[str, Any] = {
-        "meta": {"rcpu_lite": str(Path(rcpu_lite.__file__).parent), "torch": torch.__version__,
-                 "threads": torch.get_num_threads(), "only": args.only, "seconds": {}},
+        "meta": {
+            "rcpu_lite": str(Path(rcpu_lite.__file__).parent),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "only": args.only,
+            "seconds": {},
+        },
         "inputs": {name: digests(path) for name, path in models.items()},
         "runs": {},
     }

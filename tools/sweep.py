@@ -5,6 +5,7 @@
 Each job runs the real command line in a subprocess (so peak RSS is per job) and leaves
 RESULTS/<job>.json; finished jobs are skipped on the next call, so the sweep can be resumed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,14 @@ def jobs(sweep: dict) -> list[dict]:
             out.append({"name": name, "ratio": 0.0, "method": None, "model": model})
     for method in sweep["method"]:
         for ratio in method.get("ratios", sweep["ratios"]):
-            out.append({"name": f"{slug(method['name'])}-{int(round(ratio * 100))}", "ratio": ratio, "method": method,
-                        "model": method.get("model", sweep["model"])})
+            out.append(
+                {
+                    "name": f"{slug(method['name'])}-{int(round(ratio * 100))}",
+                    "ratio": ratio,
+                    "method": method,
+                    "model": method.get("model", sweep["model"]),
+                }
+            )
     return out
 
 
@@ -62,16 +69,37 @@ def commands(sweep: dict, job: dict, max_windows: int | None) -> tuple[list[str]
     if job["method"]:
         method = job["method"]
         ckpt = Path(sweep["results"]) / "checkpoints" / job["name"]
-        prune_cmd = ["rcpu-lite", "prune", model, "--out", str(ckpt), "--ratio", str(job["ratio"]),
-                     "--calib", sweep["calib"], "--nsamples", str(method.get("nsamples", sweep["nsamples"])),
-                     "--seqlen", str(sweep["seqlen"])]
+        prune_cmd = [
+            "rcpu-lite",
+            "prune",
+            model,
+            "--out",
+            str(ckpt),
+            "--ratio",
+            str(job["ratio"]),
+            "--calib",
+            sweep["calib"],
+            "--nsamples",
+            str(method.get("nsamples", sweep["nsamples"])),
+            "--seqlen",
+            str(sweep["seqlen"]),
+        ]
         for key, value in method.items():
             if key not in JOB_KEYS:
                 prune_cmd += [f"--{key.replace('_', '-')}", str(value)]
         prune_cmd += ["--overwrite", "--quiet"]
         model = str(ckpt)
-    eval_cmd = ["rcpu-lite", "eval", model, "--ppl", sweep["eval"], "--seqlen", str(sweep["seqlen"]), "--json",
-                "--quiet"]
+    eval_cmd = [
+        "rcpu-lite",
+        "eval",
+        model,
+        "--ppl",
+        sweep["eval"],
+        "--seqlen",
+        str(sweep["seqlen"]),
+        "--json",
+        "--quiet",
+    ]
     windows = max_windows or sweep.get("max_windows")
     if windows:
         eval_cmd += ["--max-windows", str(windows)]
@@ -84,8 +112,11 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=None, help="evaluate only the first K windows (quick look)")
     ap.add_argument("--only", default=None, help="run only jobs whose name contains this")
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep the pruned checkpoints")
-    ap.add_argument("--markdown", action="store_true",
-                    help="run nothing: print the table and the commands of the recorded rows (for docs/methods.md)")
+    ap.add_argument(
+        "--markdown",
+        action="store_true",
+        help="run nothing: print the table and the commands of the recorded rows (for docs/methods.md)",
+    )
     args = ap.parse_args()
     sweep = tomllib.loads(args.config.read_text())["sweep"]
     results = Path(sweep["results"])
@@ -104,22 +135,36 @@ def main() -> None:
         if record_path.exists():
             old = json.loads(record_path.read_text())
             # Reuse a result only if it was made by exactly these commands (settings live in them).
-            if old.get("prune_command") == (shlex.join(prune_cmd) if prune_cmd else None) \
-                    and old.get("eval_command") == shlex.join(eval_cmd):
+            if old.get("prune_command") == (shlex.join(prune_cmd) if prune_cmd else None) and old.get(
+                "eval_command"
+            ) == shlex.join(eval_cmd):
                 rows.append(old)
                 continue
-        record = {"job": job["name"], "ratio": job["ratio"], "model": job["model"],
-                  "method": job["method"]["name"] if job["method"] else job["name"]}
+        record = {
+            "job": job["name"],
+            "ratio": job["ratio"],
+            "model": job["model"],
+            "method": job["method"]["name"] if job["method"] else job["name"],
+        }
         if prune_cmd:
             run(exe + prune_cmd[1:])
             report = json.loads((ckpt / "rcpu_report.json").read_text())
-            record.update(prune_command=shlex.join(prune_cmd), prune_seconds=report["wall_seconds"],
-                          prune_peak_rss_bytes=report["peak_rss_bytes"], params=report["params_after"],
-                          param_reduction=report["param_reduction"], shape_after=report["shape_after"],
-                          **mean_errors(report["layers"]))
+            record.update(
+                prune_command=shlex.join(prune_cmd),
+                prune_seconds=report["wall_seconds"],
+                prune_peak_rss_bytes=report["peak_rss_bytes"],
+                params=report["params_after"],
+                param_reduction=report["param_reduction"],
+                shape_after=report["shape_after"],
+                **mean_errors(report["layers"]),
+            )
         result = json.loads(run(exe + eval_cmd[1:]).strip().splitlines()[-1])
-        record.update(eval_command=shlex.join(eval_cmd), ppl=result["ppl"], eval_tokens=result["tokens"],
-                      eval_seconds=result["seconds"])
+        record.update(
+            eval_command=shlex.join(eval_cmd),
+            ppl=result["ppl"],
+            eval_tokens=result["tokens"],
+            eval_seconds=result["seconds"],
+        )
         if ckpt and not args.keep_checkpoints:
             shutil.rmtree(ckpt)
         if not args.max_windows:  # quick looks (--max-windows) are not recorded as results
@@ -155,8 +200,15 @@ def table(rows: list[dict]) -> str:
         params = f"{r['params'] / 1e6:.1f} M ({100 * r['param_reduction']:.1f} % fewer)" if "params" in r else "dense"
         prune_time = f"{r['prune_seconds']:.0f} s" if "prune_seconds" in r else ""
         rss = f"{r['prune_peak_rss_bytes'] / 2**30:.2f} GiB" if "prune_peak_rss_bytes" in r else ""
-        cells = [r["method"], f"{int(round(100 * r['ratio']))} %", params, f"{r['ppl']:.2f}",
-                 *(f"{r[k]:.4f}" if k in r else "" for k in errors), prune_time, rss]
+        cells = [
+            r["method"],
+            f"{int(round(100 * r['ratio']))} %",
+            params,
+            f"{r['ppl']:.2f}",
+            *(f"{r[k]:.4f}" if k in r else "" for k in errors),
+            prune_time,
+            rss,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ Unlike prune and eval this loads the whole model (in its stored dtype): generati
 every step. The checkpoint's generation_config.json applies (end-of-text ids, penalties), except for
 the choice of token, which `temperature` alone sets.
 """
+
 from __future__ import annotations
 
 import logging
@@ -66,9 +67,15 @@ def generate(
 
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.inference_mode():
-        out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                          streamer=streamer, **stop_ids(lm, tokenizer), **sampling(temperature))
-    new = out[0, ids.shape[1]:].tolist()
+        out = lm.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            streamer=streamer,
+            **stop_ids(lm, tokenizer),
+            **sampling(temperature),
+        )
+    new = out[0, ids.shape[1] :].tolist()
     return Generated(tokenizer.decode(new, skip_special_tokens=True), ids[0].tolist(), new)
 
 
@@ -76,8 +83,9 @@ def prompt_ids(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
     """1 x n token ids: the prompt as a user message in the chat template (with the assistant's turn opened),
     or, without a template or with chat=False, the plain text with the tokenizer's own special tokens."""
     if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]  # the template has them
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
@@ -111,10 +119,13 @@ def load_model(model_dir: Path, device: torch.device):
     have = available_memory_bytes(device)
     where = f"is free on {device}" if device.type == "cuda" else "of RAM is available"
     if need > have:
-        raise NotEnoughMemory(f"generating loads the whole model: it needs about {need / GIB:.1f} GiB but "
-                          f"{have / GIB:.1f} GiB {where}; prune it further, or use another --device")
+        raise NotEnoughMemory(
+            f"generating loads the whole model: it needs about {need / GIB:.1f} GiB but "
+            f"{have / GIB:.1f} GiB {where}; prune it further, or use another --device"
+        )
     dtype = stored_dtype(model_dir)
-    log.info("loading %s whole on %s (%s, about %.1f GiB)", model_dir, device, str(dtype).replace("torch.", ""),
-             need / GIB)
+    log.info(
+        "loading %s whole on %s (%s, about %.1f GiB)", model_dir, device, str(dtype).replace("torch.", ""), need / GIB
+    )
     kwargs = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
     return load_pruned(model_dir, dtype=dtype, **kwargs).eval()

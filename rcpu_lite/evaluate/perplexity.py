@@ -3,6 +3,7 @@
 Plain checkpoints of the supported families and rcpu-lite's per-layer-width format (rcpu_lite.output.remote) are
 evaluated; anything else is refused with one line before any layer runs.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,12 +13,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rcpu_lite.families import arch
 from rcpu_lite import calibration
-from rcpu_lite.output import remote
 from rcpu_lite.checkpoint import CheckpointReader
 from rcpu_lite.display import PlainReporter, Reporter
+from rcpu_lite.families import arch
 from rcpu_lite.models import load_tokenizer, resolve_model
+from rcpu_lite.output import remote
 from rcpu_lite.runtime import peak_rss_bytes, pick_device, run_layer_batched, to_compute
 
 
@@ -60,7 +61,7 @@ def perplexity(
     n_windows = int(windows.shape[0])
     reporter.start("eval", n_windows, "windows")
     for start in range(0, windows.shape[0], chunk):
-        ids = windows[start:start + chunk]
+        ids = windows[start : start + chunk]
         where = f"windows {start + 1}-{start + ids.shape[0]} of {n_windows}"
         hidden = _last_hidden(reader, config, layer_configs, names, ids, inputs, dev, micro_batch, reporter, where)
         reporter.phase("logits")
@@ -104,14 +105,25 @@ def _windows(model_dir, reader: CheckpointReader, text_path, seqlen: int, max_wi
     )
     vocab = reader.shape(arch.EMBED)[0]
     if windows.numel() and int(windows.max()) >= vocab:
-        raise ValueError(f"the tokenizer of {model_dir} gives token id {int(windows.max())} but the model has only "
-                         f"{vocab} embeddings; the tokenizer files do not belong to this model")
+        raise ValueError(
+            f"the tokenizer of {model_dir} gives token id {int(windows.max())} but the model has only "
+            f"{vocab} embeddings; the tokenizer files do not belong to this model"
+        )
     return windows
 
 
-def _last_hidden(reader: CheckpointReader, config, layer_configs: list, names: list[str], ids: torch.Tensor,
-                 inputs: arch.LayerInputs, dev: torch.device, micro_batch: int, reporter: Reporter,
-                 where: str) -> torch.Tensor:
+def _last_hidden(
+    reader: CheckpointReader,
+    config,
+    layer_configs: list,
+    names: list[str],
+    ids: torch.Tensor,
+    inputs: arch.LayerInputs,
+    dev: torch.device,
+    micro_batch: int,
+    reporter: Reporter,
+    where: str,
+) -> torch.Tensor:
     """The hidden states after the last decoder layer for the windows `ids`, one layer resident at a time."""
     n_layers = config.num_hidden_layers
     hidden = arch.embed(config, reader.get(arch.EMBED), ids).to(dev)
@@ -145,5 +157,7 @@ def check_shapes(reader: CheckpointReader, config, layer_configs: list, names: l
             want = expected.get(n, [cfg.hidden_size])  # an o_proj / down_proj bias the family's class lacks
             got = reader.shape(prefix + n)
             if got != want:
-                raise ValueError(f"{reader.path}: {prefix + n} has shape {got} but config.json gives {want}; the "
-                                 f"checkpoint's layers do not match its config.json")
+                raise ValueError(
+                    f"{reader.path}: {prefix + n} has shape {got} but config.json gives {want}; the "
+                    f"checkpoint's layers do not match its config.json"
+                )

@@ -5,6 +5,7 @@ handed to the harness as an HFLM object. Without a task directory the harness ru
 the datasets from the hub; with one, it runs the configs in task_configs/, which copy the harness's prompts,
 choices, targets and metrics under names of their own (rcpu_<task>) and read local JSONL files instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,14 +63,24 @@ class TaskResults:
         """Unweighted means over the tasks; acc_norm counts a task's acc where the harness reports no acc_norm
         (the usual 'average' of pruning papers' zero-shot tables)."""
         n = len(self.scores)
-        return {"acc": sum(s.acc for s in self.scores) / n,
-                "acc_norm": sum(s.acc if s.acc_norm is None else s.acc_norm for s in self.scores) / n}
+        return {
+            "acc": sum(s.acc for s in self.scores) / n,
+            "acc_norm": sum(s.acc if s.acc_norm is None else s.acc_norm for s in self.scores) / n,
+        }
 
     def to_json(self) -> dict:
         return {
             "model": self.model,
-            "tasks": {s.task: {"acc": s.acc, "acc_stderr": s.acc_stderr, "acc_norm": s.acc_norm,
-                               "acc_norm_stderr": s.acc_norm_stderr, "n": s.n} for s in self.scores},
+            "tasks": {
+                s.task: {
+                    "acc": s.acc,
+                    "acc_stderr": s.acc_stderr,
+                    "acc_norm": s.acc_norm,
+                    "acc_norm_stderr": s.acc_norm_stderr,
+                    "n": s.n,
+                }
+                for s in self.scores
+            },
             "mean": self.mean(),
             "limit": self.limit,
             "task_dir": self.task_dir,
@@ -107,8 +118,10 @@ def task_file(task_dir: Path, task: str) -> Path:
         return found[0]
     if found:
         raise TaskError(f"{folder} holds several {split} files ({', '.join(p.name for p in found)}); keep one")
-    raise TaskError(f"{exact} does not exist: --task-dir needs a folder per task holding the {split} split as JSONL "
-                    f"with the hub dataset's fields ({', '.join(fields)})")
+    raise TaskError(
+        f"{exact} does not exist: --task-dir needs a folder per task holding the {split} split as JSONL "
+        f"with the hub dataset's fields ({', '.join(fields)})"
+    )
 
 
 def check_fields(path: Path, task: str) -> None:
@@ -128,8 +141,9 @@ def check_fields(path: Path, task: str) -> None:
         raise TaskError(f"{path} lacks the field(s) {', '.join(missing)}; {task} needs {', '.join(fields)}{processed}")
 
 
-def check_tasks(tasks: str | Sequence[str], task_dir: str | os.PathLike | None = None,
-                limit: int | None = None) -> dict[str, Path | None]:
+def check_tasks(
+    tasks: str | Sequence[str], task_dir: str | os.PathLike | None = None, limit: int | None = None
+) -> dict[str, Path | None]:
     """Task name -> its local file (None without `task_dir`: the harness fetches it from the hub). Every check that
     needs no model runs here, so a caller can fail before loading one."""
     if limit is not None and limit < 1:
@@ -138,9 +152,11 @@ def check_tasks(tasks: str | Sequence[str], task_dir: str | os.PathLike | None =
     require_harness()
     if task_dir is None:
         if hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
-            raise TaskError("without --task-dir the harness fetches the task datasets from the Hugging Face hub, "
-                            "which is switched off here (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); give --task-dir DIR "
-                            "with the tasks as local JSONL files")
+            raise TaskError(
+                "without --task-dir the harness fetches the task datasets from the Hugging Face hub, "
+                "which is switched off here (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE); give --task-dir DIR "
+                "with the tasks as local JSONL files"
+            )
         return dict.fromkeys(names)
     task_dir = Path(task_dir)
     if not task_dir.is_dir():
@@ -156,8 +172,9 @@ def write_local_configs(files: dict[str, Path], into: Path) -> None:
     (a public way to add tasks in every lm-eval 0.4; !function tags load the .py files beside the YAMLs)."""
     for task, path in files.items():
         text = (CONFIG_DIR / f"{task}.yaml").read_text(encoding="utf-8")
-        (into / f"{task}.yaml").write_text(text.replace('"@TASK_FILE@"', json.dumps(str(path.resolve()))),
-                                           encoding="utf-8")
+        (into / f"{task}.yaml").write_text(
+            text.replace('"@TASK_FILE@"', json.dumps(str(path.resolve()))), encoding="utf-8"
+        )
     for code in CONFIG_DIR.glob("*.py"):
         shutil.copy(code, into / code.name)
 
@@ -185,18 +202,30 @@ def run_tasks(
 
     model_dir = resolve_model(model)
     tokenizer = load_tokenizer(model_dir)
-    lm = HFLM(pretrained=load_model(model_dir, pick_device(device)), tokenizer=tokenizer, backend="causal",
-              batch_size=batch_size)
+    lm = HFLM(
+        pretrained=load_model(model_dir, pick_device(device)),
+        tokenizer=tokenizer,
+        backend="causal",
+        batch_size=batch_size,
+    )
     with tempfile.TemporaryDirectory(prefix="rcpu-tasks-") as configs:
         if task_dir is None:
             manager, names = TaskManager(), list(files)
         else:
             write_local_configs(files, Path(configs))
             # only ours: indexing the harness's thousands of task files takes a while
-            manager, names = TaskManager(include_path=configs, include_defaults=False), [LOCAL_PREFIX + t for t in files]
+            manager, names = (
+                TaskManager(include_path=configs, include_defaults=False),
+                [LOCAL_PREFIX + t for t in files],
+            )
         out = simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager, log_samples=False)
-    return TaskResults(str(model), [score(task, out) for task in files], limit,
-                       None if task_dir is None else str(task_dir), round(time.perf_counter() - started, 3))
+    return TaskResults(
+        str(model),
+        [score(task, out) for task in files],
+        limit,
+        None if task_dir is None else str(task_dir),
+        round(time.perf_counter() - started, 3),
+    )
 
 
 def score(task: str, out: dict) -> TaskScore:
@@ -208,12 +237,19 @@ def score(task: str, out: dict) -> TaskScore:
         value = metrics.get(f"{name},none")
         return float(value) if isinstance(value, (int, float)) else None
 
-    return TaskScore(task, int(out["n-samples"][key]["effective"]), metric("acc"), metric("acc_stderr"),
-                     metric("acc_norm"), metric("acc_norm_stderr"))
+    return TaskScore(
+        task,
+        int(out["n-samples"][key]["effective"]),
+        metric("acc"),
+        metric("acc_stderr"),
+        metric("acc_norm"),
+        metric("acc_norm_stderr"),
+    )
 
 
 def format_table(results: TaskResults) -> str:
     """task, documents, acc and acc_norm (percent), then the means."""
+
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.2f}"
 

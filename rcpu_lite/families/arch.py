@@ -15,6 +15,7 @@ What a family needs beyond Llama, each in one place below:
   (local layers: rope_local_base_freq, in config.rope_parameters["sliding_attention"]) (layer_inputs).
   Gemma's RMSNorm scales by (1 + weight): the family's own norm class does it (build_layer, final_norm).
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,6 +26,7 @@ from types import SimpleNamespace
 import torch
 from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
 
 @dataclass(frozen=True)
 class UnitMap:
@@ -58,19 +60,28 @@ class Family:
     heads_must_divide_hidden: bool = False  # the config class refuses hidden_size % num_attention_heads != 0
 
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family("llama", "Llama", "llama", heads_must_divide_hidden=True),
-    Family("mistral", "Mistral", "mistral"),
-    Family("qwen2", "Qwen2", "qwen2", qkv_bias_always=True),
-    Family("qwen3", "Qwen3", "qwen3"),
-    Family("gemma2", "Gemma2", "gemma2", scaled_embeddings=True, heads_must_divide_hidden=True),
-    Family("gemma3_text", "Gemma3", "gemma3", scaled_embeddings=True, rope_per_layer_type=True,
-           heads_must_divide_hidden=True),
-)}
+FAMILIES: dict[str, Family] = {
+    f.model_type: f
+    for f in (
+        Family("llama", "Llama", "llama", heads_must_divide_hidden=True),
+        Family("mistral", "Mistral", "mistral"),
+        Family("qwen2", "Qwen2", "qwen2", qkv_bias_always=True),
+        Family("qwen3", "Qwen3", "qwen3"),
+        Family("gemma2", "Gemma2", "gemma2", scaled_embeddings=True, heads_must_divide_hidden=True),
+        Family(
+            "gemma3_text",
+            "Gemma3",
+            "gemma3",
+            scaled_embeddings=True,
+            rope_per_layer_type=True,
+            heads_must_divide_hidden=True,
+        ),
+    )
+}
 # model_type -> why it is refused, for families close to a supported one.
 REFUSED = {
     "gemma3": "it is Gemma 3 with a vision tower (Gemma3ForConditionalGeneration); rcpu-lite prunes the text-only "
-              "Gemma 3 checkpoints (model_type gemma3_text, Gemma3ForCausalLM, such as gemma-3-1b)",
+    "Gemma 3 checkpoints (model_type gemma3_text, Gemma3ForCausalLM, such as gemma-3-1b)",
 }
 
 EMBED = "model.embed_tokens.weight"
@@ -95,8 +106,10 @@ def check_supported(config: PretrainedConfig) -> None:
         )
     if getattr(config, "use_bidirectional_attention", False):
         # EmbeddingGemma-style encoders: the masks layer_inputs builds are causal.
-        raise UnsupportedModel(f"model_type {model_type!r} with use_bidirectional_attention is not supported; "
-                               f"rcpu-lite prunes causal language models")
+        raise UnsupportedModel(
+            f"model_type {model_type!r} with use_bidirectional_attention is not supported; "
+            f"rcpu-lite prunes causal language models"
+        )
 
 
 def head_weight_name(config: PretrainedConfig) -> str:
@@ -125,16 +138,56 @@ class LayerShape:
 # Published model shapes by name (config.json field names): what tools/make_synthetic.py writes and what
 # memory_plan's tables plan for. Llama-2-13B is multi-head (40/40); the 8B and 70B models are GQA (x/8).
 NAMED_SHAPES = {
-    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                     num_hidden_layers=32, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=2048),
-    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40,
-                        num_hidden_layers=40, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                       num_hidden_layers=32, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
-    "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
-                        num_hidden_layers=80, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096),
-    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
-                        num_hidden_layers=80, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    "llama-7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        num_hidden_layers=32,
+        vocab_size=32000,
+        rope_theta=10000.0,
+        max_position_embeddings=2048,
+    ),
+    "llama-2-13b": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        num_hidden_layers=40,
+        vocab_size=32000,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+    ),
+    "llama-3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_hidden_layers=32,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+    ),
+    "llama-2-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        num_hidden_layers=80,
+        vocab_size=32000,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+    ),
+    "llama-3-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        num_hidden_layers=80,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+    ),
 }
 
 
@@ -170,9 +223,12 @@ def unit_costs(config: PretrainedConfig) -> UnitCosts:
     shape = layer_shape(config)
     h, d = shape.hidden_size, shape.head_dim
     qkv_bias, mlp_bias = has_qkv_bias(config), bool(getattr(config, "mlp_bias", False))
-    return UnitCosts(query_head=2 * h * d + (d if qkv_bias else 0), kv_head=2 * h * d + (2 * d if qkv_bias else 0),
-                     channel=3 * h + (2 if mlp_bias else 0),
-                     layer=sum(s.numel() for s in layer_tensor_shapes(config).values()))
+    return UnitCosts(
+        query_head=2 * h * d + (d if qkv_bias else 0),
+        kv_head=2 * h * d + (2 * d if qkv_bias else 0),
+        channel=3 * h + (2 if mlp_bias else 0),
+        layer=sum(s.numel() for s in layer_tensor_shapes(config).values()),
+    )
 
 
 def layer_tensor_names(config: PretrainedConfig) -> list[str]:
@@ -254,8 +310,11 @@ def build_layer(config: PretrainedConfig, index: int, tensors: dict[str, torch.T
             linear = layer.get_submodule(path)
             if path + ".bias" in tensors and linear.bias is None:
                 parent, child = path.rsplit(".", 1)
-                setattr(layer.get_submodule(parent), child,
-                        torch.nn.Linear(linear.in_features, linear.out_features, bias=True))
+                setattr(
+                    layer.get_submodule(parent),
+                    child,
+                    torch.nn.Linear(linear.in_features, linear.out_features, bias=True),
+                )
     layer.load_state_dict(tensors, strict=True, assign=True)
     return layer.eval().requires_grad_(False)
 
@@ -293,8 +352,10 @@ class LayerInputs:
 
     def map(self, fn) -> "LayerInputs":
         """The same inputs with `fn` applied to every tensor (a mask may be None)."""
-        return LayerInputs({k: (fn(cos), fn(sin)) for k, (cos, sin) in self.position_embeddings.items()},
-                           {k: fn(m) for k, m in self.masks.items()})
+        return LayerInputs(
+            {k: (fn(cos), fn(sin)) for k, (cos, sin) in self.position_embeddings.items()},
+            {k: fn(m) for k, m in self.masks.items()},
+        )
 
 
 def attention_type(config: PretrainedConfig, index: int) -> str:
@@ -316,8 +377,10 @@ def layer_inputs(config: PretrainedConfig, seqlen: int, device: torch.device, dt
         masks["sliding_attention"] = create_sliding_window_causal_mask(*args, position_ids=positions)
     layer_types = {attention_type(config, i) for i in range(config.num_hidden_layers)}
     if layer_types - set(masks):  # chunked attention, or sliding layers without a sliding_window
-        raise UnsupportedModel(f"layer types {sorted(layer_types - set(masks))} in config.layer_types are not "
-                               f"supported; rcpu-lite runs full_attention and sliding_attention layers")
+        raise UnsupportedModel(
+            f"layer types {sorted(layer_types - set(masks))} in config.layer_types are not "
+            f"supported; rcpu-lite runs full_attention and sliding_attention layers"
+        )
     if family(config).rope_per_layer_type:  # the rotary module holds one table per type in layer_types
         tables = {t: rotary(dummy, positions, t) for t in layer_types}
     else:
@@ -339,7 +402,7 @@ def embed(config: PretrainedConfig, weight: torch.Tensor, ids: torch.Tensor) -> 
     """
     rows = weight[ids]
     if family(config).scaled_embeddings:
-        rows = rows * torch.tensor(config.hidden_size ** 0.5, dtype=rows.dtype)
+        rows = rows * torch.tensor(config.hidden_size**0.5, dtype=rows.dtype)
     return rows.to(dtype=torch.float32)
 
 

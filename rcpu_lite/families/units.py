@@ -1,4 +1,5 @@
 """Slicing one decoder layer's tensors down to the kept heads and MLP channels."""
+
 from __future__ import annotations
 
 import torch
@@ -23,12 +24,23 @@ def slice_layer(
 ) -> dict[str, torch.Tensor]:
     """The compact tensors of a layer. o_proj / down_proj come already compact (compensated)."""
     replaced = {"self_attn.o_proj.weight": o_proj, "mlp.down_proj.weight": down_proj}
-    return {name: replaced[name].contiguous() if name in replaced else
-            slice_tensor(name, t, shape, heads, kv_heads, channels) for name, t in tensors.items()}
+    return {
+        name: replaced[name].contiguous()
+        if name in replaced
+        else slice_tensor(name, t, shape, heads, kv_heads, channels)
+        for name, t in tensors.items()
+    }
 
 
-def slice_tensor(name: str, t: torch.Tensor, shape: LayerShape, heads: torch.Tensor, kv_heads: torch.Tensor,
-                 channels: torch.Tensor, units: UnitMap = LLAMA_UNITS) -> torch.Tensor:
+def slice_tensor(
+    name: str,
+    t: torch.Tensor,
+    shape: LayerShape,
+    heads: torch.Tensor,
+    kv_heads: torch.Tensor,
+    channels: torch.Tensor,
+    units: UnitMap = LLAMA_UNITS,
+) -> torch.Tensor:
     """One tensor of a layer cut to the kept heads and channels, by the family's unit map (the compensated
     projections' weights excepted)."""
     module = name.rsplit(".", 1)[0]
@@ -47,14 +59,18 @@ def slice_tensor(name: str, t: torch.Tensor, shape: LayerShape, heads: torch.Ten
     return t
 
 
-def slice_kept(tensors: dict[str, torch.Tensor], shape: LayerShape, kept
-               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+def slice_kept(
+    tensors: dict[str, torch.Tensor], shape: LayerShape, kept
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
     """Cut every tensor of a layer to `kept` (a selection.Kept) except those of the compensated projections,
     whose weights the caller has taken already: returns the cut tensors, in the layer's order, and each
     compensated projection's own bias (None where it has none), which keeps its shape."""
     biases = {name: module + ".bias" for name, module in PROJECTIONS.items()}
-    compact = {name: slice_tensor(name, tensors.pop(name), shape, kept.heads, kept.kv_heads, kept.channels)
-               for name in list(tensors) if name not in biases.values()}
+    compact = {
+        name: slice_tensor(name, tensors.pop(name), shape, kept.heads, kept.kv_heads, kept.channels)
+        for name in list(tensors)
+        if name not in biases.values()
+    }
     return compact, {name: tensors.pop(bias, None) for name, bias in biases.items()}
 
 

@@ -5,6 +5,7 @@ before the first layer is cut; `uniform` (the paper's setting) is the plan where
 the same. Budgets are in parameters of the decoder layers, so that on grouped-query models, where
 heads can only go a group-multiple at a time, the MLP channels can take up what the heads cannot.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -49,9 +50,11 @@ class WidthPlan:
 
 
 def _removed_params(shape: LayerShape, costs: UnitCosts, w: LayerWidths) -> int:
-    return ((shape.num_attention_heads - w.heads) * costs.query_head
-            + (shape.num_key_value_heads - w.kv_heads) * costs.kv_head
-            + (shape.intermediate_size - w.channels) * costs.channel)
+    return (
+        (shape.num_attention_heads - w.heads) * costs.query_head
+        + (shape.num_key_value_heads - w.kv_heads) * costs.kv_head
+        + (shape.intermediate_size - w.channels) * costs.channel
+    )
 
 
 def heads_kept(shape: LayerShape, ratio: float) -> tuple[int, int]:
@@ -87,10 +90,12 @@ def depth(shape: LayerShape, n_layers: int, ratio: float, costs: UnitCosts, spre
     ratios = [min(ratio * (1 - spread + 2 * spread * i / max(n_layers - 1, 1)), 0.95) for i in range(n_layers)]
     heads = [heads_kept(shape, r) for r in ratios]
     budget = ratio * costs.layer * n_layers - sum(
-        _removed_params(shape, costs, LayerWidths(h, kv, shape.intermediate_size)) for h, kv in heads)
+        _removed_params(shape, costs, LayerWidths(h, kv, shape.intermediate_size)) for h, kv in heads
+    )
     channels = _spread_channels(shape, budget, ratios, costs)
-    return WidthPlan("depth", tuple(LayerWidths(h, kv, shape.intermediate_size - c)
-                                    for (h, kv), c in zip(heads, channels)))
+    return WidthPlan(
+        "depth", tuple(LayerWidths(h, kv, shape.intermediate_size - c) for (h, kv), c in zip(heads, channels))
+    )
 
 
 def _spread_channels(shape: LayerShape, budget: float, weights: list[float], costs: UnitCosts) -> list[int]:
@@ -103,14 +108,20 @@ def _spread_channels(shape: LayerShape, budget: float, weights: list[float], cos
     share = share / share.sum() * total if share.sum() > 0 else torch.full_like(share, total / len(weights))
     out = share.floor().clamp(max=cap).long()
     while int(out.sum()) < total:  # hand out the rest, largest remainder first, to layers with room
-        room = (out < cap)
+        room = out < cap
         rest = torch.where(room, share - out, torch.tensor(-1.0, dtype=torch.float64))
         out[int(rest.argmax())] += 1
     return out.tolist()
 
 
-def adaptive(shape: LayerShape, n_layers: int, ratio: float, costs: UnitCosts,
-             o_columns: list[torch.Tensor], channel_scores: list[torch.Tensor]) -> WidthPlan:
+def adaptive(
+    shape: LayerShape,
+    n_layers: int,
+    ratio: float,
+    costs: UnitCosts,
+    o_columns: list[torch.Tensor],
+    channel_scores: list[torch.Tensor],
+) -> WidthPlan:
     """FLAP's global allocation: every layer's o_proj column scores and channel scores are standardised
     within the layer; a head scores the mean of its standardised columns. One threshold over all
     layers then removes the lowest units, each head weighed by its parameter cost against a
@@ -151,9 +162,13 @@ def adaptive(shape: LayerShape, n_layers: int, ratio: float, costs: UnitCosts,
         if channels_drop[layer] < inter - 1:
             channels_drop[layer] += 1
             removed += costs.channel
-    return WidthPlan("adaptive", tuple(
-        LayerWidths(n - heads_drop[i], (n - heads_drop[i]) if mha else kv, inter - channels_drop[i])
-        for i in range(n_layers)))
+    return WidthPlan(
+        "adaptive",
+        tuple(
+            LayerWidths(n - heads_drop[i], (n - heads_drop[i]) if mha else kv, inter - channels_drop[i])
+            for i in range(n_layers)
+        ),
+    )
 
 
 def _standardised(scores: torch.Tensor) -> torch.Tensor:
@@ -190,12 +205,22 @@ def _depth(shape: LayerShape, n_layers: int, settings, costs: UnitCosts, scores=
     return depth(shape, n_layers, settings.budget, costs, settings.depth_spread)
 
 
-PLANS: dict[str, Allocation] = {a.name: a for a in (
-    Allocation("uniform", "every layer loses the same share (the paper's setting)", _uniform),
-    Allocation("adaptive", "FLAP's global threshold over every layer's standardised scores (a scoring pass first)",
-               _adaptive, needs_scores=True),
-    Allocation("depth", "the ratio rises linearly with depth, from ratio*(1-spread) to ratio*(1+spread) "
-               "(SlimGPT-like)", _depth),
-)}
+PLANS: dict[str, Allocation] = {
+    a.name: a
+    for a in (
+        Allocation("uniform", "every layer loses the same share (the paper's setting)", _uniform),
+        Allocation(
+            "adaptive",
+            "FLAP's global threshold over every layer's standardised scores (a scoring pass first)",
+            _adaptive,
+            needs_scores=True,
+        ),
+        Allocation(
+            "depth",
+            "the ratio rises linearly with depth, from ratio*(1-spread) to ratio*(1+spread) (SlimGPT-like)",
+            _depth,
+        ),
+    )
+}
 # name -> what it does (validation and --help)
 ALLOCATIONS: dict[str, str] = {name: a.help for name, a in PLANS.items()}

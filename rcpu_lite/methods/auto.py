@@ -5,6 +5,7 @@ dimension: least squares fits best when tokens are plenty and overfits when they
 rotation is constrained and holds up. Every candidate is fitted on the calibration statistics and
 scored on the held-out windows; the winner is then refitted on all tokens.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -16,7 +17,6 @@ from rcpu_lite.methods import compensation as _compensation
 from rcpu_lite.methods.compensation import Compensation, CompensationOptions, Repaired, compensate
 
 DAMP_GRID = (1e-4, 1e-3, 1e-2, 1e-1)  # least squares: lambda = damp * mean(diag C_KK)
-
 
 
 def candidates(with_bias: bool) -> dict[str, tuple[str, float | None]]:
@@ -37,13 +37,21 @@ class Choice:
     held_out_errors: dict[str, float]  # every candidate's
 
 
-def choose(weight: torch.Tensor, stats, kept: torch.Tensor, held_out, options: CompensationOptions,
-           with_bias: bool, refit: Callable[[object], None]) -> Choice:
+def choose(
+    weight: torch.Tensor,
+    stats,
+    kept: torch.Tensor,
+    held_out,
+    options: CompensationOptions,
+    with_bias: bool,
+    refit: Callable[[object], None],
+) -> Choice:
     """Fit every candidate on `stats`, score it with held_out.error, refit the best after refit(stats)
     has added the held-out tokens to the statistics."""
     if not held_out.x:
-        raise ValueError("--compensate auto chooses by held-out error: it needs held-out windows (--holdout-nsamples "
-                         "at least 1)")
+        raise ValueError(
+            "--compensate auto chooses by held-out error: it needs held-out windows (--holdout-nsamples at least 1)"
+        )
     errors, fitted = {}, {}
     for label, (method, damp) in candidates(with_bias).items():
         opts = options if damp is None else replace(options, damp=damp, damp_abs=0.0)
@@ -57,10 +65,14 @@ def choose(weight: torch.Tensor, stats, kept: torch.Tensor, held_out, options: C
     return Choice(best, compensate(weight, stats, kept, method, opts, release=True), errors[best], errors)
 
 
-@_compensation.register_chooser("auto", "per layer and projection, the lowest held-out error among rotation, "
-                                "rotation-scale, none and lstsq over a damping grid, refitted on every token")
-def choose_and_refit(weight: torch.Tensor, stats, kept: torch.Tensor, options: CompensationOptions, with_bias: bool,
-                     held_out) -> Repaired:
+@_compensation.register_chooser(
+    "auto",
+    "per layer and projection, the lowest held-out error among rotation, "
+    "rotation-scale, none and lstsq over a damping grid, refitted on every token",
+)
+def choose_and_refit(
+    weight: torch.Tensor, stats, kept: torch.Tensor, options: CompensationOptions, with_bias: bool, held_out
+) -> Repaired:
     choice = choose(weight, stats, kept, held_out, options, with_bias, refit=held_out.add_to)
     return Repaired(choice.label, choice.result, choice.held_out_error)
 

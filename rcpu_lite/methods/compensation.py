@@ -7,6 +7,7 @@ fp64 on the device CompensationOptions.decomposition_device names (the CPU by de
 run fp64 at 1/32 to 1/64 of their fp32 rate, and M is small next to the products), and Q comes back
 to M's device and dtype.
 """
+
 from __future__ import annotations
 
 import time
@@ -58,7 +59,7 @@ def polar_eigh(m: torch.Tensor, device: str | torch.device = "cpu") -> tuple[tor
     eigenvalues = eigenvalues.flip(0).clamp_min(0)  # descending
     v = v.flip(1)
     nonzero = int((eigenvalues > eigenvalues[0] * d * eps).sum())
-    accurate = int((eigenvalues > eigenvalues[0] * eps ** 0.5).sum())
+    accurate = int((eigenvalues > eigenvalues[0] * eps**0.5).sum())
     singular = eigenvalues.sqrt()
     singular[nonzero:] = 0
     v_r, v_0 = v[:, :nonzero], v[:, nonzero:]
@@ -170,18 +171,21 @@ def _from_products(method: str):
         if release:
             stats.release()  # freed before the decomposition
         return compensate_products(p, method, options.decomposition, options.decomposition_device)
+
     return fn
 
 
 register("none", "no repair: W_K as it is")(_from_products("none"))
 register("rotation", "W_K <- Q W_K, Q the orthogonal polar factor of M = W C[:,K] W_K^T (RCPU)")(
-    _from_products("rotation"))
+    _from_products("rotation")
+)
 register("rotation-scale", "rotation, then x tr(S)/||Z||^2 (RCPU)")(_from_products("rotation-scale"))
 
 
 @register("lstsq", "ridge least squares W_K <- (W C[:,K] + l W_K)(C_KK + l I)^-1, l from --damp or --damp-abs")
-def least_squares(weight: torch.Tensor, stats, kept: torch.Tensor, options: CompensationOptions,
-                  release: bool = False) -> Compensation:
+def least_squares(
+    weight: torch.Tensor, stats, kept: torch.Tensor, options: CompensationOptions, release: bool = False
+) -> Compensation:
     """Ridge least squares by a Cholesky factorisation of C_KK + lambda I (never an explicit inverse).
 
     If the factorisation fails, lambda grows tenfold (up to max_damp_retries times); the lambda used
@@ -224,8 +228,10 @@ def least_squares(weight: torch.Tensor, stats, kept: torch.Tensor, options: Comp
         factor = None  # freed before the next try
         lam *= 10
     else:
-        raise ValueError(f"least squares: C_KK + lambda I is not positive definite even at lambda {added:.3g}; the "
-                         f"calibration statistics are degenerate (use more calibration windows or --compensate rotation)")
+        raise ValueError(
+            f"least squares: C_KK + lambda I is not positive definite even at lambda {added:.3g}; the "
+            f"calibration statistics are degenerate (use more calibration windows or --compensate rotation)"
+        )
     del a  # from here on A = C_KK + l I = L L^T is used only through its factor
     # W' A = R with A = L L^T: solve Y L^T = R, then W' L = Y, both in place (cholesky_solve would copy L).
     new = torch.linalg.solve_triangular(factor.mT, rhs, upper=True, left=False, out=rhs)
@@ -235,8 +241,9 @@ def least_squares(weight: torch.Tensor, stats, kept: torch.Tensor, options: Comp
     quadratic = _sum64((new @ factor).square())
     del factor
     error = y_energy - quadratic + 2 * lam * _inner_kept(new, weight, kept) - lam * _sum64(new.square())
-    return Compensation(new, _ratio(removed_energy, y_energy), _ratio(error, y_energy), damp_used=lam,
-                        y_energy=y_energy)
+    return Compensation(
+        new, _ratio(removed_energy, y_energy), _ratio(error, y_energy), damp_used=lam, y_energy=y_energy
+    )
 
 
 def add_bias(result: Compensation, weight: torch.Tensor, stats, kept: torch.Tensor) -> Compensation:
@@ -246,7 +253,7 @@ def add_bias(result: Compensation, weight: torch.Tensor, stats, kept: torch.Tens
     The residual then loses its mean: ||R - b 1^T||^2 = ||R||^2 - N ||b||^2.
     """
     bias = weight @ stats.target_mean.to(weight.dtype) - result.weight @ stats.mean.to(weight.dtype)[kept]
-    energy = (result.error_compensated ** 2) * result.y_energy - stats.count * _sum64(bias.square())
+    energy = (result.error_compensated**2) * result.y_energy - stats.count * _sum64(bias.square())
     result.bias = bias
     result.error_compensated = _ratio(energy, result.y_energy)
     return result
@@ -274,11 +281,12 @@ def chooser_names() -> list[str]:
     return [n for c in CHOOSERS for n in (c, c + BIAS_SUFFIX)]
 
 
-def repair(weight: torch.Tensor, stats, kept: torch.Tensor, method: str, options: CompensationOptions,
-           held_out) -> Repaired:
+def repair(
+    weight: torch.Tensor, stats, kept: torch.Tensor, method: str, options: CompensationOptions, held_out
+) -> Repaired:
     """Compensate one projection with `method` (a method, a method + bias, or a chooser such as auto), freeing
     the statistics as soon as they are used; `held_out` (step.HeldOut) measures the held-out error."""
-    base = method[:-len(BIAS_SUFFIX)] if method.endswith(BIAS_SUFFIX) else method
+    base = method[: -len(BIAS_SUFFIX)] if method.endswith(BIAS_SUFFIX) else method
     if base in CHOOSERS:
         return CHOOSERS[base].fn(weight, stats, kept, options, method.endswith(BIAS_SUFFIX), held_out)
     result = compensate(weight, stats, kept, method, options, release=True)
@@ -291,7 +299,7 @@ def parse_method(method: str) -> tuple[str, bool]:
     if method == "bias":
         base, with_bias = "none", True
     elif method.endswith(BIAS_SUFFIX):
-        base, with_bias = method[:-len(BIAS_SUFFIX)], True
+        base, with_bias = method[: -len(BIAS_SUFFIX)], True
     if base not in COMPENSATIONS or method == "none" + BIAS_SUFFIX:
         raise ValueError(f"unknown compensation {method!r}; choose one of {', '.join(method_names())}")
     return base, with_bias
@@ -307,8 +315,14 @@ def method_names() -> list[str]:
     return [*COMPENSATIONS, "bias", *(m + BIAS_SUFFIX for m in COMPENSATIONS if m != "none")]
 
 
-def compensate(weight: torch.Tensor, stats, kept: torch.Tensor, method: str,
-               options: CompensationOptions | None = None, release: bool = False) -> Compensation:
+def compensate(
+    weight: torch.Tensor,
+    stats,
+    kept: torch.Tensor,
+    method: str,
+    options: CompensationOptions | None = None,
+    release: bool = False,
+) -> Compensation:
     """Prune W to the columns K and repair it with `method` (a registered name, optionally + bias)."""
     base, with_bias = parse_method(method)
     options = options or CompensationOptions()
@@ -352,8 +366,9 @@ def products(weight: torch.Tensor, stats, kept: torch.Tensor, with_m: bool = Tru
     return Products(m, weight[:, kept], y_energy, z_energy, removed_energy)
 
 
-def compensate_products(p: Products, method: str, decomposition: str = "eigh",
-                        device: str | torch.device = "cpu") -> Compensation:
+def compensate_products(
+    p: Products, method: str, decomposition: str = "eigh", device: str | torch.device = "cpu"
+) -> Compensation:
     """The repaired W_K, and its errors from ||Y - s Q Z||^2 = ||Y||^2 - 2 s tr(Q^T M) + s^2 ||Z||^2."""
     if method not in ("none", "rotation", "rotation-scale"):
         raise ValueError(f"compensate_products handles none, rotation and rotation-scale, not {method!r}")
@@ -395,7 +410,7 @@ def _gram_times_kept(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tenso
     """G = C[:, K] W_K^T, gathering C's kept rows a block at a time (C is symmetric, rows are contiguous)."""
     g = torch.zeros(gram.shape[0], weight.shape[0], dtype=weight.dtype, device=weight.device)
     for start in range(0, kept.numel(), _GATHER_ROWS):
-        block = kept[start:start + _GATHER_ROWS]
+        block = kept[start : start + _GATHER_ROWS]
         g.addmm_(gram.index_select(0, block).T, weight[:, block].T)
     return g
 
@@ -404,7 +419,7 @@ def _columns_times_kept(a: torch.Tensor, weight: torch.Tensor, kept: torch.Tenso
     """A[:, K] W_K^T (d_out x d_out), a block of columns at a time (no d_out x |K| copy)."""
     out = torch.zeros(a.shape[0], weight.shape[0], dtype=weight.dtype, device=weight.device)
     for start in range(0, kept.numel(), _GATHER_ROWS):
-        block = kept[start:start + _GATHER_ROWS]
+        block = kept[start : start + _GATHER_ROWS]
         out.addmm_(a.index_select(1, block), weight[:, block].T)
     return out
 
@@ -413,8 +428,8 @@ def _weight_times_gram_columns(weight: torch.Tensor, gram: torch.Tensor, kept: t
     """H = W C[:, K] (d_out x |K|), gathering C's kept rows a block at a time (C is symmetric)."""
     h = torch.empty(weight.shape[0], kept.numel(), dtype=weight.dtype, device=weight.device)
     for start in range(0, kept.numel(), _GATHER_ROWS):
-        block = kept[start:start + _GATHER_ROWS]
-        h[:, start:start + block.numel()] = weight @ gram.index_select(0, block).T
+        block = kept[start : start + _GATHER_ROWS]
+        h[:, start : start + block.numel()] = weight @ gram.index_select(0, block).T
     return h
 
 
@@ -422,8 +437,8 @@ def _quadratic(w_part: torch.Tensor, gram: torch.Tensor, columns: torch.Tensor) 
     """tr(W_J C_JJ W_J^T) for the columns J (W_J given), C_JJ gathered a block of rows at a time."""
     total = 0.0
     for start in range(0, columns.numel(), _GATHER_ROWS):
-        rows = gram.index_select(0, columns[start:start + _GATHER_ROWS]).index_select(1, columns)
-        total += _sum64((rows @ w_part.T) * w_part[:, start:start + _GATHER_ROWS].T)
+        rows = gram.index_select(0, columns[start : start + _GATHER_ROWS]).index_select(1, columns)
+        total += _sum64((rows @ w_part.T) * w_part[:, start : start + _GATHER_ROWS].T)
     return total
 
 
@@ -431,7 +446,9 @@ def _principal_submatrix(gram: torch.Tensor, columns: torch.Tensor) -> torch.Ten
     """C_JJ, gathered a block of rows at a time (no |J| x d_in temporary: 388 MB at Llama-7B's down_proj)."""
     out = torch.empty(columns.numel(), columns.numel(), dtype=gram.dtype, device=gram.device)
     for start in range(0, columns.numel(), _GATHER_ROWS):
-        out[start:start + _GATHER_ROWS] = gram.index_select(0, columns[start:start + _GATHER_ROWS]).index_select(1, columns)
+        out[start : start + _GATHER_ROWS] = gram.index_select(0, columns[start : start + _GATHER_ROWS]).index_select(
+            1, columns
+        )
     return out
 
 
@@ -439,7 +456,7 @@ def _inner(weight: torch.Tensor, g: torch.Tensor, columns: torch.Tensor) -> floa
     """<W[:, J], G[J]^T> for the columns J, a block at a time (no full-size gathered copy)."""
     total = 0.0
     for start in range(0, columns.numel(), _GATHER_ROWS):
-        block = columns[start:start + _GATHER_ROWS]
+        block = columns[start : start + _GATHER_ROWS]
         total += _sum64(weight[:, block] * g.index_select(0, block).T)
     return total
 
@@ -448,8 +465,8 @@ def _inner_kept(new_weight: torch.Tensor, weight: torch.Tensor, kept: torch.Tens
     """<W', W_K>, a block of columns at a time (no gathered copy of W_K)."""
     total = 0.0
     for start in range(0, kept.numel(), _GATHER_ROWS):
-        block = kept[start:start + _GATHER_ROWS]
-        total += _sum64(new_weight[:, start:start + block.numel()] * weight[:, block])
+        block = kept[start : start + _GATHER_ROWS]
+        total += _sum64(new_weight[:, start : start + block.numel()] * weight[:, block])
     return total
 
 

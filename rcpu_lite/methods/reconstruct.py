@@ -13,6 +13,7 @@ or channel has no weights at all and cannot come back: training changes values, 
 Memory: the layers, their gradients and AdamW's two moments of the trained parameters, and one
 micro-batch's activations. `inputs` and `targets` are only ever read a micro-batch at a time.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,8 @@ from typing import Literal
 import torch
 from transformers import PretrainedConfig
 
-from rcpu_lite.families import arch
 from rcpu_lite.distributed import SINGLE, Group
+from rcpu_lite.families import arch
 from rcpu_lite.methods.metrics import relative_error
 from rcpu_lite.runtime import cuda_matmul_precision
 
@@ -91,8 +92,9 @@ class ReconstructResult:
     trained_params: int  # number of trained scalars
 
 
-def trainable_parameters(layer: torch.nn.Module, train: str = "all", train_norms: bool = False
-                         ) -> list[tuple[str, torch.nn.Parameter]]:
+def trainable_parameters(
+    layer: torch.nn.Module, train: str = "all", train_norms: bool = False
+) -> list[tuple[str, torch.nn.Parameter]]:
     """The (name, parameter) pairs of one decoder layer that reconstruction trains.
 
     Linear weights and biases: all of them, or with train="out" only o_proj's and down_proj's.
@@ -117,15 +119,21 @@ def _forward(blocks: Sequence[Block], hidden: torch.Tensor, inputs: arch.LayerIn
     return hidden
 
 
-def _squared_errors(blocks: Sequence[Block], inputs: torch.Tensor, targets: torch.Tensor,
-                    layer_inputs: arch.LayerInputs, micro_batch: int, device: torch.device) -> tuple[float, float]:
+def _squared_errors(
+    blocks: Sequence[Block],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    layer_inputs: arch.LayerInputs,
+    micro_batch: int,
+    device: torch.device,
+) -> tuple[float, float]:
     """sum((out - target)^2) and sum(target^2) over all windows, accumulated in fp64 (no grad)."""
     err = torch.zeros((), dtype=torch.float64, device=device)
     ref = torch.zeros((), dtype=torch.float64, device=device)
     with torch.no_grad():
         for start in range(0, inputs.shape[0], micro_batch):
-            x = inputs[start:start + micro_batch].to(device, torch.float32, non_blocking=True)
-            y = targets[start:start + micro_batch].to(device, torch.float64, non_blocking=True)
+            x = inputs[start : start + micro_batch].to(device, torch.float32, non_blocking=True)
+            y = targets[start : start + micro_batch].to(device, torch.float64, non_blocking=True)
             out = _forward(blocks, x, layer_inputs).double()
             err += (out - y).pow(2).sum()
             ref += y.pow(2).sum()
@@ -136,8 +144,10 @@ def _check(blocks: Sequence[Block], inputs: torch.Tensor, targets: torch.Tensor)
     if not blocks:
         raise ValueError("reconstruction needs at least one layer")
     if inputs.dim() != 3 or inputs.shape != targets.shape or inputs.shape[0] == 0:
-        raise ValueError(f"inputs and targets must both be windows x seqlen x hidden with at least one window, "
-                         f"got {tuple(inputs.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"inputs and targets must both be windows x seqlen x hidden with at least one window, "
+            f"got {tuple(inputs.shape)} and {tuple(targets.shape)}"
+        )
 
 
 def _device(blocks: Sequence[Block], device: torch.device | None) -> torch.device:
@@ -146,9 +156,15 @@ def _device(blocks: Sequence[Block], device: torch.device | None) -> torch.devic
     return next(blocks[0][0].parameters()).device
 
 
-def block_error(blocks: Sequence[Block], inputs: torch.Tensor, targets: torch.Tensor,
-                layer_inputs: arch.LayerInputs, micro_batch: int, device: torch.device | None = None,
-                group: Group = SINGLE) -> float:
+def block_error(
+    blocks: Sequence[Block],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    layer_inputs: arch.LayerInputs,
+    micro_batch: int,
+    device: torch.device | None = None,
+    group: Group = SINGLE,
+) -> float:
     """||blocks(inputs) - targets||_F / ||targets||_F over all windows, accumulated in fp64.
 
     The layers run in order on `device` (default: that of the first layer's parameters) in
@@ -158,8 +174,9 @@ def block_error(blocks: Sequence[Block], inputs: torch.Tensor, targets: torch.Te
     _check(blocks, inputs, targets)
     device = _device(blocks, device)
     with torch.inference_mode():
-        return relative_error(*group.sum_floats(_squared_errors(blocks, inputs, targets, layer_inputs, micro_batch,
-                                                           device)))
+        return relative_error(
+            *group.sum_floats(_squared_errors(blocks, inputs, targets, layer_inputs, micro_batch, device))
+        )
 
 
 def _average_gradients(params: list[torch.nn.Parameter], group: Group) -> None:
@@ -233,8 +250,9 @@ def reconstruct(
         with torch.inference_mode(False), torch.enable_grad(), cuda_matmul_precision(matmul):
             train_inputs = layer_inputs.map(_autograd_ready)
             params = _fp32_parameters(blocks, options)
-            err, ref, numel = group.sum_floats([*_squared_errors(blocks, inputs, targets, train_inputs, mb, device),
-                                                inputs.numel()])
+            err, ref, numel = group.sum_floats(
+                [*_squared_errors(blocks, inputs, targets, train_inputs, mb, device), inputs.numel()]
+            )
             if not (math.isfinite(err) and math.isfinite(ref)):
                 raise FloatingPointError("the block's output or its target is not finite before reconstruction")
             loss_before, error_before = err / numel, relative_error(err, ref)
@@ -251,8 +269,16 @@ def reconstruct(
             for p in layer.parameters():
                 p.requires_grad_(False)
                 p.grad = None
-    return ReconstructResult(loss_before, err / numel, error_before, relative_error(err, ref), tuple(epoch_losses),
-                             round(time.perf_counter() - started, 4), trainer.step, sum(p.numel() for p in params))
+    return ReconstructResult(
+        loss_before,
+        err / numel,
+        error_before,
+        relative_error(err, ref),
+        tuple(epoch_losses),
+        round(time.perf_counter() - started, 4),
+        trainer.step,
+        sum(p.numel() for p in params),
+    )
 
 
 def _fp32_parameters(blocks: Sequence[Block], options: ReconstructOptions) -> list[torch.nn.Parameter]:
@@ -270,13 +296,22 @@ def _fp32_parameters(blocks: Sequence[Block], options: ReconstructOptions) -> li
 class _Trainer:
     """AdamW over micro-batches in an order reshuffled every epoch, the lr decaying linearly over all steps."""
 
-    def __init__(self, blocks: Sequence[Block], inputs: torch.Tensor, targets: torch.Tensor,
-                 train_inputs: arch.LayerInputs, options: ReconstructOptions, params: list[torch.nn.Parameter],
-                 device: torch.device, group: Group):
+    def __init__(
+        self,
+        blocks: Sequence[Block],
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        train_inputs: arch.LayerInputs,
+        options: ReconstructOptions,
+        params: list[torch.nn.Parameter],
+        device: torch.device,
+        group: Group,
+    ):
         self.blocks, self.inputs, self.targets, self.train_inputs = blocks, inputs, targets, train_inputs
         self.options, self.params, self.device, self.group = options, params, device, group
-        self.optimizer = torch.optim.AdamW(params, lr=options.lr, betas=options.betas, eps=options.eps,
-                                           weight_decay=options.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            params, lr=options.lr, betas=options.betas, eps=options.eps, weight_decay=options.weight_decay
+        )
         self.generator = torch.Generator().manual_seed(options.seed)
         self.total_steps = options.epochs * -(-inputs.shape[0] // options.micro_batch)
         self.step = 0
@@ -287,7 +322,7 @@ class _Trainer:
         order = torch.randperm(n, generator=self.generator)
         total = 0.0
         for start in range(0, n, mb):
-            idx = order[start:start + mb]
+            idx = order[start : start + mb]
             x = self.inputs[idx.to(self.inputs.device)].to(self.device, torch.float32, non_blocking=True)
             y = self.targets[idx.to(self.targets.device)].to(self.device, torch.float32, non_blocking=True)
             total += self._step(x, y, epoch) * len(idx)
@@ -307,8 +342,10 @@ class _Trainer:
         _average_gradients(self.params, self.group)
         value = loss.item()
         if not math.isfinite(value):
-            raise FloatingPointError(f"reconstruction loss became {value} at epoch {epoch + 1}, step "
-                                     f"{self.step + 1}; lower the learning rate (it is {options.lr:g})")
+            raise FloatingPointError(
+                f"reconstruction loss became {value} at epoch {epoch + 1}, step "
+                f"{self.step + 1}; lower the learning rate (it is {options.lr:g})"
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

@@ -3,6 +3,7 @@
 Pure functions of a weight matrix (d_out x d_in) and InputStats (formulas: docs/methods.md). Every
 score is one entry of SCORES, which also feeds validation and --help.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -42,15 +43,24 @@ def _magnitude(w, s):
     return w.norm(dim=0)
 
 
-SCORES: dict[str, Score] = {score.name: score for score in (
-    Score("rcpu", _rcpu, "||W[:,j]||_2 * E|x_j| * Var(x_j), RCPU's variance-aware score (the official code's form)"),
-    Score("rcpu-l2", _rcpu_l2, "||W[:,j]||_2 * ||X_j||_2 * Var(x_j) (the RCPU paper text's form)"),
-    Score("wanda-sp", _wanda_sp, "||W[:,j]||_1 * E|x_j|, RCPU's Wanda-sp baseline"),
-    # FLAP squares the o_proj metric before summing a head's columns.
-    Score("flap", _flap, "Var(x_j) * ||W[:,j]||_2^2, FLAP's fluctuation; a head sums its squared column scores",
-          head=lambda cols: cols.square().sum(-1)),
-    Score("magnitude", _magnitude, "||W[:,j]||_2"),
-)}
+SCORES: dict[str, Score] = {
+    score.name: score
+    for score in (
+        Score(
+            "rcpu", _rcpu, "||W[:,j]||_2 * E|x_j| * Var(x_j), RCPU's variance-aware score (the official code's form)"
+        ),
+        Score("rcpu-l2", _rcpu_l2, "||W[:,j]||_2 * ||X_j||_2 * Var(x_j) (the RCPU paper text's form)"),
+        Score("wanda-sp", _wanda_sp, "||W[:,j]||_1 * E|x_j|, RCPU's Wanda-sp baseline"),
+        # FLAP squares the o_proj metric before summing a head's columns.
+        Score(
+            "flap",
+            _flap,
+            "Var(x_j) * ||W[:,j]||_2^2, FLAP's fluctuation; a head sums its squared column scores",
+            head=lambda cols: cols.square().sum(-1),
+        ),
+        Score("magnitude", _magnitude, "||W[:,j]||_2"),
+    )
+}
 
 
 def _score(method: str) -> Score:

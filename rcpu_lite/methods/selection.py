@@ -42,8 +42,9 @@ class Kept:
     def columns(self, projection: str) -> torch.Tensor:
         """The kept input columns of o_proj (its heads' columns) or down_proj (its channels)."""
         if projection not in self._columns:
-            self._columns[projection] = (head_columns(self.heads, self.head_dim) if projection == "o_proj"
-                                         else self.channels)
+            self._columns[projection] = (
+                head_columns(self.heads, self.head_dim) if projection == "o_proj" else self.channels
+            )
         return self._columns[projection]
 
     def as_lists(self) -> tuple[list[int], list[int], list[int]]:
@@ -59,18 +60,27 @@ register = registrar(SELECTIONS)
 
 
 @register("topk", "score every unit once (--score), keep the highest ones")
-def top_k(score: str, weights: dict[str, torch.Tensor], stats: dict[str, InputStats], shape: LayerShape,
-          widths: LayerWidths) -> Kept:
+def top_k(
+    score: str, weights: dict[str, torch.Tensor], stats: dict[str, InputStats], shape: LayerShape, widths: LayerWidths
+) -> Kept:
     columns = scoring.column_scores(score, weights["o_proj"], stats["o_proj"])
-    heads, kv_heads = scoring.kept_heads(scoring.head_scores(columns, shape.head_dim, score), shape.num_key_value_heads,
-                                         widths.heads)
-    channels = scoring.kept_channels(scoring.column_scores(score, weights["down_proj"], stats["down_proj"]),
-                                     widths.channels)
+    heads, kv_heads = scoring.kept_heads(
+        scoring.head_scores(columns, shape.head_dim, score), shape.num_key_value_heads, widths.heads
+    )
+    channels = scoring.kept_channels(
+        scoring.column_scores(score, weights["down_proj"], stats["down_proj"]), widths.channels
+    )
     return Kept(heads.cpu(), kv_heads.cpu(), channels.cpu(), shape.head_dim)
 
 
-def select(method: str, score: str, weights: dict[str, torch.Tensor], stats: dict[str, InputStats],
-           shape: LayerShape, widths: LayerWidths) -> Kept:
+def select(
+    method: str,
+    score: str,
+    weights: dict[str, torch.Tensor],
+    stats: dict[str, InputStats],
+    shape: LayerShape,
+    widths: LayerWidths,
+) -> Kept:
     """The units one layer keeps, by the selection `method` (a SELECTIONS name) and the importance `score`."""
     if method not in SELECTIONS:
         raise ValueError(f"unknown selection {method!r}; choose one of {', '.join(SELECTIONS)}")

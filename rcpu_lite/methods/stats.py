@@ -2,6 +2,7 @@
 
 Nothing here keeps activations: memory is O(d_in^2) whatever the number of calibration tokens.
 """
+
 from __future__ import annotations
 
 import torch
@@ -120,8 +121,9 @@ class PairedStats(InputStats):
         if self.output_cross is None:
             # A normal tensor even when the first update runs under inference mode: auto's refit adds to it outside.
             with torch.inference_mode(False):
-                self.output_cross = torch.zeros(weight.shape[0], self.dim, device=self.gram.device,
-                                                dtype=self.gram.dtype)
+                self.output_cross = torch.zeros(
+                    weight.shape[0], self.dim, device=self.gram.device, dtype=self.gram.dtype
+                )
         with cuda_matmul_precision("ieee"):
             y = x @ weight.to(x.dtype).T
             self.output_cross.addmm_(y.T, x_hat)
@@ -140,8 +142,11 @@ class PairedStats(InputStats):
         return [*super()._tensors(), self.target_sum, self.output_cross]
 
     def is_finite(self) -> bool:
-        return super().is_finite() and bool(torch.isfinite(self.target_sum).all()) and (
-            self.output_cross is None or _all_finite(self.output_cross))
+        return (
+            super().is_finite()
+            and bool(torch.isfinite(self.target_sum).all())
+            and (self.output_cross is None or _all_finite(self.output_cross))
+        )
 
 
 def _all_finite(matrix: torch.Tensor) -> bool:

@@ -40,8 +40,9 @@ def check_output(out: Path, model_dir: Path, overwrite: bool, resume: bool) -> P
     if src.is_relative_to(target):
         raise OutputError(f"--out {out} contains the input checkpoint; choose a directory beside it")
     if target.is_relative_to(src):
-        raise OutputError(f"--out {out} is inside the input checkpoint, which is only ever read; choose a "
-                          f"directory outside it")
+        raise OutputError(
+            f"--out {out} is inside the input checkpoint, which is only ever read; choose a directory outside it"
+        )
     if cwd.is_relative_to(target):
         raise OutputError(f"--out {out} contains the current directory; choose another directory")
     if target.exists() and not target.is_dir():
@@ -52,16 +53,18 @@ def check_output(out: Path, model_dir: Path, overwrite: bool, resume: bool) -> P
     if resume and not (work / MANIFEST_NAME).is_file():
         raise OutputError(f"there is no interrupted run to resume in {work}; run without --resume")
     if not resume and work.exists() and not overwrite:
-        raise OutputError(f"{work} holds an interrupted run; pass --resume to continue it or --overwrite to "
-                          f"start over")
+        raise OutputError(f"{work} holds an interrupted run; pass --resume to continue it or --overwrite to start over")
     return work
 
 
-def expected_shard_bytes(reader: CheckpointReader, cfg, names: list[str], final_names: list[str],
-                         plan: WidthPlan) -> list[int]:
+def expected_shard_bytes(
+    reader: CheckpointReader, cfg, names: list[str], final_names: list[str], plan: WidthPlan
+) -> list[int]:
     """Bytes of every output shard, from the compact shapes (known before any work)."""
+
     def size(name: str, shape=None) -> int:
         return torch.Size(shape or reader.shape(name)).numel() * reader.dtype_bytes(name)
+
     out = [size(arch.EMBED)]
     shapes_of = {}
     for i, w in enumerate(plan.layers):
@@ -79,8 +82,11 @@ def check_free_space(work: Path, needed: int) -> None:
         where = where.parent
     free = shutil.disk_usage(where).free
     if needed > free:
-        raise DiskFull(errno.ENOSPC, f"the output needs about {human_bytes(needed)} but only {human_bytes(free)} "
-                       f"are free in {where}; free space or choose another --out")
+        raise DiskFull(
+            errno.ENOSPC,
+            f"the output needs about {human_bytes(needed)} but only {human_bytes(free)} "
+            f"are free in {where}; free space or choose another --out",
+        )
 
 
 def human_bytes(n: float) -> str:

@@ -38,9 +38,11 @@ class OutputFormat:
         """The zero biases a stock Llama needs beside a compensating one (attention_bias and mlp_bias give
         every projection of the block a bias)."""
         units = arch.LLAMA_UNITS  # only a stock Llama gets these
-        rows = {**{m: widths.heads * shape.head_dim for m in units.query_rows},
-                **{m: widths.kv_heads * shape.head_dim for m in units.kv_rows},
-                **{m: widths.channels for m in units.channel_rows}}
+        rows = {
+            **{m: widths.heads * shape.head_dim for m in units.query_rows},
+            **{m: widths.kv_heads * shape.head_dim for m in units.kv_rows},
+            **{m: widths.channels for m in units.channel_rows},
+        }
         return {m + ".bias": torch.zeros(rows[m]) for m in self.zero_bias_modules}
 
 
@@ -74,8 +76,9 @@ def choose_format(cfg, plan: WidthPlan, biases: frozenset[str]) -> OutputFormat:
     return OutputFormat(False, "llama", tuple(updates), tuple(zeros))
 
 
-def pruned_config_json(model_dir: Path, layer_widths: list[LayerWidths], shape: arch.LayerShape, fmt: OutputFormat,
-                       biases: frozenset[str]) -> dict:
+def pruned_config_json(
+    model_dir: Path, layer_widths: list[LayerWidths], shape: arch.LayerShape, fmt: OutputFormat, biases: frozenset[str]
+) -> dict:
     """The output's config.json: the input's with the new widths and an explicit head_dim (stock), or
     the remote-code format's (per-layer widths, compensating biases)."""
     config = json.loads((model_dir / "config.json").read_text())
@@ -88,14 +91,27 @@ def pruned_config_json(model_dir: Path, layer_widths: list[LayerWidths], shape: 
     if len(widths) != 1:
         raise RuntimeError(f"layers ended with different widths {sorted(widths)}; a stock output needs uniform ones")
     w = widths.pop()
-    config.update(num_attention_heads=w.heads, num_key_value_heads=w.kv_heads, intermediate_size=w.channels,
-                  head_dim=shape.head_dim, **dict(fmt.config_updates))
+    config.update(
+        num_attention_heads=w.heads,
+        num_key_value_heads=w.kv_heads,
+        intermediate_size=w.channels,
+        head_dim=shape.head_dim,
+        **dict(fmt.config_updates),
+    )
     if fmt.model_type != config["model_type"]:
-        log.warning("writing this pruned %s as model_type %r: %d heads do not divide hidden_size %d, which "
-                    "transformers' LlamaConfig refuses; the computation is identical", config["model_type"],
-                    fmt.model_type, w.heads, shape.hidden_size)
+        log.warning(
+            "writing this pruned %s as model_type %r: %d heads do not divide hidden_size %d, which "
+            "transformers' LlamaConfig refuses; the computation is identical",
+            config["model_type"],
+            fmt.model_type,
+            w.heads,
+            shape.hidden_size,
+        )
         for llama_only in ("attention_bias", "mlp_bias", "pretraining_tp"):
             config.pop(llama_only, None)
-        config.update(model_type=fmt.model_type, architectures=[arch.FAMILIES[fmt.model_type].class_prefix + "ForCausalLM"],
-                      sliding_window=None)
+        config.update(
+            model_type=fmt.model_type,
+            architectures=[arch.FAMILIES[fmt.model_type].class_prefix + "ForCausalLM"],
+            sliding_window=None,
+        )
     return config

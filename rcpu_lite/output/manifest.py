@@ -3,6 +3,7 @@
 The manifest lives in the working directory (OUT.partial) and is replaced atomically after every
 shard, so after a crash at any moment it lists exactly the shards that are complete and fsynced.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,11 @@ def differences(old: dict, new: dict) -> list[str]:
         if a == b:
             continue
         if key == "settings" and isinstance(a, dict) and isinstance(b, dict):
-            out += [f"setting {k}: {a.get(k)!r} then, {b.get(k)!r} now" for k in sorted(set(a) | set(b))
-                    if a.get(k) != b.get(k)]
+            out += [
+                f"setting {k}: {a.get(k)!r} then, {b.get(k)!r} now"
+                for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)
+            ]
         elif key == "input_files" and isinstance(a, dict) and isinstance(b, dict):
             changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             out.append(f"input files changed since: {', '.join(changed)}")
@@ -60,8 +64,14 @@ def differences(old: dict, new: dict) -> list[str]:
 class Manifest:
     """Finished shards and the per-layer reports of a run, persisted after every shard."""
 
-    def __init__(self, work: Path, fp: dict, shards: dict[str, int] | None = None, layers: list[dict] | None = None,
-                 plan: dict | None = None):
+    def __init__(
+        self,
+        work: Path,
+        fp: dict,
+        shards: dict[str, int] | None = None,
+        layers: list[dict] | None = None,
+        plan: dict | None = None,
+    ):
         self.path = work / MANIFEST_NAME
         self.fingerprint = fp
         self.shards: dict[str, int] = shards or {}  # shard index (as str) -> bytes
@@ -83,5 +93,7 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        write_json(self.path, {"fingerprint": self.fingerprint, "shards": self.shards, "layers": self.layers,
-                                      "plan": self.plan})
+        write_json(
+            self.path,
+            {"fingerprint": self.fingerprint, "shards": self.shards, "layers": self.layers, "plan": self.plan},
+        )

@@ -9,6 +9,7 @@ compensation), are written in this format instead: the base family's config.json
 `layer_configs` turns either kind of checkpoint into the base family's config objects, one per layer, which
 `arch.build_layer` and `arch.layer_inputs` take.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,8 @@ from types import SimpleNamespace
 from transformers import AutoConfig, PretrainedConfig
 
 from rcpu_lite.families import arch
-from rcpu_lite.output import modeling_rcpu
 from rcpu_lite.methods.allocation import LayerWidths
+from rcpu_lite.output import modeling_rcpu
 
 CODE_NAME = "modeling_rcpu.py"
 BIASES = frozenset(arch.PROJECTIONS)  # the projections that may get a compensating bias
@@ -40,18 +41,21 @@ def config_json(input_config: dict, layer_widths: list[LayerWidths], head_dim: i
     """
     base = input_config.get("base_model_type") if is_remote(input_config) else input_config.get("model_type")
     if base not in arch.FAMILIES:
-        raise arch.UnsupportedModel(f"model_type {base!r} is not supported; rcpu-lite prunes "
-                                    f"{', '.join(sorted(arch.FAMILIES))} models")
+        raise arch.UnsupportedModel(
+            f"model_type {base!r} is not supported; rcpu-lite prunes {', '.join(sorted(arch.FAMILIES))} models"
+        )
     if not biases <= BIASES:
         raise ValueError(f"unknown biases {sorted(biases - BIASES)}; only {sorted(BIASES)} can be added")
     if len(layer_widths) != input_config["num_hidden_layers"]:
         raise ValueError(f"{len(layer_widths)} layer widths for {input_config['num_hidden_layers']} layers")
     for i, w in enumerate(layer_widths):
         if min(w.heads, w.kv_heads, w.channels) < 1 or w.heads % w.kv_heads:
-            raise ValueError(f"layer {i}: {w} is not a valid layer (at least one of each unit, heads a multiple "
-                             f"of kv_heads)")
-    config = {k: v for k, v in input_config.items()
-              if k not in (*modeling_rcpu.OWN_KEYS, "auto_map", "quantization_config")}
+            raise ValueError(
+                f"layer {i}: {w} is not a valid layer (at least one of each unit, heads a multiple of kv_heads)"
+            )
+    config = {
+        k: v for k, v in input_config.items() if k not in (*modeling_rcpu.OWN_KEYS, "auto_map", "quantization_config")
+    }
     config_class, model_class = (c.__name__ for c in modeling_rcpu.CLASSES[base])
     module = Path(CODE_NAME).stem
     config.update(
@@ -80,8 +84,10 @@ def classes(config: dict) -> tuple[type, type]:
     """modeling_rcpu's config and model classes for a config.json in this format."""
     base = config.get("base_model_type")
     if base not in modeling_rcpu.CLASSES:
-        raise arch.UnsupportedModel(f"config.json has model_type {modeling_rcpu.MODEL_TYPE!r} with base_model_type "
-                                    f"{base!r}; rcpu-lite knows {', '.join(sorted(modeling_rcpu.CLASSES))}")
+        raise arch.UnsupportedModel(
+            f"config.json has model_type {modeling_rcpu.MODEL_TYPE!r} with base_model_type "
+            f"{base!r}; rcpu-lite knows {', '.join(sorted(modeling_rcpu.CLASSES))}"
+        )
     return modeling_rcpu.CLASSES[base]
 
 
@@ -93,8 +99,9 @@ def layer_configs(model_dir: str | Path) -> tuple[PretrainedConfig, list[Pretrai
     """
     raw = read_config(model_dir)
     if "per_layer_config" in raw:
-        raise arch.UnsupportedModel(f"{model_dir}: config.json has transformers' per_layer_config, which rcpu-lite "
-                                    f"does not read")
+        raise arch.UnsupportedModel(
+            f"{model_dir}: config.json has transformers' per_layer_config, which rcpu-lite does not read"
+        )
     if not is_remote(raw):
         arch.check_supported(SimpleNamespace(model_type=raw.get("model_type")))  # before AutoConfig's longer error
         config = arch.compute_config(AutoConfig.from_pretrained(model_dir))

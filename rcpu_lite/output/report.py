@@ -1,5 +1,6 @@
 """What one pruned layer produced, as one typed record that the writer, the manifest, the log and the
 report all read. Its JSON form is flat (the report's per-layer entries) and round-trips exactly."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,8 +11,13 @@ from rcpu_lite.output.checks import human_bytes
 
 REPORT_NAME = "rcpu_report.json"  # the run report in every output directory
 PROJECTIONS = tuple(arch.PROJECTIONS)  # the repaired projections, by short name
-BLOCK_FIELDS = ("block_error_pruned", "block_error", "held_out_block_error_pruned", "held_out_block_error",
-                "reconstruct_seconds")
+BLOCK_FIELDS = (
+    "block_error_pruned",
+    "block_error",
+    "held_out_block_error_pruned",
+    "held_out_block_error",
+    "reconstruct_seconds",
+)
 
 
 @dataclass
@@ -26,8 +32,15 @@ class ProjectionResult:
     held_out_error_pruned: float | None = None  # the same errors on the held-out windows
     held_out_error_compensated: float | None = None
 
-    FIELDS = ("error_pruned", "error_compensated", "method", "damp", "bias", "held_out_error_pruned",
-              "held_out_error_compensated")
+    FIELDS = (
+        "error_pruned",
+        "error_compensated",
+        "method",
+        "damp",
+        "bias",
+        "held_out_error_pruned",
+        "held_out_error_compensated",
+    )
 
 
 @dataclass
@@ -53,8 +66,12 @@ class LayerResult:
         return LayerWidths(len(self.kept_heads), len(self.kept_kv_heads), len(self.kept_channels))
 
     def to_json(self) -> dict:
-        out = {"layer": self.layer, "kept_heads": self.kept_heads, "kept_kv_heads": self.kept_kv_heads,
-               "kept_channels": self.kept_channels}
+        out = {
+            "layer": self.layer,
+            "kept_heads": self.kept_heads,
+            "kept_kv_heads": self.kept_kv_heads,
+            "kept_channels": self.kept_channels,
+        }
         for name, p in self.projections.items():
             out.update({f"{name}_{f}": getattr(p, f) for f in ProjectionResult.FIELDS})
         out.update({f: getattr(self, f) for f in BLOCK_FIELDS})
@@ -63,21 +80,33 @@ class LayerResult:
 
     @classmethod
     def from_json(cls, data: dict) -> "LayerResult":
-        projections = {name: ProjectionResult(**{f: data[f"{name}_{f}"] for f in ProjectionResult.FIELDS
-                                                 if f"{name}_{f}" in data})
-                       for name in PROJECTIONS if f"{name}_error_pruned" in data}
-        return cls(data["layer"], data["kept_heads"], data["kept_kv_heads"], data["kept_channels"], projections,
-                   **{f: data.get(f) for f in BLOCK_FIELDS}, seconds=data.get("seconds", 0.0),
-                   seconds_by_stage=data.get("seconds_by_stage", {}), rss_bytes=data.get("rss_bytes", 0))
+        projections = {
+            name: ProjectionResult(**{f: data[f"{name}_{f}"] for f in ProjectionResult.FIELDS if f"{name}_{f}" in data})
+            for name in PROJECTIONS
+            if f"{name}_error_pruned" in data
+        }
+        return cls(
+            data["layer"],
+            data["kept_heads"],
+            data["kept_kv_heads"],
+            data["kept_channels"],
+            projections,
+            **{f: data.get(f) for f in BLOCK_FIELDS},
+            seconds=data.get("seconds", 0.0),
+            seconds_by_stage=data.get("seconds_by_stage", {}),
+            rss_bytes=data.get("rss_bytes", 0),
+        )
 
 
 def layer_line(record: LayerResult, n_layers: int, shape) -> str:
     """One progress line for a finished layer."""
     o, d = record.projections["o_proj"], record.projections["down_proj"]
-    return (f"layer {record.layer + 1}/{n_layers}  heads {shape.num_attention_heads}->{len(record.kept_heads)}  "
-            f"channels {shape.intermediate_size}->{len(record.kept_channels)}  "
-            f"o_proj err {o.error_pruned:.4f}->{o.error_compensated:.4f}  "
-            f"down_proj err {d.error_pruned:.4f}->{d.error_compensated:.4f}  {record.seconds:.1f}s")
+    return (
+        f"layer {record.layer + 1}/{n_layers}  heads {shape.num_attention_heads}->{len(record.kept_heads)}  "
+        f"channels {shape.intermediate_size}->{len(record.kept_channels)}  "
+        f"o_proj err {o.error_pruned:.4f}->{o.error_compensated:.4f}  "
+        f"down_proj err {d.error_pruned:.4f}->{d.error_compensated:.4f}  {record.seconds:.1f}s"
+    )
 
 
 def shape_after(plan) -> dict:

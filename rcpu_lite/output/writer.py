@@ -37,8 +37,14 @@ class ShardWriter:
     `main=False` (a process other than rank 0) writes nothing: the other ranks computed the same tensors.
     """
 
-    def __init__(self, out_dir: Path, n_shards: int, manifest: Manifest | None = None,
-                 shard_bytes: list[int] | None = None, main: bool = True):
+    def __init__(
+        self,
+        out_dir: Path,
+        n_shards: int,
+        manifest: Manifest | None = None,
+        shard_bytes: list[int] | None = None,
+        main: bool = True,
+    ):
         self.out_dir, self.n_shards, self.manifest, self.main = out_dir, n_shards, manifest, main
         self.shard_bytes = shard_bytes or []
 
@@ -59,9 +65,12 @@ class ShardWriter:
             if e.errno != errno.ENOSPC or self.manifest is None:
                 raise
             needed = sum(b for i, b in enumerate(self.shard_bytes) if i >= index)
-            raise DiskFull(errno.ENOSPC, f"the disk holding {self.out_dir} filled up while writing "
-                           f"{self.path(index).name}; about {human_bytes(needed)} more are needed: free space and "
-                           f"rerun the same command with --resume") from None
+            raise DiskFull(
+                errno.ENOSPC,
+                f"the disk holding {self.out_dir} filled up while writing "
+                f"{self.path(index).name}; about {human_bytes(needed)} more are needed: free space and "
+                f"rerun the same command with --resume",
+            ) from None
         if record is not None:
             seconds = time.perf_counter() - started
             record.seconds_by_stage["write"] = round(seconds, 4)
@@ -71,8 +80,12 @@ class ShardWriter:
         return size
 
     @staticmethod
-    def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-             fault_point: int | None = None) -> int:
+    def save(
+        path: Path,
+        tensors: dict[str, torch.Tensor],
+        metadata: dict[str, str] | None = None,
+        fault_point: int | None = None,
+    ) -> int:
         """One safetensors file, atomically (also the side files of cross-block reconstruction)."""
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         if fault_point is not None:

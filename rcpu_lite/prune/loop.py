@@ -47,8 +47,7 @@ class StopFlag:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
-        log.warning("%s received: finishing the current layer, then stopping (send it again to abort now)",
-                    self.signal)
+        log.warning("%s received: finishing the current layer, then stopping (send it again to abort now)", self.signal)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -58,8 +57,15 @@ class StopFlag:
 class LayerLoop:
     """Runs the layers from `start` to the end through `strategy` and writes each finished one."""
 
-    def __init__(self, source: Source, strategy: Plain, writer: ShardWriter, plan: WidthPlan, fmt: OutputFormat,
-                 reporter: Reporter):
+    def __init__(
+        self,
+        source: Source,
+        strategy: Plain,
+        writer: ShardWriter,
+        plan: WidthPlan,
+        fmt: OutputFormat,
+        reporter: Reporter,
+    ):
         self.source, self.strategy, self.writer, self.plan, self.fmt = source, strategy, writer, plan, fmt
         self.reporter = reporter
         self.run = strategy.layer_step.run
@@ -86,9 +92,11 @@ class LayerLoop:
                 self.write(finished)
                 del finished, record  # a finished layer's tensors are not kept through the next one
                 if self.run.group.any(stop.signal is not None):  # every rank stops after the same layer
-                    raise Interrupted(f"stopped by {stop.signal or 'a signal to another rank'} after layer {i + 1} of "
-                                      f"{n_layers}; the finished layers are kept in {self.writer.out_dir}: rerun the "
-                                      f"same command with --resume to continue")
+                    raise Interrupted(
+                        f"stopped by {stop.signal or 'a signal to another rank'} after layer {i + 1} of "
+                        f"{n_layers}; the finished layers are kept in {self.writer.out_dir}: rerun the "
+                        f"same command with --resume to continue"
+                    )
                 fault_hook("after_layer", i + 1)
         self.write(self.strategy.finish())
 
@@ -103,8 +111,15 @@ class LayerLoop:
             del layer
 
 
-def replay(source: Source, writer: ShardWriter, results: list[LayerResult], streams: Streams, inputs: arch.LayerInputs,
-           run, n_dense: int) -> None:
+def replay(
+    source: Source,
+    writer: ShardWriter,
+    results: list[LayerResult],
+    streams: Streams,
+    inputs: arch.LayerInputs,
+    run,
+    n_dense: int,
+) -> None:
     """Resume: run the finished compact layers (as written) over the pruned streams, and the input's first
     n_dense dense layers over the dense streams."""
     n_done = len(results)
@@ -117,10 +132,16 @@ def replay(source: Source, writer: ShardWriter, results: list[LayerResult], stre
         if i >= n_done:
             continue
         prefix = arch.layer_prefix(i)
-        written = {k[len(prefix):]: v for k, v in writer.read(i + 1).items()}
+        written = {k[len(prefix) :]: v for k, v in writer.read(i + 1).items()}
         widths = results[i].widths
-        propagate(arch.pruned_config(source.cfg, widths.heads, widths.kv_heads, widths.channels), i, written,
-                  Streams(streams.calib, holdout=streams.holdout), inputs, run)
+        propagate(
+            arch.pruned_config(source.cfg, widths.heads, widths.kv_heads, widths.channels),
+            i,
+            written,
+            Streams(streams.calib, holdout=streams.holdout),
+            inputs,
+            run,
+        )
         del written
 
 

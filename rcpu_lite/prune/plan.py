@@ -24,8 +24,15 @@ from rcpu_lite.settings import PruneSettings
 log = logging.getLogger("rcpu_lite")
 
 
-def width_plan(settings: PruneSettings, source: Source, windows: torch.Tensor, inputs: arch.LayerInputs,
-               run: Placement, reporter: Reporter, place) -> WidthPlan:
+def width_plan(
+    settings: PruneSettings,
+    source: Source,
+    windows: torch.Tensor,
+    inputs: arch.LayerInputs,
+    run: Placement,
+    reporter: Reporter,
+    place,
+) -> WidthPlan:
     """The widths of every layer; `windows` are the real calibration windows (the scores use only those) and
     `place` puts hidden states where the run keeps them."""
     allocation = PLANS[settings.allocation]
@@ -38,8 +45,14 @@ def width_plan(settings: PruneSettings, source: Source, windows: torch.Tensor, i
     return allocation.plan(source.shape, source.n_layers, settings, arch.unit_costs(source.cfg), scores)
 
 
-def scoring_pass(settings: PruneSettings, source: Source, hidden: torch.Tensor, inputs: arch.LayerInputs,
-                 run: Placement, reporter: Reporter) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def scoring_pass(
+    settings: PruneSettings,
+    source: Source,
+    hidden: torch.Tensor,
+    inputs: arch.LayerInputs,
+    run: Placement,
+    reporter: Reporter,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Every layer's o_proj column and MLP channel scores on the dense model, one layer resident at a time (FLAP's
     global allocation needs all of them before the first layer is cut)."""
     n_layers, cfg = source.n_layers, source.cfg
@@ -68,15 +81,26 @@ def log_plan(plan: WidthPlan, shape: arch.LayerShape, costs: arch.UnitCosts, fmt
     removed = plan.params_removed(shape, costs) / (costs.layer * len(plan.layers))
     heads = sorted({w.heads for w in plan.layers})
     channels = sorted({w.channels for w in plan.layers})
-    log.info("width plan (%s): heads %d -> %s, channels %d -> %s; %.1f%% of the decoder-layer parameters go; "
-             "output: %s", plan.allocation, shape.num_attention_heads, _span(heads), shape.intermediate_size,
-             _span(channels), 100 * removed, "remote code (per-layer widths or biases the stock class cannot hold)"
-             if fmt.remote else "stock transformers checkpoint")
+    log.info(
+        "width plan (%s): heads %d -> %s, channels %d -> %s; %.1f%% of the decoder-layer parameters go; output: %s",
+        plan.allocation,
+        shape.num_attention_heads,
+        _span(heads),
+        shape.intermediate_size,
+        _span(channels),
+        100 * removed,
+        "remote code (per-layer widths or biases the stock class cannot hold)"
+        if fmt.remote
+        else "stock transformers checkpoint",
+    )
     if not plan.removes_heads(shape) and removed > 0 and shape.num_key_value_heads < shape.num_attention_heads:
-        log.warning("no attention heads are removed: with %d query heads per key/value group, a group loses a head "
-                    "only from ratio %.3f up; only MLP channels are pruned (--target-params gives the heads' "
-                    "share of the budget to the channels)", shape.num_attention_heads // shape.num_key_value_heads,
-                    shape.num_key_value_heads / shape.num_attention_heads)
+        log.warning(
+            "no attention heads are removed: with %d query heads per key/value group, a group loses a head "
+            "only from ratio %.3f up; only MLP channels are pruned (--target-params gives the heads' "
+            "share of the budget to the channels)",
+            shape.num_attention_heads // shape.num_key_value_heads,
+            shape.num_key_value_heads / shape.num_attention_heads,
+        )
 
 
 def _span(values: list[int]) -> str:

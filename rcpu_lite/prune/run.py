@@ -24,8 +24,14 @@ from rcpu_lite.memory_plan import DEFAULT_BUDGET_FRACTION, MemoryPlan, parse_siz
 from rcpu_lite.memory_plan import plan as plan_memory
 from rcpu_lite.methods.allocation import WidthPlan
 from rcpu_lite.output import remote
-from rcpu_lite.output.checks import (DiskFull, OutputError, check_free_space, check_output, expected_shard_bytes,
-                                     working_dir)
+from rcpu_lite.output.checks import (
+    DiskFull,
+    OutputError,
+    check_free_space,
+    check_output,
+    expected_shard_bytes,
+    working_dir,
+)
 from rcpu_lite.output.formats import OutputFormat, choose_format, output_biases, pruned_config_json
 from rcpu_lite.output.fsutil import publish
 from rcpu_lite.output.manifest import MANIFEST_NAME, Manifest, differences, fingerprint
@@ -89,12 +95,23 @@ class _Run:
     def place(self, hidden: torch.Tensor) -> torch.Tensor:
         """Where the run keeps its hidden states: on the GPU, in pinned host memory, or on the CPU."""
         run = self.run
-        return hidden.to(run.hidden_device) if run.hidden_device.type == "cuda" else (
-            hidden.pin_memory() if run.device.type == "cuda" else hidden)  # pinned: copied to the GPU every layer
+        return (
+            hidden.to(run.hidden_device)
+            if run.hidden_device.type == "cuda"
+            else (hidden.pin_memory() if run.device.type == "cuda" else hidden)
+        )  # pinned: copied to the GPU every layer
 
 
-def _prune(model: str | os.PathLike, out: Path, settings: PruneSettings, overwrite: bool, resume: bool,
-           reporter: Reporter, group: distributed.Group, started: float) -> dict:
+def _prune(
+    model: str | os.PathLike,
+    out: Path,
+    settings: PruneSettings,
+    overwrite: bool,
+    resume: bool,
+    reporter: Reporter,
+    group: distributed.Group,
+    started: float,
+) -> dict:
     source = Source.open(model)
     work = check_output(out, source.model_dir, overwrite, resume)
     device = distributed.local_device(pick_device(settings.device))
@@ -103,26 +120,37 @@ def _prune(model: str | os.PathLike, out: Path, settings: PruneSettings, overwri
     r = _Run(source, settings, work, run, memory, group, reporter)
     streams_windows, n_real, holdout = _windows(r, resume)
     inputs = arch.layer_inputs(source.cfg, settings.seqlen, device, torch.float32)
-    plan = WidthPlan.from_json(r.manifest.plan) if r.manifest is not None and r.manifest.plan is not None else \
-        width_plan(settings, source, streams_windows[:n_real], inputs, run, reporter, r.place)
+    plan = (
+        WidthPlan.from_json(r.manifest.plan)
+        if r.manifest is not None and r.manifest.plan is not None
+        else width_plan(settings, source, streams_windows[:n_real], inputs, run, reporter, r.place)
+    )
     biases = output_biases(settings, plan, source.shape)
     fmt = choose_format(source.cfg, plan, biases)  # refuses early what could not be loaded
     log_plan(plan, source.shape, arch.unit_costs(source.cfg), fmt)
     writer = _open_output(r, plan)
     params_before = source.params()
     embed = source.embeddings()
-    streams = Streams.start(functools.partial(arch.embed, source.cfg, embed), streams_windows, holdout,
-                            settings.targets == "dense", n_real, r.place)
+    streams = Streams.start(
+        functools.partial(arch.embed, source.cfg, embed),
+        streams_windows,
+        holdout,
+        settings.targets == "dense",
+        n_real,
+        r.place,
+    )
     if not writer.done(0):
         writer.write(0, {arch.EMBED: embed})
     del embed
     strategy = STRATEGIES[settings.reconstruct](
         LayerStep(source.cfg, streams, inputs, settings, run, biases, STRATEGIES[settings.reconstruct].trains),
-        work, group.is_main)
+        work,
+        group.is_main,
+    )
     first_todo = _resume_layers(r, strategy, writer, streams, inputs)
-    LayerLoop(source, strategy, writer, plan, fmt, reporter).layers(first_todo
-                                                                     + strategy.pending_after(first_todo,
-                                                                                              source.n_layers))
+    LayerLoop(source, strategy, writer, plan, fmt, reporter).layers(
+        first_todo + strategy.pending_after(first_todo, source.n_layers)
+    )
     if not group.is_main:  # rank 0 writes the rest; the others return its report once it is published
         return group.from_main(lambda: None)  # (sent, not read back: OUT may be on rank 0's machine only)
     report = _finish(r, writer, plan, fmt, biases, params_before, first_todo if resume else None, model, started)
@@ -179,8 +207,17 @@ def _resume_layers(r: _Run, strategy, writer: ShardWriter, streams: Streams, inp
     return first_todo
 
 
-def _finish(r: _Run, writer: ShardWriter, plan: WidthPlan, fmt: OutputFormat, biases: frozenset[str],
-            params_before: int, resumed_at: int | None, model, started: float) -> dict:
+def _finish(
+    r: _Run,
+    writer: ShardWriter,
+    plan: WidthPlan,
+    fmt: OutputFormat,
+    biases: frozenset[str],
+    params_before: int,
+    resumed_at: int | None,
+    model,
+    started: float,
+) -> dict:
     """Write the final tensors, the index, config.json, the side files and the report into OUT.partial."""
     source = r.source
     r.reporter.phase("write")
@@ -202,8 +239,18 @@ def _finish(r: _Run, writer: ShardWriter, plan: WidthPlan, fmt: OutputFormat, bi
     return report
 
 
-def _report(r: _Run, plan: WidthPlan, fmt: OutputFormat, biases: frozenset[str], params_before: int,
-            params_after: int, new_config: dict, resumed_at: int | None, model, started: float) -> dict:
+def _report(
+    r: _Run,
+    plan: WidthPlan,
+    fmt: OutputFormat,
+    biases: frozenset[str],
+    params_before: int,
+    params_after: int,
+    new_config: dict,
+    resumed_at: int | None,
+    model,
+    started: float,
+) -> dict:
     """The run report; its keys and their order are part of the output format (rcpu-lite inspect reads it)."""
     source, run, device = r.source, r.run, r.run.device
     layer_params = arch.unit_costs(source.cfg).layer * source.n_layers
@@ -239,8 +286,9 @@ def _report(r: _Run, plan: WidthPlan, fmt: OutputFormat, biases: frozenset[str],
     }
 
 
-def _placement(settings: PruneSettings, shape: arch.LayerShape, device: torch.device,
-               group: distributed.Group = distributed.SINGLE) -> tuple[Placement, MemoryPlan | None]:
+def _placement(
+    settings: PruneSettings, shape: arch.LayerShape, device: torch.device, group: distributed.Group = distributed.SINGLE
+) -> tuple[Placement, MemoryPlan | None]:
     """On CUDA, plan the micro-batch and the hidden states' place within the GPU memory budget (planned
     for all the windows, a safe bound for one rank's share)."""
     matmul = "tf32" if settings.matmul == "tf32" else "ieee"
@@ -249,15 +297,28 @@ def _placement(settings: PruneSettings, shape: arch.LayerShape, device: torch.de
         if settings.max_gpu_memory:
             log.warning("--max-gpu-memory only applies to a CUDA device; this run is on the CPU")
         return Placement(device, device, settings.micro_batch, matmul, group, decomposition), None
-    budget = (parse_size(settings.max_gpu_memory) if settings.max_gpu_memory
-              else int(DEFAULT_BUDGET_FRACTION * torch.cuda.mem_get_info(device)[0]))
+    budget = (
+        parse_size(settings.max_gpu_memory)
+        if settings.max_gpu_memory
+        else int(DEFAULT_BUDGET_FRACTION * torch.cuda.mem_get_info(device)[0])
+    )
     on_gpu = decomposition == device  # the fp64 M takes room too
     memory = plan_memory(shape, settings.nsamples, settings.seqlen, budget, settings.micro_batch, on_gpu)
-    log.info("GPU budget %.2f GiB: micro-batch %d, calibration hidden states on the %s", budget / 2**30,
-             memory.micro_batch, "GPU" if memory.hidden_on_device else "host (they do not fit)")
+    log.info(
+        "GPU budget %.2f GiB: micro-batch %d, calibration hidden states on the %s",
+        budget / 2**30,
+        memory.micro_batch,
+        "GPU" if memory.hidden_on_device else "host (they do not fit)",
+    )
     torch.cuda.reset_peak_memory_stats(device)
-    return Placement(device, device if memory.hidden_on_device else torch.device("cpu"), memory.micro_batch,
-                     matmul, group, decomposition), memory
+    return Placement(
+        device,
+        device if memory.hidden_on_device else torch.device("cpu"),
+        memory.micro_batch,
+        matmul,
+        group,
+        decomposition,
+    ), memory
 
 
 def _check_split(settings: PruneSettings, group: distributed.Group) -> None:
@@ -266,18 +327,24 @@ def _check_split(settings: PruneSettings, group: distributed.Group) -> None:
         return
     n = settings.nsamples + (settings.self_nsamples if settings.calib != "self" else 0)
     if n < group.world:
-        raise ValueError(f"{n} calibration windows cannot be split across {group.world} processes: give at least "
-                         f"one window per process (--nsamples)")
+        raise ValueError(
+            f"{n} calibration windows cannot be split across {group.world} processes: give at least "
+            f"one window per process (--nsamples)"
+        )
     if STRATEGIES[settings.reconstruct].trains and n % group.world:
-        raise ValueError(f"--reconstruct {settings.reconstruct} with {group.world} processes needs a number of "
-                         f"calibration windows ({n}) divisible by {group.world}: every rank must take the same "
-                         f"number of optimiser steps, whose gradients are averaged")
+        raise ValueError(
+            f"--reconstruct {settings.reconstruct} with {group.world} processes needs a number of "
+            f"calibration windows ({n}) divisible by {group.world}: every rank must take the same "
+            f"number of optimiser steps, whose gradients are averaged"
+        )
 
 
 def _resumed_manifest(work: Path, fp: dict) -> Manifest:
     manifest = Manifest.load(work)
     diff = differences(manifest.fingerprint, fp)
     if diff:
-        raise OutputError(f"cannot resume the run in {work}: {'; '.join(diff)}; rerun without --resume and with "
-                          f"--overwrite to start over")
+        raise OutputError(
+            f"cannot resume the run in {work}: {'; '.join(diff)}; rerun without --resume and with "
+            f"--overwrite to start over"
+        )
     return manifest

@@ -43,8 +43,11 @@ class Source:
 
     @property
     def needed(self) -> list[str]:
-        return [arch.EMBED, *self.final_names,
-                *(arch.layer_prefix(i) + n for i in range(self.n_layers) for n in self.names)]
+        return [
+            arch.EMBED,
+            *self.final_names,
+            *(arch.layer_prefix(i) + n for i in range(self.n_layers) for n in self.names),
+        ]
 
     def params(self) -> int:
         """What the output stores too (a tied lm_head some checkpoints also store counts on neither side)."""
@@ -63,5 +66,7 @@ class Source:
 def check_finite(what: str, tensors: dict[str, torch.Tensor]) -> None:
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"{what}: {name} contains NaN or Inf; the checkpoint is damaged or comes from a "
-                             f"diverged model: use an intact copy")
+            raise ValueError(
+                f"{what}: {name} contains NaN or Inf; the checkpoint is damaged or comes from a "
+                f"diverged model: use an intact copy"
+            )

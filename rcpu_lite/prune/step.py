@@ -104,17 +104,27 @@ class _DenseLayer:
         captured, dims = self.captured, self.dims  # not self: a hook holding it would make a cycle with the layer
         for n in dims:
             arch.projection(self.layer, n).register_forward_pre_hook(
-                lambda module, args, name=n: captured.__setitem__(name, args[0].detach().reshape(-1, dims[name])))
+                lambda module, args, name=n: captured.__setitem__(name, args[0].detach().reshape(-1, dims[name]))
+            )
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         self.captured.clear()
         with cuda_matmul_precision(self.run.matmul):
-            return arch.run_layer(self.layer, hidden.to(self.run.device, non_blocking=True), self.inputs, self.cfg,
-                                  self.index)
+            return arch.run_layer(
+                self.layer, hidden.to(self.run.device, non_blocking=True), self.inputs, self.cfg, self.index
+            )
 
 
-def dense_pass(cfg, index: int, tensors: dict[str, torch.Tensor], streams: Streams, inputs: arch.LayerInputs,
-               run: Placement, keep_targets: bool, advance: tuple[torch.Tensor, ...] = ()) -> DensePass:
+def dense_pass(
+    cfg,
+    index: int,
+    tensors: dict[str, torch.Tensor],
+    streams: Streams,
+    inputs: arch.LayerInputs,
+    run: Placement,
+    keep_targets: bool,
+    advance: tuple[torch.Tensor, ...] = (),
+) -> DensePass:
     """Run the dense layer over the calibration (and held-out) windows of every stream.
 
     Local targets: the statistics are of the pruned stream's projection inputs. Dense targets: the
@@ -141,8 +151,13 @@ def dense_pass(cfg, index: int, tensors: dict[str, torch.Tensor], streams: Strea
     return DensePass(stats, score_stats, held_out, targets, held_out_targets)
 
 
-def _calibration_pass(dense: _DenseLayer, streams: Streams, stats: dict[str, InputStats],
-                      score_stats: dict[str, InputStats] | None, keep_targets: bool) -> torch.Tensor | None:
+def _calibration_pass(
+    dense: _DenseLayer,
+    streams: Streams,
+    stats: dict[str, InputStats],
+    score_stats: dict[str, InputStats] | None,
+    keep_targets: bool,
+) -> torch.Tensor | None:
     """Accumulate the statistics over the calibration windows; return the local targets when asked for."""
     targets = torch.empty_like(streams.calib) if keep_targets and not streams.dense_targets else None
     for start, end in _batches(streams.calib.shape[0], dense.run.micro_batch):
@@ -193,23 +208,45 @@ def _batches(n: int, micro_batch: int):
 class LayerStep:
     """Prunes layers of one model with one set of settings; see the module docstring for the order."""
 
-    def __init__(self, cfg, streams: Streams, inputs: arch.LayerInputs, settings: PruneSettings, run: Placement,
-                 biases: frozenset[str] = frozenset(), keep_targets: bool = False):
+    def __init__(
+        self,
+        cfg,
+        streams: Streams,
+        inputs: arch.LayerInputs,
+        settings: PruneSettings,
+        run: Placement,
+        biases: frozenset[str] = frozenset(),
+        keep_targets: bool = False,
+    ):
         self.cfg, self.streams, self.inputs, self.settings, self.run = cfg, streams, inputs, settings, run
         self.shape = arch.layer_shape(cfg)
         self.biases = biases  # the projections that get a bias in every layer
         self.keep_targets = keep_targets or streams.holdout is not None  # block errors need targets
         self.options = settings.compensation_options(str(run.decomposition))
 
-    def prune(self, index: int, stored: dict[str, torch.Tensor], widths: LayerWidths, watch: Stopwatch,
-              carry: Carry | None = None) -> PrunedLayer:
+    def prune(
+        self,
+        index: int,
+        stored: dict[str, torch.Tensor],
+        widths: LayerWidths,
+        watch: Stopwatch,
+        carry: Carry | None = None,
+    ) -> PrunedLayer:
         """Collect, select, slice and repair layer `index`. `stored` is consumed so that the stored and the
         fp32 copy of the layer are never both resident. With `carry`, the dense pass also moves
         carry.previous on and leaves this layer's local targets in carry.own (cross-block reconstruction)."""
         dtypes = {k: v.dtype for k, v in stored.items()}
         tensors = to_compute(stored, self.run.device, consume=True)
-        dense = dense_pass(self.cfg, index, tensors, self.streams, self.inputs, self.run, self.keep_targets,
-                           carry.previous if carry else ())
+        dense = dense_pass(
+            self.cfg,
+            index,
+            tensors,
+            self.streams,
+            self.inputs,
+            self.run,
+            self.keep_targets,
+            carry.previous if carry else (),
+        )
         if carry is not None:
             carry.own = (dense.targets, dense.held_out_targets)
         watch.lap("statistics")
@@ -227,13 +264,21 @@ class LayerStep:
         record = LayerResult(index, *kept.as_lists(), {})
         if self.keep_targets:  # before the compensations, so that their temporaries and W_K copies never meet
             record.block_error_pruned, record.held_out_block_error_pruned = self._block_errors(
-                compact, weights, kept, own_biases, layer_cfg, index, targets, held_targets)
+                compact, weights, kept, own_biases, layer_cfg, index, targets, held_targets
+            )
         self._repair(compact, weights, own_biases, kept, dense, record, watch)
         return PrunedLayer(index, layer_cfg, compact, record, dtypes, targets, held_targets)
 
-    def _repair(self, compact: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
-                own_biases: dict[str, torch.Tensor | None], kept: selection.Kept, dense: DensePass,
-                record: LayerResult, watch: Stopwatch) -> None:
+    def _repair(
+        self,
+        compact: dict[str, torch.Tensor],
+        weights: dict[str, torch.Tensor],
+        own_biases: dict[str, torch.Tensor | None],
+        kept: selection.Kept,
+        dense: DensePass,
+        record: LayerResult,
+        watch: Stopwatch,
+    ) -> None:
         """Compensate down_proj (its Gram is the largest and goes first), then o_proj, into `compact`."""
         projections, decomposition_seconds = {}, 0.0
         for name in ("down_proj", "o_proj"):
@@ -247,9 +292,15 @@ class LayerStep:
             if name in self.biases or own_bias is not None:
                 total = torch.zeros(w.shape[0], device=w.device) if own_bias is None else own_bias
                 compact[module + ".bias"] = total if result.bias is None else total + result.bias
-            projections[name] = ProjectionResult(result.error_pruned, result.error_compensated, repaired.label,
-                                                 result.damp_used, result.bias is not None, held_pruned,
-                                                 repaired.held_out_error)
+            projections[name] = ProjectionResult(
+                result.error_pruned,
+                result.error_compensated,
+                repaired.label,
+                result.damp_used,
+                result.bias is not None,
+                held_pruned,
+                repaired.held_out_error,
+            )
             decomposition_seconds += result.decomposition_seconds
             del w, result, repaired
         del dense.held_out, dense.stats
@@ -257,8 +308,9 @@ class LayerStep:
         watch.lap("compensation")
         watch.move("compensation", "decomposition", decomposition_seconds)
 
-    def _block_errors(self, compact, weights, kept: selection.Kept, own_biases, layer_cfg, index: int, targets,
-                      held_targets) -> tuple[float | None, float | None]:
+    def _block_errors(
+        self, compact, weights, kept: selection.Kept, own_biases, layer_cfg, index: int, targets, held_targets
+    ) -> tuple[float | None, float | None]:
         """The block's errors on calibration and held-out windows before compensation: the compact layer with
         W_K (and only the biases it had)."""
         pruned = dict(compact)
@@ -266,13 +318,17 @@ class LayerStep:
             module = arch.PROJECTIONS[name]
             pruned[module + ".weight"] = w[:, kept.columns(name)]
             if own_biases[name] is not None or name in self.biases:
-                pruned[module + ".bias"] = own_biases[name] if own_biases[name] is not None else torch.zeros(
-                    w.shape[0], device=w.device)
+                pruned[module + ".bias"] = (
+                    own_biases[name] if own_biases[name] is not None else torch.zeros(w.shape[0], device=w.device)
+                )
         block = [(arch.build_layer(layer_cfg, index, pruned), layer_cfg, index)]
         streams, run = self.streams, self.run
         calib = block_error(block, streams.calib, targets, self.inputs, run.micro_batch, run.device, run.group)
-        held = block_error(block, streams.holdout, held_targets, self.inputs, run.micro_batch, run.device) \
-            if streams.holdout is not None else None
+        held = (
+            block_error(block, streams.holdout, held_targets, self.inputs, run.micro_batch, run.device)
+            if streams.holdout is not None
+            else None
+        )
         return calib, held
 
     def propagate(self, pruned: PrunedLayer, watch: Stopwatch) -> dict[str, torch.Tensor]:
@@ -282,22 +338,38 @@ class LayerStep:
         self.run.group.broadcast([written[k] for k in sorted(written)])  # every rank carries on with rank 0's
         # Propagate through the weights exactly as written, so the next layer sees what the saved model computes.
         pruned.record.block_error, pruned.record.held_out_block_error = propagate(
-            pruned.config, pruned.index, written, self.streams, self.inputs, self.run, pruned.targets,
-            pruned.held_targets)
+            pruned.config,
+            pruned.index,
+            written,
+            self.streams,
+            self.inputs,
+            self.run,
+            pruned.targets,
+            pruned.held_targets,
+        )
         watch.lap("propagate")
         return written
 
 
-def prune_layer(cfg, index: int, stored: dict[str, torch.Tensor], streams: Streams | torch.Tensor,
-                inputs: arch.LayerInputs, settings: PruneSettings, widths: LayerWidths | None = None,
-                biases: frozenset[str] = frozenset(), watch: Stopwatch | None = None,
-                placement: Placement | None = None) -> tuple[dict[str, torch.Tensor], LayerResult]:
+def prune_layer(
+    cfg,
+    index: int,
+    stored: dict[str, torch.Tensor],
+    streams: Streams | torch.Tensor,
+    inputs: arch.LayerInputs,
+    settings: PruneSettings,
+    widths: LayerWidths | None = None,
+    biases: frozenset[str] = frozenset(),
+    watch: Stopwatch | None = None,
+    placement: Placement | None = None,
+) -> tuple[dict[str, torch.Tensor], LayerResult]:
     """Prune one decoder layer to `widths` (default: uniform at settings.ratio), repair it, and move the
     streams past it; return its compact tensors (host, stored dtypes) and its record."""
     streams = streams if isinstance(streams, Streams) else Streams(streams)
     here = streams.calib.device
-    run = placement or Placement(here, here, settings.micro_batch,
-                                 decomposition=decomposition_device(settings.decomposition_device, here))
+    run = placement or Placement(
+        here, here, settings.micro_batch, decomposition=decomposition_device(settings.decomposition_device, here)
+    )
     watch = watch or Stopwatch(run.device)
     widths = widths or uniform(arch.layer_shape(cfg), 1, settings.ratio).layers[0]
     step = LayerStep(cfg, streams, inputs, settings, run, biases)
@@ -305,9 +377,16 @@ def prune_layer(cfg, index: int, stored: dict[str, torch.Tensor], streams: Strea
     return step.propagate(pruned, watch), pruned.record
 
 
-def propagate(layer_cfg, index: int, written: dict[str, torch.Tensor], streams: Streams, inputs: arch.LayerInputs,
-              run: Placement, targets: torch.Tensor | None = None, held_targets: torch.Tensor | None = None
-              ) -> tuple[float | None, float | None]:
+def propagate(
+    layer_cfg,
+    index: int,
+    written: dict[str, torch.Tensor],
+    streams: Streams,
+    inputs: arch.LayerInputs,
+    run: Placement,
+    targets: torch.Tensor | None = None,
+    held_targets: torch.Tensor | None = None,
+) -> tuple[float | None, float | None]:
     """Run the compact layer over the pruned streams in place; with targets, return its relative errors
     against them on the calibration and held-out windows."""
     layer = arch.build_layer(layer_cfg, index, to_compute(written, run.device))
@@ -319,8 +398,9 @@ def propagate(layer_cfg, index: int, written: dict[str, torch.Tensor], streams: 
         err = ref = 0.0
         with torch.inference_mode(), cuda_matmul_precision(run.matmul):
             for start, end in _batches(hidden.shape[0], run.micro_batch):
-                out = arch.run_layer(layer, hidden[start:end].to(run.device, non_blocking=True), inputs, layer_cfg,
-                                     index)
+                out = arch.run_layer(
+                    layer, hidden[start:end].to(run.device, non_blocking=True), inputs, layer_cfg, index
+                )
                 if target is not None:
                     t = target[start:end].to(out.device)
                     err += float((out - t).square().sum(dtype=torch.float64))

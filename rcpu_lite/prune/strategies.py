@@ -67,11 +67,13 @@ class Plain:
     def resume(self, index: int) -> None:
         """Continue after layers 0..index-1 were written and replayed."""
 
-    def step(self, i: int, stored: dict[str, torch.Tensor], widths: LayerWidths, watch: Stopwatch
-             ) -> tuple[LayerResult, Iterable[Finished]]:
+    def step(
+        self, i: int, stored: dict[str, torch.Tensor], widths: LayerWidths, watch: Stopwatch
+    ) -> tuple[LayerResult, Iterable[Finished]]:
         s = self.layer_step
-        written, record = steps.prune_layer(s.cfg, i, stored, s.streams, s.inputs, s.settings, widths, s.biases, watch,
-                                            s.run)
+        written, record = steps.prune_layer(
+            s.cfg, i, stored, s.streams, s.inputs, s.settings, widths, s.biases, watch, s.run
+        )
         return record, [Finished(i, written, record)]
 
     def finish(self) -> Iterable[Finished]:
@@ -85,14 +87,22 @@ class Block(Plain):
     trains = True
     stages = ("reconstruction", "propagate")
 
-    def step(self, i: int, stored: dict[str, torch.Tensor], widths: LayerWidths, watch: Stopwatch
-             ) -> tuple[LayerResult, Iterable[Finished]]:
+    def step(
+        self, i: int, stored: dict[str, torch.Tensor], widths: LayerWidths, watch: Stopwatch
+    ) -> tuple[LayerResult, Iterable[Finished]]:
         s = self.layer_step
         pruned = s.prune(i, stored, widths, watch)
         layer = arch.build_layer(pruned.config, i, pruned.compact)
-        result = reconstruct([(layer, pruned.config, i)], s.streams.calib, pruned.targets, s.inputs,
-                             s.settings.reconstruct_options(), device=s.run.device, matmul=s.run.matmul,
-                             group=s.run.group)
+        result = reconstruct(
+            [(layer, pruned.config, i)],
+            s.streams.calib,
+            pruned.targets,
+            s.inputs,
+            s.settings.reconstruct_options(),
+            device=s.run.device,
+            matmul=s.run.matmul,
+            group=s.run.group,
+        )
         pruned.compact = {k: v.detach() for k, v in layer.state_dict().items()}
         pruned.record.reconstruct_seconds = round(result.seconds, 3)
         watch.lap("reconstruction")
@@ -123,8 +133,9 @@ class Cross(Plain):
     def pending_after(self, finished: int, n_layers: int) -> int:
         return 1 if 0 < finished < n_layers else 0
 
-    def step(self, i: int, stored: dict[str, torch.Tensor], widths: LayerWidths, watch: Stopwatch
-             ) -> tuple[LayerResult, Iterable[Finished]]:
+    def step(
+        self, i: int, stored: dict[str, torch.Tensor], widths: LayerWidths, watch: Stopwatch
+    ) -> tuple[LayerResult, Iterable[Finished]]:
         """Prune layer i and train the window (i-1, i); layer i-1 is finished, layer i pending."""
         s, prev, streams = self.layer_step, self.pending, self.layer_step.streams
         if prev is None:  # layer 0: its input is the embeddings
@@ -152,12 +163,24 @@ class Cross(Plain):
         cfgs = (self._cfg(prev.finished.record), self._cfg(current.record))
         written = current.tensors
         if self._pruned(prev.finished.record) or self._pruned(current.record):  # nothing pruned: nothing to repair
-            blocks = [(arch.build_layer(c, k, to_compute(t, s.run.device)), c, k)
-                      for c, k, t in ((cfgs[0], i - 1, prev.finished.tensors), (cfgs[1], i, written))]
-            result = reconstruct(blocks, inputs.calib, targets, s.inputs, s.settings.reconstruct_options(),
-                                 device=s.run.device, matmul=s.run.matmul, group=s.run.group)
-            prev.finished.tensors, written = (_as_stored(layer.state_dict(), like)
-                                              for (layer, _, _), like in zip(blocks, (prev.finished.tensors, written)))
+            blocks = [
+                (arch.build_layer(c, k, to_compute(t, s.run.device)), c, k)
+                for c, k, t in ((cfgs[0], i - 1, prev.finished.tensors), (cfgs[1], i, written))
+            ]
+            result = reconstruct(
+                blocks,
+                inputs.calib,
+                targets,
+                s.inputs,
+                s.settings.reconstruct_options(),
+                device=s.run.device,
+                matmul=s.run.matmul,
+                group=s.run.group,
+            )
+            prev.finished.tensors, written = (
+                _as_stored(layer.state_dict(), like)
+                for (layer, _, _), like in zip(blocks, (prev.finished.tensors, written))
+            )
             current.record.reconstruct_seconds = round(result.seconds, 3)
             del blocks
             watch.lap("reconstruction")
@@ -167,7 +190,8 @@ class Cross(Plain):
         if streams.holdout is not None:
             streams.holdout.copy_(inputs.holdout)
         current.record.block_error, current.record.held_out_block_error = steps.propagate(
-            cfgs[1], i, written, streams, s.inputs, s.run, targets, held_targets)
+            cfgs[1], i, written, streams, s.inputs, s.run, targets, held_targets
+        )
         watch.lap("propagate")
         return written
 
@@ -188,13 +212,14 @@ class Cross(Plain):
         """Reload the pending layer `index` (layers 0..index-1 are written and replayed)."""
         path = self._path(index)
         if not path.is_file():
-            raise OutputError(f"cannot resume the run in {self.work}: {path.name} (layer {index}, waiting for its "
-                              f"second window) is missing; rerun with --overwrite to start over")
+            raise OutputError(
+                f"cannot resume the run in {self.work}: {path.name} (layer {index}, waiting for its "
+                f"second window) is missing; rerun with --overwrite to start over"
+            )
         tensors, metadata = read_side_file(path)
         record = LayerResult.from_json(json.loads(metadata["record"]))
         s, streams = self.layer_step, self.layer_step.streams
-        targets = tuple(None if (t := tensors.pop(n, None)) is None else t.to(streams.calib.device)
-                        for n in _TARGETS)
+        targets = tuple(None if (t := tensors.pop(n, None)) is None else t.to(streams.calib.device) for n in _TARGETS)
         if targets[0] is not None:  # the file holds every calibration window's targets: this rank takes its share
             targets = (targets[0][s.run.group.share(targets[0].shape[0])], targets[1])
         inputs = streams.copy_pruned()
@@ -216,8 +241,11 @@ class Cross(Plain):
         """By rank 0, with every rank's calibration targets in window order (any process count can resume); the
         held-out windows are the same on every rank."""
         group = self.layer_step.run.group
-        targets = {n: group.gather(t.detach()) if n == _TARGETS[0] else t.detach()
-                   for n, t in zip(_TARGETS, p.targets) if t is not None}
+        targets = {
+            n: group.gather(t.detach()) if n == _TARGETS[0] else t.detach()
+            for n, t in zip(_TARGETS, p.targets)
+            if t is not None
+        }
         if not self.main:
             return
         tensors = {**p.finished.tensors, **targets}

@@ -4,6 +4,7 @@ Each stream is a (windows x seqlen x hidden) fp32 tensor, kept where the memory 
 GPU, or in pinned host memory and copied a micro-batch at a time). The pruned streams are what the
 compact model computes; the dense ones, for --targets dense, what the dense model computes.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,11 +35,23 @@ class Streams:
         return Streams(self.calib.clone(), holdout=None if self.holdout is None else self.holdout.clone())
 
     @classmethod
-    def start(cls, embed: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor,
-              holdout: torch.Tensor | None, dense: bool, n_real: int, place) -> "Streams":
+    def start(
+        cls,
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        windows: torch.Tensor,
+        holdout: torch.Tensor | None,
+        dense: bool,
+        n_real: int,
+        place,
+    ) -> "Streams":
         """The embeddings of the windows (`embed`: token ids -> fp32 hidden states, arch.embed); `place` puts a
         tensor where the run keeps its hidden states."""
         calib = place(embed(windows))
         held = place(embed(holdout)) if holdout is not None and holdout.numel() else None
-        return cls(calib, place(calib.clone()) if dense else None, held,
-                   place(held.clone()) if dense and held is not None else None, n_real)
+        return cls(
+            calib,
+            place(calib.clone()) if dense else None,
+            held,
+            place(held.clone()) if dense and held is not None else None,
+            n_real,
+        )

@@ -1,5 +1,6 @@
 """`rcpu-lite generate` and rcpu_lite.generate: greedy output is model.generate's, on plain checkpoints and on
 pruned outputs with per-layer widths; chat templates; the command line streams the text."""
+
 from __future__ import annotations
 
 import json
@@ -7,15 +8,15 @@ import shutil
 
 import pytest
 import torch
+from remote_output import write_output
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 import rcpu_lite
-from rcpu_lite.output import remote
 from rcpu_lite.cli import app
 from rcpu_lite.evaluate.generate import generate, prompt_ids
 from rcpu_lite.methods.allocation import LayerWidths as W
-from remote_output import write_output
+from rcpu_lite.output import remote
 
 PROMPT = "The game was released in Japan"
 N = 12
@@ -38,7 +39,7 @@ def pruned(tiny_checkpoint, tmp_path_factory):
 def reference_ids(model, ids: torch.Tensor) -> list[int]:
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=N)
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()
 
 
 def test_greedy_is_model_generate_and_deterministic(plain):
@@ -72,8 +73,10 @@ def test_chat_template_wraps_the_prompt_unless_no_chat(plain, tmp_path):
     chat_model = shutil.copytree(plain, tmp_path / "chat")
     config_file = chat_model / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
-    config["chat_template"] = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-                               "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    config["chat_template"] = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+    )
     config_file.write_text(json.dumps(config))
     tokenizer = AutoTokenizer.from_pretrained(chat_model)
     templated = tokenizer("<s>user: " + PROMPT + "</s><s>assistant:", add_special_tokens=False)["input_ids"]
@@ -94,9 +97,14 @@ def test_command_line_on_a_pruned_output(pruned):
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize("args, words", [(["--max-new-tokens", "0"], "--max-new-tokens"),
-                                         (["--temperature", "-1"], "--temperature"),
-                                         (["--device", "tpu"], "--device")])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--temperature", "-1"], "--temperature"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
 def test_bad_options_are_one_line(plain, args, words):
     result = runner.invoke(app, ["generate", str(plain), PROMPT, *args])
     assert result.exit_code == 2, result.output

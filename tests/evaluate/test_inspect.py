@@ -1,4 +1,5 @@
 """rcpu-lite inspect: a pruned output's report as a table, as JSON, as a plot; one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -9,11 +10,17 @@ import pytest
 from typer.testing import CliRunner
 
 from rcpu_lite.cli import app
-from rcpu_lite.settings import PruneSettings
-from rcpu_lite.evaluate.inspection import (PLOT_DPI, PLOT_EXTRA_HINT, PLOT_SIZE_INCHES, InspectReport, format_table,
-                               inspect_output)
-from rcpu_lite.prune.run import prune
+from rcpu_lite.evaluate.inspection import (
+    PLOT_DPI,
+    PLOT_EXTRA_HINT,
+    PLOT_SIZE_INCHES,
+    InspectReport,
+    format_table,
+    inspect_output,
+)
 from rcpu_lite.output.report import REPORT_NAME
+from rcpu_lite.prune.run import prune
+from rcpu_lite.settings import PruneSettings
 
 runner = CliRunner()
 LAYERS = 3
@@ -27,8 +34,9 @@ def invoke(*args):
 def pruned(tiny_checkpoint, calib_file, tmp_path_factory):
     """A 3-layer tiny MHA model (4 heads, 96 channels) pruned by half with --compensate auto."""
     out = tmp_path_factory.mktemp("inspect") / "out"
-    settings = PruneSettings(ratio=0.5, compensate="auto", calib=str(calib_file), nsamples=8, seqlen=32,
-                             holdout_nsamples=4, device="cpu")
+    settings = PruneSettings(
+        ratio=0.5, compensate="auto", calib=str(calib_file), nsamples=8, seqlen=32, holdout_nsamples=4, device="cpu"
+    )
     prune(tiny_checkpoint("llama_mha", num_hidden_layers=LAYERS), out, settings)
     return out
 
@@ -102,8 +110,15 @@ def test_plot_without_matplotlib_names_the_extra(pruned, tmp_path, monkeypatch):
     assert not (tmp_path / "p.png").exists()
 
 
-@pytest.mark.parametrize("case, words", [("empty", f"has no {REPORT_NAME}"), ("missing", "does not exist"),
-                                         ("partial", "--resume"), ("broken", "not a readable")])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("empty", f"has no {REPORT_NAME}"),
+        ("missing", "does not exist"),
+        ("partial", "--resume"),
+        ("broken", "not a readable"),
+    ],
+)
 def test_no_report_is_one_line_and_exit_2(pruned, tmp_path, case, words):
     target = tmp_path / "out"
     if case in ("empty", "partial"):

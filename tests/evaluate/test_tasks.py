@@ -4,6 +4,7 @@ Task files are written here, a few documents per task in the hub datasets' field
 models, stock and per-layer-width; nothing is downloaded. Our task configs are checked against the harness's own
 YAML files, and arc_easy's accuracy against a loglikelihood argmax computed by hand.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from remote_output import write_output  # noqa: E402
 from typer.testing import CliRunner
 
 import rcpu_lite
-from rcpu_lite.output import remote
 from rcpu_lite.cli import app
 from rcpu_lite.evaluate.tasks import CONFIG_DIR, TASKS, format_table, run_tasks
 from rcpu_lite.methods.allocation import LayerWidths as W
-from remote_output import write_output  # noqa: E402
+from rcpu_lite.output import remote
 
 runner = CliRunner()
 ALL = list(TASKS)
@@ -31,35 +32,85 @@ ARC = [  # question, choices, answer
     ("Who wrote the first album?", ["the river", "a road", "the king", "the band"], "D"),
 ]
 DOCS = {
-    "arc_easy": [{"id": f"e{i}", "question": q, "choices": {"text": c, "label": list("ABCD")}, "answerKey": a}
-                 for i, (q, c, a) in enumerate(ARC)],
-    "arc_challenge": [{"id": f"c{i}", "question": q, "choices": {"text": c[:3], "label": list("123")},
-                       "answerKey": "123"[i % 3]} for i, (q, c, _) in enumerate(ARC)],
-    "openbookqa": [{"id": f"o{i}", "question_stem": q, "choices": {"text": c, "label": list("ABCD")},
-                    "answerKey": a} for i, (q, c, a) in enumerate(ARC)],
-    "piqa": [{"goal": "How do you open a door?", "sol1": "Turn the handle.", "sol2": "Sing to it.", "label": 0},
-             {"goal": "To boil water", "sol1": "put it in the snow", "sol2": "heat it in a pot", "label": 1},
-             {"goal": "Make a song louder", "sol1": "turn up the volume", "sol2": "close the book", "label": 0}],
-    "boolq": [{"question": "is the city near the river", "passage": "The city was built on the river in 1900.",
-               "idx": 0, "label": 1},
-              {"question": "did the band play in the war", "passage": "The band was formed after the war.",
-               "idx": 1, "label": 0},
-              {"question": "was the album a success", "passage": "The album sold well in the first year.",
-               "idx": 2, "label": 1}],
-    "winogrande": [{"sentence": "The king gave the army a fort because _ was strong.", "option1": "the king",
-                    "option2": "the army", "answer": "2"},
-                   {"sentence": "The band played the song but _ was too long.", "option1": "the band",
-                    "option2": "the song", "answer": "2"},
-                   {"sentence": "John met his father and _ was happy to see his son.", "option1": "John",
-                    "option2": "his father", "answer": "2"}],
-    "hellaswag": [{"doc_id": i, "ind": i, "query": q, "choices": c, "gold": g} for i, (q, c, g) in enumerate([
-        ("Music: A man plays the guitar.", ["He sings a song.", "The river is cold.", "A war begins.",
-                                            "The city sleeps."], 0),
-        ("Sports: The team runs onto the field.", ["The album is red.", "They play the game.", "A king dies.",
-                                                   "The road ends."], 1),
-        ("History: The army marched north.", ["A song plays.", "The book closes.", "They reached the city.",
-                                              "He wrote music."], 2),
-    ])],
+    "arc_easy": [
+        {"id": f"e{i}", "question": q, "choices": {"text": c, "label": list("ABCD")}, "answerKey": a}
+        for i, (q, c, a) in enumerate(ARC)
+    ],
+    "arc_challenge": [
+        {"id": f"c{i}", "question": q, "choices": {"text": c[:3], "label": list("123")}, "answerKey": "123"[i % 3]}
+        for i, (q, c, _) in enumerate(ARC)
+    ],
+    "openbookqa": [
+        {"id": f"o{i}", "question_stem": q, "choices": {"text": c, "label": list("ABCD")}, "answerKey": a}
+        for i, (q, c, a) in enumerate(ARC)
+    ],
+    "piqa": [
+        {"goal": "How do you open a door?", "sol1": "Turn the handle.", "sol2": "Sing to it.", "label": 0},
+        {"goal": "To boil water", "sol1": "put it in the snow", "sol2": "heat it in a pot", "label": 1},
+        {"goal": "Make a song louder", "sol1": "turn up the volume", "sol2": "close the book", "label": 0},
+    ],
+    "boolq": [
+        {
+            "question": "is the city near the river",
+            "passage": "The city was built on the river in 1900.",
+            "idx": 0,
+            "label": 1,
+        },
+        {
+            "question": "did the band play in the war",
+            "passage": "The band was formed after the war.",
+            "idx": 1,
+            "label": 0,
+        },
+        {
+            "question": "was the album a success",
+            "passage": "The album sold well in the first year.",
+            "idx": 2,
+            "label": 1,
+        },
+    ],
+    "winogrande": [
+        {
+            "sentence": "The king gave the army a fort because _ was strong.",
+            "option1": "the king",
+            "option2": "the army",
+            "answer": "2",
+        },
+        {
+            "sentence": "The band played the song but _ was too long.",
+            "option1": "the band",
+            "option2": "the song",
+            "answer": "2",
+        },
+        {
+            "sentence": "John met his father and _ was happy to see his son.",
+            "option1": "John",
+            "option2": "his father",
+            "answer": "2",
+        },
+    ],
+    "hellaswag": [
+        {"doc_id": i, "ind": i, "query": q, "choices": c, "gold": g}
+        for i, (q, c, g) in enumerate(
+            [
+                (
+                    "Music: A man plays the guitar.",
+                    ["He sings a song.", "The river is cold.", "A war begins.", "The city sleeps."],
+                    0,
+                ),
+                (
+                    "Sports: The team runs onto the field.",
+                    ["The album is red.", "They play the game.", "A king dies.", "The road ends."],
+                    1,
+                ),
+                (
+                    "History: The army marched north.",
+                    ["A song plays.", "The book closes.", "They reached the city.", "He wrote music."],
+                    2,
+                ),
+            ]
+        )
+    ],
 }
 SPLIT_FILES = {"hellaswag": "validation_subset3.processed.jsonl"}  # a subset's name, as in the real data
 
@@ -111,7 +162,8 @@ def test_every_task_runs_from_local_files(all_tasks):
     mean = all_tasks.mean()
     assert mean["acc"] == pytest.approx(sum(s.acc for s in all_tasks.scores) / len(ALL))
     assert mean["acc_norm"] == pytest.approx(
-        sum(s.acc if s.acc_norm is None else s.acc_norm for s in all_tasks.scores) / len(ALL))
+        sum(s.acc if s.acc_norm is None else s.acc_norm for s in all_tasks.scores) / len(ALL)
+    )
     table = format_table(all_tasks)
     assert "rcpu_" not in table and all(t in table for t in ALL) and "mean" in table
 
@@ -175,8 +227,24 @@ def test_cli_prints_a_table(model, task_dir):
 
 
 def test_cli_json_with_limit_and_perplexity(model, task_dir, calib_file):
-    result = invoke("eval", model, "--tasks", "hellaswag,winogrande", "--task-dir", task_dir, "--limit", "2",
-                    "--ppl", calib_file, "--max-windows", "2", "--device", "cpu", "--json", "--quiet")
+    result = invoke(
+        "eval",
+        model,
+        "--tasks",
+        "hellaswag,winogrande",
+        "--task-dir",
+        task_dir,
+        "--limit",
+        "2",
+        "--ppl",
+        calib_file,
+        "--max-windows",
+        "2",
+        "--device",
+        "cpu",
+        "--json",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["ppl"] > 1 and out["limit"] == 2  # both in one object
@@ -184,7 +252,9 @@ def test_cli_json_with_limit_and_perplexity(model, task_dir, calib_file):
     for task in out["tasks"].values():
         assert task["n"] == 2 and {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr"} <= set(task)
     assert out["tasks"]["winogrande"]["acc_norm"] is None
-    assert out["mean"]["acc"] == pytest.approx((out["tasks"]["hellaswag"]["acc"] + out["tasks"]["winogrande"]["acc"]) / 2)
+    assert out["mean"]["acc"] == pytest.approx(
+        (out["tasks"]["hellaswag"]["acc"] + out["tasks"]["winogrande"]["acc"]) / 2
+    )
 
 
 def test_ppl_alone_keeps_its_json(model, calib_file):
@@ -193,13 +263,19 @@ def test_ppl_alone_keeps_its_json(model, calib_file):
     assert "tasks" not in json.loads(result.stdout) and "ppl" in json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--tasks", "arc_easy,sciq"], "unknown task sciq"),
-    (["--tasks", "arc_easy"], "--task-dir"),  # the hub is off in tests
-    ([], "give --ppl FILE, --tasks TASKS or both"),
-    (["--ppl", "x", "--limit", "3"], "go with --tasks"),
-    (["--tasks", "piqa", "--limit", "0", "--task-dir", "DIR", "--ppl", "/no/such/text"], "--limit must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--tasks", "arc_easy,sciq"], "unknown task sciq"),
+        (["--tasks", "arc_easy"], "--task-dir"),  # the hub is off in tests
+        ([], "give --ppl FILE, --tasks TASKS or both"),
+        (["--ppl", "x", "--limit", "3"], "go with --tasks"),
+        (
+            ["--tasks", "piqa", "--limit", "0", "--task-dir", "DIR", "--ppl", "/no/such/text"],
+            "--limit must be at least 1",
+        ),
+    ],
+)
 def test_bad_arguments_are_one_line(model, task_dir, args, words):
     one_line_error(invoke("eval", model, *[str(task_dir) if a == "DIR" else a for a in args]), words)
 
@@ -213,8 +289,10 @@ def test_offline_without_task_dir_names_the_hub(model, monkeypatch):
 
 def test_a_missing_task_file_is_named(model, tmp_path):
     write_task_dir(tmp_path, ["arc_easy"])
-    one_line_error(invoke("eval", model, "--tasks", "arc_easy,openbookqa", "--task-dir", tmp_path),
-                   str(tmp_path / "openbookqa" / "test.jsonl"))
+    one_line_error(
+        invoke("eval", model, "--tasks", "arc_easy,openbookqa", "--task-dir", tmp_path),
+        str(tmp_path / "openbookqa" / "test.jsonl"),
+    )
 
 
 def test_hub_fields_for_hellaswag_are_refused(model, tmp_path):
@@ -250,9 +328,13 @@ def harness_config(relative: str) -> dict:
 
 
 HARNESS_FILES = {
-    "boolq": "super_glue/boolq/default.yaml", "piqa": "piqa/piqa.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
-    "winogrande": "winogrande/default.yaml", "arc_easy": "arc/arc_easy.yaml",
-    "arc_challenge": "arc/arc_challenge.yaml", "openbookqa": "openbookqa/openbookqa.yaml",
+    "boolq": "super_glue/boolq/default.yaml",
+    "piqa": "piqa/piqa.yaml",
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "winogrande": "winogrande/default.yaml",
+    "arc_easy": "arc/arc_easy.yaml",
+    "arc_challenge": "arc/arc_challenge.yaml",
+    "openbookqa": "openbookqa/openbookqa.yaml",
 }
 # what differs on purpose: hellaswag's file already holds process_docs's output (gold is int(label))
 EXPECTED_CHANGES = {"hellaswag": {"doc_to_target": "{{gold}}"}}
@@ -263,8 +345,14 @@ def test_configs_mirror_the_harness(task):
     ours = yaml.load((CONFIG_DIR / f"{task}.yaml").read_text(encoding="utf-8"), Loader=FunctionTagLoader)  # noqa: S506
     theirs = {**harness_config(HARNESS_FILES[task]), **EXPECTED_CHANGES.get(task, {})}
     assert ours["task"] == "rcpu_" + task
-    for key in ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "target_delimiter",
-                "fewshot_delimiter"):
+    for key in (
+        "output_type",
+        "doc_to_text",
+        "doc_to_target",
+        "doc_to_choice",
+        "target_delimiter",
+        "fewshot_delimiter",
+    ):
         mine, wanted = ours.get(key), theirs.get(key)
         if isinstance(wanted, str) and wanted.startswith("!function "):  # the same function, re-exported
             wanted = "!function winogrande." + wanted.rsplit(".", 1)[1]
@@ -276,9 +364,9 @@ def test_configs_mirror_the_harness(task):
 
 
 def test_winogrande_functions_are_the_harness_s():
-    from lm_eval.tasks.winogrande import preprocess_winogrande as theirs
-
     import importlib.util
+
+    from lm_eval.tasks.winogrande import preprocess_winogrande as theirs
 
     spec = importlib.util.spec_from_file_location("rcpu_winogrande", CONFIG_DIR / "winogrande.py")
     ours = importlib.util.module_from_spec(spec)

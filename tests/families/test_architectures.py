@@ -14,35 +14,42 @@
 The checkpoints here are built from transformers configs directly (tiny.py stays as it is), with
 tiny.py's fixed-seed weights and tokenizer.
 """
+
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import math
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 import torch.nn.functional as F
+from helpers import INDEX_NAME, load_model, logits, make_settings, read_shards, some_token_ids
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
 
 import rcpu_lite
-from rcpu_lite.families import arch
 from rcpu_lite import calibration
 from rcpu_lite.evaluate import perplexity as evaluate_module
 from rcpu_lite.evaluate.perplexity import perplexity
+from rcpu_lite.families import arch
 from rcpu_lite.prune.run import prune
-
-import tiny
-from helpers import INDEX_NAME, load_model, logits, make_settings, read_shards, some_token_ids
 
 SEQLEN = 32
 EVAL_WINDOWS = 12  # of SEQLEN tokens: enough to see the masks matter, cheap on a busy CPU
 
 
-COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=96, max_position_embeddings=256,
-              bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False)
+COMMON = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=96,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=None,
+    tie_word_embeddings=False,
+)
 
 
 def sliding_config(family: str, window: int | None, sliding_from: int = 1):
@@ -55,8 +62,9 @@ def sliding_config(family: str, window: int | None, sliding_from: int = 1):
     assert family == "qwen2"
     if window is None:
         return Qwen2Config(use_sliding_window=False, **shape, **COMMON)
-    return Qwen2Config(use_sliding_window=True, sliding_window=window, max_window_layers=sliding_from,
-                       **shape, **COMMON)
+    return Qwen2Config(
+        use_sliding_window=True, sliding_window=window, max_window_layers=sliding_from, **shape, **COMMON
+    )
 
 
 def random_model(config, seed: int = 0) -> torch.nn.Module:
@@ -160,8 +168,12 @@ def test_bf16_sharded_checkpoint(calib_file, tmp_path):
     assert set(written) == set(source)
     wrong = {name: t.dtype for name, t in written.items() if t.dtype != torch.bfloat16}
     assert not wrong, f"written tensors are not bf16: {wrong}"
-    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
-                 "model.layers.0.input_layernorm.weight"):
+    for name in (
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+        "model.layers.0.input_layernorm.weight",
+    ):
         assert torch.equal(written[name], source[name]), name
 
     pruned, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
@@ -180,8 +192,9 @@ def test_bf16_sharded_checkpoint(calib_file, tmp_path):
 
 @pytest.fixture(scope="module")
 def llama_bias(tmp_path_factory, calib_file):
-    config = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         attention_bias=True, mlp_bias=True, **COMMON)
+    config = LlamaConfig(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, attention_bias=True, mlp_bias=True, **COMMON
+    )
     return save_checkpoint(tmp_path_factory.mktemp("llama_bias") / "src", random_model(config), calib_file)
 
 
@@ -222,8 +235,10 @@ def test_llama_with_biases_slices_every_bias(llama_bias, calib_file, tmp_path):
             bias = getattr(layer.mlp, proj).bias
             assert bias.shape == (48,), proj
             torch.testing.assert_close(bias.detach(), source[p + f"mlp.{proj}.bias"][channels], rtol=0, atol=0)
-        for name, bias in (("self_attn.o_proj.bias", layer.self_attn.o_proj.bias),
-                           ("mlp.down_proj.bias", layer.mlp.down_proj.bias)):
+        for name, bias in (
+            ("self_attn.o_proj.bias", layer.self_attn.o_proj.bias),
+            ("mlp.down_proj.bias", layer.mlp.down_proj.bias),
+        ):
             assert bias.shape == (64,), name
             torch.testing.assert_close(bias.detach(), source[p + name], rtol=0, atol=0)
 
@@ -249,8 +264,7 @@ def test_chunked_evaluation_equals_one_chunk(tiny_checkpoint, calib_file, monkey
 
     monkeypatch.setattr(evaluate_module, "run_layer_batched", spy)
     two_windows = 2 * SEQLEN * 64 * 4 / 2**30  # the fp32 hidden states of 2 windows
-    chunked = perplexity(src, calib_file, seqlen=SEQLEN, max_windows=n_windows, device="cpu",
-                         max_hidden_gb=two_windows)
+    chunked = perplexity(src, calib_file, seqlen=SEQLEN, max_windows=n_windows, device="cpu", max_hidden_gb=two_windows)
     assert batches == [2, 2, 2, 2, 1, 1], f"expected chunks of 2, 2, 1 windows through 2 layers, got {batches}"
 
     assert chunked["windows"] == whole["windows"] == n_windows
@@ -264,8 +278,18 @@ def test_chunked_evaluation_equals_one_chunk(tiny_checkpoint, calib_file, monkey
 
 FAMILY_SPECS = ["qwen3_gqa", "gemma2_gqa", "gemma3_gqa"]
 # config.json fields a prune must write back unchanged (those the family's config has)
-FAMILY_FIELDS = ("model_type", "layer_types", "sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping",
-                 "final_logit_softcapping", "rope_parameters", "head_dim", "tie_word_embeddings", "hidden_size")
+FAMILY_FIELDS = (
+    "model_type",
+    "layer_types",
+    "sliding_window",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "rope_parameters",
+    "head_dim",
+    "tie_word_embeddings",
+    "hidden_size",
+)
 
 
 def stock_model(path: Path, **kwargs) -> torch.nn.Module:
@@ -309,13 +333,16 @@ def test_family_streamed_perplexity_is_the_stock_models(tiny_checkpoint, calib_f
     assert got == pytest.approx(want, rel=1e-5), f"{spec}: streamed {got} != stock {want}"
 
 
-@pytest.mark.parametrize("spec, without", [
-    ("gemma2_gqa", _no_embedding_scale),
-    ("gemma2_gqa", _no_final_softcap),
-    ("gemma2_gqa", _full_attention_everywhere),
-    ("gemma3_gqa", _full_attention_everywhere),
-    ("gemma3_gqa", _global_rotary_everywhere),
-])
+@pytest.mark.parametrize(
+    "spec, without",
+    [
+        ("gemma2_gqa", _no_embedding_scale),
+        ("gemma2_gqa", _no_final_softcap),
+        ("gemma2_gqa", _full_attention_everywhere),
+        ("gemma3_gqa", _full_attention_everywhere),
+        ("gemma3_gqa", _global_rotary_everywhere),
+    ],
+)
 def test_family_features_change_the_streamed_perplexity(tiny_checkpoint, calib_file, monkeypatch, spec, without):
     """Without each feature the streamed perplexity moves away from the stock one: the tiny specs exercise it."""
     src = tiny_checkpoint(spec)
@@ -327,6 +354,7 @@ def test_family_features_change_the_streamed_perplexity(tiny_checkpoint, calib_f
 
 def test_gemma2_attention_softcap_needs_eager(tiny_checkpoint):
     """sdpa refuses soft-capped attention scores; the compute config runs Gemma 2 eager, the others sdpa."""
+
     def attention(spec: str) -> str:
         return arch.compute_config(AutoConfig.from_pretrained(tiny_checkpoint(spec)))._attn_implementation
 
@@ -408,5 +436,6 @@ def test_gemma_heads_that_do_not_divide_hidden_go_to_remote_code(tiny_checkpoint
     model, info = rcpu_lite.load_pruned(out, dtype=torch.float32, output_loading_info=True)
     assert_clean_load(info)
     assert model.model.layers[0].self_attn.q_proj.out_features == 6 * 16
-    assert streamed_ppl(out, calib_file) == pytest.approx(in_memory_ppl(model.eval(), eval_windows(out, calib_file)),
-                                                          rel=1e-5)
+    assert streamed_ppl(out, calib_file) == pytest.approx(
+        in_memory_ppl(model.eval(), eval_windows(out, calib_file)), rel=1e-5
+    )

@@ -1,4 +1,5 @@
 """slice_layer / head_columns on a fake layer with distinguishable values."""
+
 import torch
 
 from rcpu_lite.families.arch import LayerShape
@@ -8,7 +9,13 @@ SHAPE = LayerShape(hidden_size=8, num_attention_heads=4, num_key_value_heads=2, 
 
 
 def _fake_layer():
-    hd, h, kv, hid, inter = SHAPE.head_dim, SHAPE.num_attention_heads, SHAPE.num_key_value_heads, SHAPE.hidden_size, SHAPE.intermediate_size
+    hd, h, kv, hid, inter = (
+        SHAPE.head_dim,
+        SHAPE.num_attention_heads,
+        SHAPE.num_key_value_heads,
+        SHAPE.hidden_size,
+        SHAPE.intermediate_size,
+    )
     base = iter(range(0, 100000, 1000))
 
     def t(*shape):
@@ -36,7 +43,7 @@ def _fake_layer():
 
 
 def _head_rows(t, heads, hd):
-    return torch.cat([t[h * hd:(h + 1) * hd] for h in heads])
+    return torch.cat([t[h * hd : (h + 1) * hd] for h in heads])
 
 
 def test_slice_layer():
@@ -65,7 +72,12 @@ def test_slice_layer():
         assert torch.equal(out[name], torch.stack([originals[name][i] for i in (0, 3, 4)])), name
     assert torch.equal(out["self_attn.o_proj.weight"], o_new)
     assert torch.equal(out["mlp.down_proj.weight"], down_new)
-    for name in ("self_attn.o_proj.bias", "mlp.down_proj.bias", "input_layernorm.weight", "post_attention_layernorm.weight"):
+    for name in (
+        "self_attn.o_proj.bias",
+        "mlp.down_proj.bias",
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+    ):
         assert torch.equal(out[name], originals[name]), name
     assert all(v.is_contiguous() for v in out.values())
     # inputs untouched

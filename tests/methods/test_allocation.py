@@ -1,9 +1,10 @@
 """Width plans: the uniform paper counts, and the parameter budgets of target-params, depth and adaptive."""
+
 import pytest
 import torch
 
-from rcpu_lite.methods import allocation
 from rcpu_lite.families.arch import LayerShape, UnitCosts
+from rcpu_lite.methods import allocation
 
 LLAMA_7B = LayerShape(4096, 32, 32, 128, 11008)
 SMOLLM2 = LayerShape(576, 9, 3, 64, 1536)
@@ -11,7 +12,9 @@ SMOLLM2 = LayerShape(576, 9, 3, 64, 1536)
 
 def _costs(shape: LayerShape) -> UnitCosts:
     h, d = shape.hidden_size, shape.head_dim
-    layer = 2 * h * d * (shape.num_attention_heads + shape.num_key_value_heads) + 3 * h * shape.intermediate_size + 2 * h
+    layer = (
+        2 * h * d * (shape.num_attention_heads + shape.num_key_value_heads) + 3 * h * shape.intermediate_size + 2 * h
+    )
     return UnitCosts(2 * h * d, 2 * h * d, 3 * h, layer)
 
 
@@ -32,7 +35,9 @@ def test_target_params_hits_the_budget_on_gqa(target):
     assert plan.uniform
     channel_share = _costs(SMOLLM2).channel / _costs(SMOLLM2).layer
     assert abs(_fraction_removed(plan, SMOLLM2) - target) <= channel_share / 2 + 1e-12  # nearest channel
-    assert _fraction_removed(allocation.uniform(SMOLLM2, 30, target), SMOLLM2) < 0.8 * target  # what uniform falls short
+    assert (
+        _fraction_removed(allocation.uniform(SMOLLM2, 30, target), SMOLLM2) < 0.8 * target
+    )  # what uniform falls short
 
 
 @pytest.mark.parametrize("shape", [LLAMA_7B, SMOLLM2])

@@ -1,10 +1,11 @@
 """--compensate auto: least squares where tokens per dimension are plenty, the rotation where they are few."""
+
 import torch
 
 from rcpu_lite.methods import auto
 from rcpu_lite.methods.compensation import CompensationOptions
-from rcpu_lite.prune.step import HeldOut
 from rcpu_lite.methods.stats import InputStats
+from rcpu_lite.prune.step import HeldOut
 
 
 def _problem(n_calib: int, seed: int = 0, d_out: int = 24, d_in: int = 48, noise: float = 0.6):
@@ -15,7 +16,8 @@ def _problem(n_calib: int, seed: int = 0, d_out: int = 24, d_in: int = 48, noise
 
     def draw(n):
         return torch.randn(n, 6, generator=g, dtype=torch.float64) @ mix + noise * torch.randn(
-            n, d_in, generator=g, dtype=torch.float64)
+            n, d_in, generator=g, dtype=torch.float64
+        )
 
     x, x_held = draw(n_calib), draw(2000)
     stats = InputStats(d_in, dtype=torch.float64)

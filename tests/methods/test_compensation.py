@@ -1,8 +1,9 @@
 """Compensation from the Gram matrix against direct computations on the activations (fp64)."""
-import pytest
-import torch
 
 from types import SimpleNamespace
+
+import pytest
+import torch
 
 from rcpu_lite.methods import compensation as comp
 
@@ -75,7 +76,9 @@ def test_procrustes_beats_random_orthogonal():
     g = torch.Generator().manual_seed(2)
     d, n = 6, 40
     z = torch.randn(d, n, generator=g, dtype=torch.float64)
-    y = torch.randn(d, d, generator=g, dtype=torch.float64) @ z + 0.5 * torch.randn(d, n, generator=g, dtype=torch.float64)
+    y = torch.randn(d, d, generator=g, dtype=torch.float64) @ z + 0.5 * torch.randn(
+        d, n, generator=g, dtype=torch.float64
+    )
     q, _ = comp.procrustes(y @ z.T)
     best = torch.linalg.norm(y - q @ z)
     rs, _ = torch.linalg.qr(torch.randn(100, d, d, generator=g, dtype=torch.float64))  # 100 random orthogonal
@@ -117,6 +120,7 @@ def test_compensate_rotation_scale_matches_activations(decomposition):
     torch.testing.assert_close(got, s * q @ w[:, k], rtol=1e-8, atol=1e-8)
     # s really differs from 1 here, so dropping the scale would fail the check above
     assert abs(float(s) - 1.0) > 1e-3
+
     # the scale is the least-squares optimum for the rotated weight: objective no worse than s*(1 +- eps)
     def obj(t):
         return torch.linalg.norm(y - t * q @ z)

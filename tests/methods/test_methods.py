@@ -1,5 +1,6 @@
 """The compensations added beside the rotation, against direct fp64 computations on activations:
 ridge least squares (normal equations), FLAP's bias, and their composition."""
+
 import pytest
 import torch
 
@@ -11,8 +12,11 @@ def _problem(seed=0, d_out=6, d_in=12, n=300, kept=(0, 2, 3, 5, 6, 8, 9, 11)):
     """W, activations X (tokens x d_in, correlated, non-zero mean), their fp64 statistics, kept K."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
-    x = torch.randn(n, d_in, generator=g, dtype=torch.float64) @ torch.randn(d_in, d_in, generator=g,
-                                                                           dtype=torch.float64) + 0.4
+    x = (
+        torch.randn(n, d_in, generator=g, dtype=torch.float64)
+        @ torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+        + 0.4
+    )
     stats = InputStats(d_in, dtype=torch.float64)
     for chunk in x.split(64):
         stats.update(chunk)
@@ -28,8 +32,9 @@ def test_lstsq_solves_the_ridge_normal_equations(damp):
     w, x, stats, k = _problem(seed=1)
     c_kk = x[:, k].T @ x[:, k]
     lam = damp * float(c_kk.diagonal().mean())  # GPTQ's relative damping
-    direct = torch.linalg.solve(c_kk + lam * torch.eye(k.numel(), dtype=torch.float64),
-                                (w @ x.T @ x[:, k] + lam * w[:, k]).T).T
+    direct = torch.linalg.solve(
+        c_kk + lam * torch.eye(k.numel(), dtype=torch.float64), (w @ x.T @ x[:, k] + lam * w[:, k]).T
+    ).T
     got = comp.compensate(w, stats, k, "lstsq", comp.CompensationOptions(damp=damp))
     torch.testing.assert_close(got.weight, direct, rtol=1e-9, atol=1e-9)
     assert got.damp_used == pytest.approx(lam, rel=1e-12)
@@ -42,8 +47,9 @@ def test_lstsq_absolute_damping_and_it_beats_rotation_with_many_tokens():
     w, x, stats, k = _problem(seed=2, n=2000)
     got = comp.compensate(w, stats, k, "lstsq", comp.CompensationOptions(damp_abs=1e-4))
     c_kk = x[:, k].T @ x[:, k]
-    direct = torch.linalg.solve(c_kk + 1e-4 * torch.eye(k.numel(), dtype=torch.float64), (w @ x.T @ x[:, k]
-                                                                                          + 1e-4 * w[:, k]).T).T
+    direct = torch.linalg.solve(
+        c_kk + 1e-4 * torch.eye(k.numel(), dtype=torch.float64), (w @ x.T @ x[:, k] + 1e-4 * w[:, k]).T
+    ).T
     torch.testing.assert_close(got.weight, direct, rtol=1e-9, atol=1e-9)
     assert got.damp_used == 1e-4
     # Nearly unconstrained least squares is the best linear fit on these tokens: below the rotation's error.
@@ -58,8 +64,9 @@ def test_lstsq_retries_with_more_damping_and_reports_it():
     got = comp.compensate(w, stats, k, "lstsq", comp.CompensationOptions(damp_abs=1e-3))
     assert got.damp_used == pytest.approx(10.0)  # 1e-3 -> ... -> 10: the first lambda with C_KK + l I > 0
     c = -torch.eye(w.shape[1], dtype=torch.float64)  # the solution is that of the lambda used, not of a sum of tries
-    direct = torch.linalg.solve(c[k][:, k] + 10.0 * torch.eye(k.numel(), dtype=torch.float64),
-                                (w @ c[:, k] + 10.0 * w[:, k]).T).T
+    direct = torch.linalg.solve(
+        c[k][:, k] + 10.0 * torch.eye(k.numel(), dtype=torch.float64), (w @ c[:, k] + 10.0 * w[:, k]).T
+    ).T
     torch.testing.assert_close(got.weight, direct, rtol=1e-10, atol=1e-12)
     stats.gram = -torch.eye(w.shape[1], dtype=torch.float64)
     with pytest.raises(ValueError, match="not positive definite"):
@@ -126,8 +133,13 @@ def _dense_problem(seed=20, d_out=6, d_in=12, n=400, kept=(0, 2, 3, 5, 6, 8, 9, 
 
     w, x, _, k = _problem(seed, d_out, d_in, n, kept)
     g = torch.Generator().manual_seed(seed + 1)
-    x_hat = x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64) @ torch.randn(
-        d_in, d_in, generator=g, dtype=torch.float64) * 0.3
+    x_hat = (
+        x
+        + 0.3
+        * torch.randn(x.shape, generator=g, dtype=torch.float64)
+        @ torch.randn(d_in, d_in, generator=g, dtype=torch.float64)
+        * 0.3
+    )
     stats = PairedStats(d_in, dtype=torch.float64)
     for a, b in zip(x_hat.split(64), x.split(64)):
         stats.update_pair(a, b, w)
@@ -140,8 +152,11 @@ def test_dense_target_rotation_uses_the_cross_gram(method):
     y, z = x @ w.T, x_hat[:, k] @ w[:, k].T  # tokens x d_out
     u, sing, vh = torch.linalg.svd(y.T @ z)  # M = Y Z^T with Y, Z as d_out x N
     q = u @ vh
-    direct = {"none": w[:, k], "rotation": q @ w[:, k],
-              "rotation-scale": float(sing.sum() / z.square().sum()) * q @ w[:, k]}[method]
+    direct = {
+        "none": w[:, k],
+        "rotation": q @ w[:, k],
+        "rotation-scale": float(sing.sum() / z.square().sum()) * q @ w[:, k],
+    }[method]
     got = comp.compensate(w, stats, k, method)
     torch.testing.assert_close(got.weight, direct, rtol=1e-8, atol=1e-8)
     assert got.error_pruned == pytest.approx(_rel(y, z), rel=1e-8)
@@ -152,8 +167,9 @@ def test_dense_target_least_squares_and_bias():
     w, x, x_hat, stats, k = _dense_problem(seed=21)
     xk = x_hat[:, k]
     lam = 0.01 * float((xk.T @ xk).diagonal().mean())
-    direct = torch.linalg.solve(xk.T @ xk + lam * torch.eye(k.numel(), dtype=torch.float64),
-                                (w @ x.T @ xk + lam * w[:, k]).T).T
+    direct = torch.linalg.solve(
+        xk.T @ xk + lam * torch.eye(k.numel(), dtype=torch.float64), (w @ x.T @ xk + lam * w[:, k]).T
+    ).T
     got = comp.compensate(w, stats, k, "lstsq+bias")
     torch.testing.assert_close(got.weight, direct, rtol=1e-8, atol=1e-8)
     y = x @ w.T

@@ -1,13 +1,13 @@
 """rcpu_lite.reconstruct: block-wise and cross-block reconstruction of compact layers, on tiny checkpoints."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import AutoConfig
 
-from rcpu_lite.families import arch
-from rcpu_lite.families import units
 from rcpu_lite.checkpoint import CheckpointReader
+from rcpu_lite.families import arch, units
 from rcpu_lite.methods.reconstruct import ReconstructOptions, block_error, reconstruct, trainable_parameters
 
 WINDOWS, SEQLEN = 16, 16
@@ -40,11 +40,16 @@ class Model:
 
     def compact_tensors(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i cut to the kept units (o_proj / down_proj simply sliced: no compensation), as fresh tensors."""
-        columns = {"self_attn.o_proj.weight": units.head_columns(self.heads, self.shape.head_dim),
-                   "mlp.down_proj.weight": self.channels}
-        return {name: t[:, columns[name]].clone() if name in columns else
-                units.slice_tensor(name, t, self.shape, self.heads, self.kv_heads, self.channels).clone()
-                for name, t in self.dense[i].items()}
+        columns = {
+            "self_attn.o_proj.weight": units.head_columns(self.heads, self.shape.head_dim),
+            "mlp.down_proj.weight": self.channels,
+        }
+        return {
+            name: t[:, columns[name]].clone()
+            if name in columns
+            else units.slice_tensor(name, t, self.shape, self.heads, self.kv_heads, self.channels).clone()
+            for name, t in self.dense[i].items()
+        }
 
     def compact_block(self, i: int):
         return arch.build_layer(self.compact_cfg, i, self.compact_tensors(i)), self.compact_cfg, i
@@ -93,7 +98,7 @@ def test_block_reconstruction_lowers_the_error_against_the_dense_layer(mha):
     assert result.error_after == pytest.approx(after, rel=1e-9)
     assert result.loss_after < result.loss_before
     # the loss is the mean squared error over all elements: error^2 * ||y||^2 / numel
-    assert result.loss_before == pytest.approx(before ** 2 * y.double().pow(2).sum().item() / y.numel(), rel=1e-9)
+    assert result.loss_before == pytest.approx(before**2 * y.double().pow(2).sum().item() / y.numel(), rel=1e-9)
     assert result.steps == FAST.epochs * WINDOWS // FAST.micro_batch
     assert len(result.epoch_losses) == len(lines) == FAST.epochs
     assert result.trained_params == sum(p.numel() for n, p in blocks[0][0].named_parameters() if "norm" not in n)
@@ -105,8 +110,9 @@ def test_shapes_never_change_and_out_trains_only_o_and_down(qwen):
     y = qwen.targets(x, [0])
     blocks = [qwen.compact_block(0)]
     start = _state(blocks)[0]
-    result = reconstruct(blocks, x, y, qwen.layer_inputs, ReconstructOptions(epochs=2, lr=LR, micro_batch=4,
-                                                                            train="out"))
+    result = reconstruct(
+        blocks, x, y, qwen.layer_inputs, ReconstructOptions(epochs=2, lr=LR, micro_batch=4, train="out")
+    )
     end = _state(blocks)[0]
     assert {k: v.shape for k, v in end.items()} == {k: v.shape for k, v in start.items()}
     trained = {"self_attn.o_proj.weight", "mlp.down_proj.weight"}
@@ -126,8 +132,9 @@ def test_norms_are_frozen_unless_asked(mha, train_norms):
     y = mha.targets(x, [0])
     blocks = [mha.compact_block(0)]
     start = _state(blocks)[0]
-    reconstruct(blocks, x, y, mha.layer_inputs, ReconstructOptions(epochs=1, lr=LR, micro_batch=4,
-                                                                  train_norms=train_norms))
+    reconstruct(
+        blocks, x, y, mha.layer_inputs, ReconstructOptions(epochs=1, lr=LR, micro_batch=4, train_norms=train_norms)
+    )
     end = _state(blocks)[0]
     for name in start:
         changed = not torch.equal(start[name], end[name])
@@ -165,8 +172,9 @@ def test_same_seed_gives_bit_identical_weights_and_another_seed_does_not(mha):
     runs = []
     for seed in (5, 5, 6):
         blocks = [mha.compact_block(0)]
-        result = reconstruct(blocks, x, y, mha.layer_inputs, ReconstructOptions(epochs=2, lr=LR, micro_batch=4,
-                                                                               seed=seed))
+        result = reconstruct(
+            blocks, x, y, mha.layer_inputs, ReconstructOptions(epochs=2, lr=LR, micro_batch=4, seed=seed)
+        )
         runs.append((_state(blocks)[0], result))
     (a, ra), (b, rb), (c, _) = runs
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,17 +1,20 @@
 """Scores against their direct formulas, and the choice of kept channels / heads."""
+
 import pytest
 import torch
 
-from rcpu_lite.methods import scoring
-from rcpu_lite.methods import allocation
 from rcpu_lite.families.arch import LayerShape
+from rcpu_lite.methods import allocation, scoring
 from rcpu_lite.methods.stats import InputStats
 
 
 def _setup(seed=0, d_out=5, d_in=8, n=200):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
-    x = torch.randn(n, d_in, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2.0, d_in, dtype=torch.float64) + 0.7
+    x = (
+        torch.randn(n, d_in, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2.0, d_in, dtype=torch.float64)
+        + 0.7
+    )
     stats = InputStats(d_in, dtype=torch.float64)
     for chunk in torch.split(x, 64):
         stats.update(chunk)
@@ -82,7 +85,7 @@ def test_head_scores_sum_consecutive_columns():
     g = torch.Generator().manual_seed(1)
     cols = torch.rand(4 * 6, generator=g, dtype=torch.float64)
     got = scoring.head_scores(cols, 6)
-    direct = torch.tensor([float(cols[h * 6:(h + 1) * 6].sum()) for h in range(4)], dtype=torch.float64)
+    direct = torch.tensor([float(cols[h * 6 : (h + 1) * 6].sum()) for h in range(4)], dtype=torch.float64)
     assert got.shape == (4,)
     torch.testing.assert_close(got, direct, rtol=1e-12, atol=1e-12)
 
@@ -103,7 +106,9 @@ def test_kept_channels_drops_exactly_the_lowest(n, ratio):
 
 
 def test_kept_channels_paper_count():
-    kept = scoring.kept_channels(torch.rand(11008, generator=torch.Generator().manual_seed(0)), _keep(11008, 11008, 0.2))
+    kept = scoring.kept_channels(
+        torch.rand(11008, generator=torch.Generator().manual_seed(0)), _keep(11008, 11008, 0.2)
+    )
     assert 11008 - kept.numel() == 2201
 
 
@@ -132,7 +137,7 @@ def _direct_gqa(scores, n_kv, ratio):
     drop = int(ratio * n_heads) // n_kv
     kept = []
     for grp in range(n_kv):
-        s = scores[grp * per:(grp + 1) * per]
+        s = scores[grp * per : (grp + 1) * per]
         order = torch.argsort(s.double()).tolist()
         kept += sorted(grp * per + i for i in order[drop:])
     return kept, drop

@@ -27,7 +27,7 @@ def test_topk_keeps_the_highest_scores_per_group_and_channel():
     weights, stats = _layer()
     kept = selection.select("topk", "rcpu", weights, stats, SHAPE, LayerWidths(2, 2, 9))
     heads = scoring.head_scores(scoring.column_scores("rcpu", weights["o_proj"], stats["o_proj"]), 4)
-    expected_heads = [int(g * 2 + heads[g * 2:g * 2 + 2].argmax()) for g in range(2)]
+    expected_heads = [int(g * 2 + heads[g * 2 : g * 2 + 2].argmax()) for g in range(2)]
     assert kept.heads.tolist() == expected_heads and kept.kv_heads.tolist() == [0, 1]
     channels = scoring.column_scores("rcpu", weights["down_proj"], stats["down_proj"])
     assert kept.channels.tolist() == sorted(channels.argsort(descending=True)[:9].tolist())

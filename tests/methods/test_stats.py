@@ -1,4 +1,5 @@
 """InputStats accumulated over micro-batches against direct fp64 computations."""
+
 import torch
 
 from rcpu_lite.methods.stats import InputStats, PairedStats

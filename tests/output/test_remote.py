@@ -6,27 +6,35 @@ biases, and written with ShardWriter, remote.config_json and remote.install_code
 plain model assembled by hand from the same tensors: transformers' own decoder layers, each built with
 its own config, between the embeddings and the final norm and head.
 """
+
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from remote_output import (  # noqa: E402,F401
+    CASES,
+    PROJECTIONS,
+    SEQLEN,
+    W,
+    assert_clean_load,
+    kept_units,
+    model_logits,
+    reference_logits,
+    slice_layer,
+    token_ids,
+    write_output,
+)
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import rcpu_lite
-from rcpu_lite.families import arch
 from rcpu_lite import calibration
-from rcpu_lite.output import remote
-from rcpu_lite.checkpoint import CheckpointReader
-from rcpu_lite.output.writer import ShardWriter, copy_side_files
 from rcpu_lite.evaluate.perplexity import perplexity
-from rcpu_lite.methods.allocation import LayerWidths
-
-from remote_output import W, CASES, SEQLEN, PROJECTIONS, kept_units, slice_layer, write_output, reference_logits, token_ids, model_logits, assert_clean_load  # noqa: E402,F401
+from rcpu_lite.families import arch
+from rcpu_lite.output import remote
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -36,8 +44,14 @@ def output(request, tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param) / "out"
     layers = write_output(src, out, widths, biases)
     ids = token_ids(AutoConfig.from_pretrained(src).vocab_size)
-    return {"src": src, "out": out, "widths": widths, "biases": biases, "ids": ids,
-            "reference": reference_logits(src, widths, layers, ids)}
+    return {
+        "src": src,
+        "out": out,
+        "widths": widths,
+        "biases": biases,
+        "ids": ids,
+        "reference": reference_logits(src, widths, layers, ids),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,14 +75,23 @@ def test_config_json_contract(output):
     family = arch.FAMILIES[base].class_prefix
     assert written["model_type"] == "rcpu_pruned" and written["base_model_type"] == base
     assert written["architectures"] == [f"Pruned{family}ForCausalLM"]
-    assert written["auto_map"] == {"AutoConfig": f"modeling_rcpu.Pruned{family}Config",
-                                   "AutoModelForCausalLM": f"modeling_rcpu.Pruned{family}ForCausalLM"}
-    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size", "vocab_size",
-                "tie_word_embeddings"):
+    assert written["auto_map"] == {
+        "AutoConfig": f"modeling_rcpu.Pruned{family}Config",
+        "AutoModelForCausalLM": f"modeling_rcpu.Pruned{family}ForCausalLM",
+    }
+    for key in (
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "hidden_size",
+        "vocab_size",
+        "tie_word_embeddings",
+    ):
         assert written[key] == src[key]
     assert written["head_dim"] == arch.layer_shape(AutoConfig.from_pretrained(output["src"])).head_dim
-    assert written["layer_widths"] == [{"heads": w.heads, "kv_heads": w.kv_heads, "channels": w.channels}
-                                       for w in output["widths"]]
+    assert written["layer_widths"] == [
+        {"heads": w.heads, "kv_heads": w.kv_heads, "channels": w.channels} for w in output["widths"]
+    ]
     assert written["o_proj_bias"] == ("o_proj" in output["biases"])
     assert written["down_proj_bias"] == ("down_proj" in output["biases"])
     code = (output["out"] / "modeling_rcpu.py").read_text()
@@ -77,8 +100,9 @@ def test_config_json_contract(output):
 
 
 def test_trust_remote_code_loads_and_reproduces_logits(output):
-    model, info = AutoModelForCausalLM.from_pretrained(output["out"], trust_remote_code=True, dtype=torch.float32,
-                                                       output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        output["out"], trust_remote_code=True, dtype=torch.float32, output_loading_info=True
+    )
     assert_clean_load(info)
     assert type(model).__name__.startswith("Pruned")
     delta = (model_logits(model, output["ids"]) - output["reference"]).abs().max().item()
@@ -94,7 +118,9 @@ def test_trust_remote_code_loads_and_reproduces_logits(output):
 def test_load_pruned_reproduces_logits_without_remote_code(output, tmp_path):
     model, info = rcpu_lite.load_pruned(output["out"], dtype=torch.float32, output_loading_info=True)
     assert_clean_load(info)
-    assert type(model).__module__ == "rcpu_lite.output.modeling_rcpu"  # rcpu-lite's own copy, not the one beside the weights
+    assert (
+        type(model).__module__ == "rcpu_lite.output.modeling_rcpu"
+    )  # rcpu-lite's own copy, not the one beside the weights
     delta = (model_logits(model, output["ids"]) - output["reference"]).abs().max().item()
     assert delta <= 1e-4, f"load_pruned model differs from the reference by {delta}"
 
@@ -120,7 +146,8 @@ def test_perplexity_equals_the_loaded_models(output, calib_file):
     got = perplexity(output["out"], calib_file, seqlen=SEQLEN, max_windows=5, device="cpu", micro_batch=2)
     tokenizer = AutoTokenizer.from_pretrained(output["out"])
     windows = calibration.consecutive_windows(
-        calibration.tokenize(tokenizer, calibration.evaluation_text(calib_file)), SEQLEN, 5)
+        calibration.tokenize(tokenizer, calibration.evaluation_text(calib_file)), SEQLEN, 5
+    )
     model = rcpu_lite.load_pruned(output["out"], dtype=torch.float32)
     logits = model_logits(model, windows)
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
@@ -132,8 +159,9 @@ def test_layer_configs(output):
     config, layers = remote.layer_configs(output["out"])
     base = json.loads((output["src"] / "config.json").read_text())["model_type"]
     assert config.model_type == base and config._attn_implementation == "sdpa" and not config.use_cache
-    assert [(c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) for c in layers] == \
-           [(w.heads, w.kv_heads, w.channels) for w in output["widths"]]
+    assert [(c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) for c in layers] == [
+        (w.heads, w.kv_heads, w.channels) for w in output["widths"]
+    ]
     assert all(type(c) is type(config) and c.head_dim == config.head_dim for c in layers)
     names = remote.layer_tensor_names(layers[0])
     assert ("self_attn.o_proj.bias" in names) == ("o_proj" in output["biases"])
@@ -189,8 +217,9 @@ def test_perplexity_refuses_layers_that_do_not_match_config(tiny_checkpoint, tmp
         perplexity(out, calib_file, seqlen=SEQLEN, max_windows=2, device="cpu")
     assert "\n" not in str(e.value)
     # an unknown base family
-    config = remote.config_json(json.loads((src / "config.json").read_text()), [W(3, 3, 80), W(2, 2, 50)], 16,
-                                frozenset())
+    config = remote.config_json(
+        json.loads((src / "config.json").read_text()), [W(3, 3, 80), W(2, 2, 50)], 16, frozenset()
+    )
     (out / "config.json").write_text(json.dumps(dict(config, base_model_type="gemma")))
     with pytest.raises(ValueError, match="base_model_type 'gemma'") as e:
         perplexity(out, calib_file, seqlen=SEQLEN, max_windows=2, device="cpu")
@@ -201,7 +230,10 @@ def test_perplexity_refuses_layers_that_do_not_match_config(tiny_checkpoint, tmp
     with pytest.raises(ValueError, match="layer 0: 3 heads, 2 KV heads, 80 channels is not a valid layer"):
         perplexity(out, calib_file, seqlen=SEQLEN, max_windows=2, device="cpu")
     # transformers' per_layer_config, which the layer-by-layer evaluation would ignore
-    (out / "config.json").write_text(json.dumps(dict(json.loads((src / "config.json").read_text()),
-                                                     per_layer_config={"0": {"intermediate_size": 80}})))
+    (out / "config.json").write_text(
+        json.dumps(
+            dict(json.loads((src / "config.json").read_text()), per_layer_config={"0": {"intermediate_size": 80}})
+        )
+    )
     with pytest.raises(ValueError, match="per_layer_config"):
         perplexity(out, calib_file, seqlen=SEQLEN, max_windows=2, device="cpu")

@@ -6,8 +6,7 @@ import pytest
 from helpers import digests, make_settings
 
 from rcpu_lite.output.report import REPORT_NAME
-from rcpu_lite.prune import prune
-from rcpu_lite.prune import strategies
+from rcpu_lite.prune import prune, strategies
 from rcpu_lite.settings import SettingsError
 
 
@@ -30,8 +29,9 @@ class HoldEverything(strategies.Plain):
         self.held = []
 
 
-def test_a_registered_strategy_runs_and_the_loop_writes_what_it_finishes(tiny_checkpoint, calib_file, tmp_path,
-                                                                          monkeypatch):
+def test_a_registered_strategy_runs_and_the_loop_writes_what_it_finishes(
+    tiny_checkpoint, calib_file, tmp_path, monkeypatch
+):
     model = tiny_checkpoint("llama_gqa", num_hidden_layers=3)
     with pytest.raises(SettingsError, match="--reconstruct must be one of none, block, cross, got 'hold'"):
         make_settings(calib_file, reconstruct="hold").validate()

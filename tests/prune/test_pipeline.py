@@ -4,24 +4,23 @@ The central test (test_streamed_matches_in_memory_reference) re-implements RCPU 
 model held in memory, from full activations instead of accumulated statistics, and requires the
 streamed, layer-by-layer output to match it tensor by tensor.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
+from helpers import INDEX_NAME, load_model, logits, make_settings, read_shards, some_token_ids  # noqa: E402,F401
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rcpu_lite import calibration
 from rcpu_lite.families.arch import UnsupportedModel
-from rcpu_lite.settings import PruneSettings
 from rcpu_lite.prune.run import REPORT_NAME, prune
-
-import tiny
-
-from helpers import INDEX_NAME, load_model, logits, make_settings, read_shards, some_token_ids  # noqa: E402,F401
+from rcpu_lite.settings import PruneSettings
 
 
 @pytest.mark.parametrize("spec", ["llama_mha", "mistral_gqa", "qwen2_gqa"])
@@ -56,7 +55,9 @@ def _rcpu_scores(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return weight.norm(dim=0) * x.abs().mean(0) * x.var(0, unbiased=False)
 
 
-def _compensated(weight: torch.Tensor, x: torch.Tensor, kept: list[int], method: str) -> tuple[torch.Tensor, float, float]:
+def _compensated(
+    weight: torch.Tensor, x: torch.Tensor, kept: list[int], method: str
+) -> tuple[torch.Tensor, float, float]:
     """Rotation (or rotation + scale) of W_K from activations; also the relative errors before / after."""
     w_kept = weight[:, kept]
     y = weight @ x.T  # d_out x N, the dense output
@@ -133,7 +134,9 @@ def reference_prune(model_dir: Path, s: PruneSettings) -> tuple[torch.nn.Module,
             drop = int(s.ratio * n_heads) // n_kv
             heads = []
             for g in range(n_kv):
-                heads += [g * per_group + h for h in _drop_lowest(head_score[g * per_group:(g + 1) * per_group], drop)]
+                heads += [
+                    g * per_group + h for h in _drop_lowest(head_score[g * per_group : (g + 1) * per_group], drop)
+                ]
             kv_heads = list(range(n_kv))
         channels = _drop_lowest(_rcpu_scores(w_d, x_d), int(s.ratio * d_ff))
 
@@ -142,9 +145,15 @@ def reference_prune(model_dir: Path, s: PruneSettings) -> tuple[torch.nn.Module,
         new_d, d_err0, d_err1 = _compensated(w_d, x_d, channels, s.compensate)
 
         q_rows, kv_rows = _head_rows(heads, head_dim), _head_rows(kv_heads, head_dim)
-        _set_linear(attn.q_proj, attn.q_proj.weight[q_rows], None if attn.q_proj.bias is None else attn.q_proj.bias[q_rows])
-        _set_linear(attn.k_proj, attn.k_proj.weight[kv_rows], None if attn.k_proj.bias is None else attn.k_proj.bias[kv_rows])
-        _set_linear(attn.v_proj, attn.v_proj.weight[kv_rows], None if attn.v_proj.bias is None else attn.v_proj.bias[kv_rows])
+        _set_linear(
+            attn.q_proj, attn.q_proj.weight[q_rows], None if attn.q_proj.bias is None else attn.q_proj.bias[q_rows]
+        )
+        _set_linear(
+            attn.k_proj, attn.k_proj.weight[kv_rows], None if attn.k_proj.bias is None else attn.k_proj.bias[kv_rows]
+        )
+        _set_linear(
+            attn.v_proj, attn.v_proj.weight[kv_rows], None if attn.v_proj.bias is None else attn.v_proj.bias[kv_rows]
+        )
         _set_linear(attn.o_proj, new_o, attn.o_proj.bias)
         attn.num_key_value_groups = len(heads) // len(kv_heads)
         _set_linear(mlp.gate_proj, mlp.gate_proj.weight[channels])
@@ -153,9 +162,17 @@ def reference_prune(model_dir: Path, s: PruneSettings) -> tuple[torch.nn.Module,
         mlp.intermediate_size = len(channels)
 
         hidden = _run(layer, hidden, position_embeddings)  # the pruned layer feeds the next one
-        chosen.append(dict(kept_heads=heads, kept_kv_heads=kv_heads, kept_channels=channels,
-                           o_proj_error_pruned=o_err0, o_proj_error_compensated=o_err1,
-                           down_proj_error_pruned=d_err0, down_proj_error_compensated=d_err1))
+        chosen.append(
+            dict(
+                kept_heads=heads,
+                kept_kv_heads=kv_heads,
+                kept_channels=channels,
+                o_proj_error_pruned=o_err0,
+                o_proj_error_compensated=o_err1,
+                down_proj_error_pruned=d_err0,
+                down_proj_error_compensated=d_err1,
+            )
+        )
 
     cfg.num_attention_heads = len(chosen[0]["kept_heads"])
     cfg.num_key_value_heads = len(chosen[0]["kept_kv_heads"])
@@ -200,14 +217,19 @@ def test_streamed_matches_in_memory_reference(tiny_checkpoint, calib_file, tmp_p
     for i, (got, want) in enumerate(zip(report["layers"], chosen)):
         for key in ("kept_heads", "kept_kv_heads", "kept_channels"):
             assert got[key] == want[key], f"layer {i}: {key} {got[key]} != reference {want[key]}"
-        for key in ("o_proj_error_pruned", "o_proj_error_compensated", "down_proj_error_pruned",
-                    "down_proj_error_compensated"):
+        for key in (
+            "o_proj_error_pruned",
+            "o_proj_error_compensated",
+            "down_proj_error_pruned",
+            "down_proj_error_compensated",
+        ):
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), f"layer {i}: {key}"
         # Procrustes can only lower the error (the identity is one of the rotations it searches)
         assert want["o_proj_error_compensated"] <= want["o_proj_error_pruned"] + 1e-9
         assert want["down_proj_error_compensated"] <= want["down_proj_error_pruned"] + 1e-9
-        assert want["down_proj_error_compensated"] < 0.999 * want["down_proj_error_pruned"], \
+        assert want["down_proj_error_compensated"] < 0.999 * want["down_proj_error_pruned"], (
             "compensation should make a visible difference on these random weights"
+        )
 
     # Every written tensor equals the reference model's.
     written = read_shards(out)
@@ -253,8 +275,9 @@ def test_peak_weight_bytes_independent_of_depth(tiny_checkpoint, calib_file, tmp
         layer0 = sum(v for k, v in sizes.items() if k.startswith("model.layers.0."))
         embed = sizes["model.embed_tokens.weight"]
         final = sizes["model.norm.weight"] + sizes.get("lm_head.weight", 0)
-        assert 0 < peaks[n_layers] <= max(layer0, embed, final), \
+        assert 0 < peaks[n_layers] <= max(layer0, embed, final), (
             f"{n_layers} layers: {peaks[n_layers]} checkpoint bytes alive at once; one layer is {layer0}"
+        )
     assert peaks[4] == peaks[16], f"peak weight bytes grow with depth: {peaks}"
 
 
@@ -353,8 +376,10 @@ def test_output_format(tiny_checkpoint, calib_file, tmp_path, spec, ratio):
         model, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(out)  # reads config.json too
     except Exception as e:  # noqa: BLE001 - the message says what went wrong
-        pytest.fail(f"the pruned {before['model_type']} checkpoint ({report['shape_after']}, hidden_size "
-                    f"{before['hidden_size']}) does not load with from_pretrained: {type(e).__name__}: {e}")
+        pytest.fail(
+            f"the pruned {before['model_type']} checkpoint ({report['shape_after']}, hidden_size "
+            f"{before['hidden_size']}) does not load with from_pretrained: {type(e).__name__}: {e}"
+        )
     assert len(tokenizer) == len(AutoTokenizer.from_pretrained(src))
     for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
         assert not info[key], f"{key}: {info[key]}"
@@ -391,8 +416,7 @@ def test_report_splits_each_layer_time_by_stage(tiny_checkpoint, calib_file, tmp
     report = prune(tiny_checkpoint("llama_gqa", num_hidden_layers=2), tmp_path / "out", make_settings(calib_file))
     for layer in report["layers"]:
         stages = layer["seconds_by_stage"]
-        assert set(stages) == {"read", "statistics", "scores", "compensation", "decomposition", "propagate",
-                               "write"}
+        assert set(stages) == {"read", "statistics", "scores", "compensation", "decomposition", "propagate", "write"}
         assert all(v >= 0 for v in stages.values())
         assert sum(stages.values()) <= layer["seconds"] + 1e-3
 

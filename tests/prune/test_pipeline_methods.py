@@ -1,5 +1,6 @@
 """The methods beside RCPU's, end to end on tiny checkpoints: ratio 0 is the identity for each of them,
 the parameter budgets hold, biases and per-layer widths load and compute what the pipeline computed."""
+
 from __future__ import annotations
 
 import math
@@ -7,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_settings, read_shards
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rcpu_lite import calibration
-from rcpu_lite import load_pruned
-from rcpu_lite.methods.compensation import method_names
+from rcpu_lite import calibration, load_pruned
 from rcpu_lite.evaluate.perplexity import perplexity
+from rcpu_lite.methods.compensation import method_names
 from rcpu_lite.prune.run import prune
-from helpers import make_settings, read_shards
 
 ALL_METHODS = method_names()
 
@@ -27,19 +27,18 @@ def _same_weights(src: Path, out: Path) -> None:
 
 
 @pytest.mark.parametrize("compensate", ALL_METHODS)
-def test_ratio_zero_writes_the_input_weights_for_every_compensation(tiny_checkpoint, calib_file, tmp_path,
-                                                                     compensate):
+def test_ratio_zero_writes_the_input_weights_for_every_compensation(tiny_checkpoint, calib_file, tmp_path, compensate):
     src = tiny_checkpoint("qwen2_gqa")  # q/k/v biases: they must come through untouched too
     prune(src, tmp_path / "out", make_settings(calib_file, ratio=0.0, compensate=compensate, score="flap"))
     _same_weights(src, tmp_path / "out")
 
 
 @pytest.mark.parametrize("allocation", ["adaptive", "depth"])
-def test_ratio_zero_writes_the_input_weights_for_every_allocation(tiny_checkpoint, calib_file, tmp_path,
-                                                                  allocation):
+def test_ratio_zero_writes_the_input_weights_for_every_allocation(tiny_checkpoint, calib_file, tmp_path, allocation):
     src = tiny_checkpoint("llama_mha")
-    report = prune(src, tmp_path / "out", make_settings(calib_file, ratio=0.0, allocation=allocation,
-                                                        compensate="lstsq+bias"))
+    report = prune(
+        src, tmp_path / "out", make_settings(calib_file, ratio=0.0, allocation=allocation, compensate="lstsq+bias")
+    )
     _same_weights(src, tmp_path / "out")
     assert report["output_format"] == "stock"
 
@@ -63,13 +62,15 @@ def test_compensate_on_one_projection_leaves_the_other_pruned_only(tiny_checkpoi
         assert layer["down_proj_error_compensated"] == layer["down_proj_error_pruned"]
     # Layer 0 sees the same inputs in both runs: its o_proj repair is the same.
     assert only_o["layers"][0]["o_proj_error_compensated"] == pytest.approx(
-        both["layers"][0]["o_proj_error_compensated"], rel=1e-5)
+        both["layers"][0]["o_proj_error_compensated"], rel=1e-5
+    )
 
 
 def _ppl_of_loaded(model, tokenizer_dir: Path, text: Path, seqlen: int, windows: int) -> float:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     ids = calibration.consecutive_windows(
-        calibration.tokenize(tokenizer, calibration.evaluation_text(text)), seqlen, windows)
+        calibration.tokenize(tokenizer, calibration.evaluation_text(text)), seqlen, windows
+    )
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
@@ -79,8 +80,10 @@ def _ppl_of_loaded(model, tokenizer_dir: Path, text: Path, seqlen: int, windows:
 def _assert_loads_and_matches(out: Path, calib_file: Path, stock: bool) -> None:
     """Every way of loading the output gives the perplexity rcpu-lite's own streamed evaluation gives."""
     streamed = perplexity(out, calib_file, seqlen=32, max_windows=4, device="cpu")["ppl"]
-    loaders = [lambda: load_pruned(out, dtype=torch.float32),
-               lambda: AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True)]
+    loaders = [
+        lambda: load_pruned(out, dtype=torch.float32),
+        lambda: AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=True),
+    ]
     if stock:
         loaders.append(lambda: AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32))
     else:
@@ -91,13 +94,17 @@ def _assert_loads_and_matches(out: Path, calib_file: Path, stock: bool) -> None:
         assert _ppl_of_loaded(model, out, calib_file, 32, 4) == pytest.approx(streamed, rel=1e-4)
 
 
-@pytest.mark.parametrize("spec,ratio,compensate,stock", [
-    ("llama_mha", 0.5, "rotation+bias", True),  # 2 heads divide hidden 64: a stock Llama with attention/mlp bias
-    ("llama_mha", 0.3, "bias", False),  # 3 heads do not: LlamaConfig refuses, the Mistral twin has no bias
-    ("qwen2_gqa", 0.3, "lstsq+bias", False),  # Qwen2 has no o_proj / down_proj bias: the remote-code format
-])
-def test_bias_outputs_load_and_compute_what_the_pipeline_computed(tiny_checkpoint, calib_file, tmp_path, spec, ratio,
-                                                                  compensate, stock):
+@pytest.mark.parametrize(
+    "spec,ratio,compensate,stock",
+    [
+        ("llama_mha", 0.5, "rotation+bias", True),  # 2 heads divide hidden 64: a stock Llama with attention/mlp bias
+        ("llama_mha", 0.3, "bias", False),  # 3 heads do not: LlamaConfig refuses, the Mistral twin has no bias
+        ("qwen2_gqa", 0.3, "lstsq+bias", False),  # Qwen2 has no o_proj / down_proj bias: the remote-code format
+    ],
+)
+def test_bias_outputs_load_and_compute_what_the_pipeline_computed(
+    tiny_checkpoint, calib_file, tmp_path, spec, ratio, compensate, stock
+):
     src = tiny_checkpoint(spec)
     out = tmp_path / "out"
     report = prune(src, out, make_settings(calib_file, ratio=ratio, compensate=compensate))
@@ -126,11 +133,30 @@ def test_eval_of_a_remote_code_output_prints_only_its_json(tiny_checkpoint, cali
     import sys
 
     out = tmp_path / "out"
-    prune(tiny_checkpoint("llama_mha", num_hidden_layers=3), out,
-          make_settings(calib_file, ratio=0.3, allocation="depth"))
-    proc = subprocess.run([sys.executable, "-m", "rcpu_lite.cli", "eval", str(out), "--ppl", str(calib_file),
-                           "--seqlen", "32", "--max-windows", "2", "--json", "--quiet"], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=300)
+    prune(
+        tiny_checkpoint("llama_mha", num_hidden_layers=3), out, make_settings(calib_file, ratio=0.3, allocation="depth")
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rcpu_lite.cli",
+            "eval",
+            str(out),
+            "--ppl",
+            str(calib_file),
+            "--seqlen",
+            "32",
+            "--max-windows",
+            "2",
+            "--json",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["windows"] == 2
     assert "custom code" not in proc.stdout + proc.stderr

@@ -1,7 +1,7 @@
 """Never lose work: atomic output, resume after SIGKILL, graceful SIGINT/SIGTERM, determinism."""
+
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -10,16 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# Timings and memory legitimately differ between runs; everything else in the report must not.
+from helpers import VOLATILE, assert_same_output, cli_args, digests, make_settings, stable_report  # noqa: E402,F401
 from typer.testing import CliRunner
 
 from rcpu_lite.cli import app
-from rcpu_lite.prune.run import REPORT_NAME, prune
 from rcpu_lite.output.manifest import MANIFEST_NAME
-
-from helpers import make_settings
-
-# Timings and memory legitimately differ between runs; everything else in the report must not.
-from helpers import VOLATILE, assert_same_output, cli_args, digests, stable_report  # noqa: E402,F401
+from rcpu_lite.prune.run import REPORT_NAME, prune
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +46,20 @@ def test_sigkill_at_three_layers_then_resume_matches_uninterrupted_run(model, ca
     # Shard k holds layer k-1: the run dies before writing layers 1, 2 and 4, resuming each time.
     for shard, resume in ((2, False), (3, True), (5, True)):
         env["RCPU_LITE_FAULT"] = f"before_shard:{shard}:kill"
-        proc = subprocess.run([sys.executable, "-m", "rcpu_lite.cli", *args, *(["--resume"] if resume else [])],
-                              env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "rcpu_lite.cli", *args, *(["--resume"] if resume else [])],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == -9, proc.stderr
         manifest = json.loads((out.parent / "out.partial" / MANIFEST_NAME).read_text())
         assert sorted(map(int, manifest["shards"])) == list(range(shard))  # every finished shard, nothing more
         assert not out.exists()  # nothing that looks complete
     env.pop("RCPU_LITE_FAULT")
-    proc = subprocess.run([sys.executable, "-m", "rcpu_lite.cli", *args, "--resume"], env=env, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rcpu_lite.cli", *args, "--resume"], env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert "resuming: 4 of 5 layers were finished" in proc.stderr
     assert json.loads((out / REPORT_NAME).read_text())["resumed_at_layer"] == 4
@@ -65,8 +68,9 @@ def test_sigkill_at_three_layers_then_resume_matches_uninterrupted_run(model, ca
 
 
 @pytest.mark.parametrize("sig", ["sigint", "sigterm"])
-def test_signal_stops_after_the_layer_with_distinct_exit_code_and_resumes(model, calib_file, reference, tmp_path,
-                                                                          monkeypatch, sig):
+def test_signal_stops_after_the_layer_with_distinct_exit_code_and_resumes(
+    model, calib_file, reference, tmp_path, monkeypatch, sig
+):
     out = tmp_path / "out"
     monkeypatch.setenv("RCPU_LITE_FAULT", f"before_shard:2:{sig}")
     result = CliRunner().invoke(app, cli_args(model, out, calib_file))

@@ -1,5 +1,6 @@
 """Shin et al. 2024 in the pipeline: dense targets, held-out errors, block reconstruction, generated
 calibration windows and --compensate auto, end to end on tiny checkpoints (CPU, no network)."""
+
 from __future__ import annotations
 
 import json
@@ -9,12 +10,11 @@ import sys
 
 import pytest
 import torch
+from helpers import assert_same_output, make_settings, read_shards
 
 from rcpu_lite import calibration
 from rcpu_lite.methods.auto import candidates
 from rcpu_lite.prune.run import REPORT_NAME, prune
-from helpers import make_settings, read_shards
-from helpers import assert_same_output
 
 
 def _layers(report: dict) -> list[dict]:
@@ -42,8 +42,10 @@ def test_dense_targets_differ_from_local_only_after_the_first_layer(tiny_checkpo
     assert first_l["kept_heads"] == first_d["kept_heads"] and first_l["kept_channels"] == first_d["kept_channels"]
     for key in ("o_proj_error_compensated", "down_proj_error_compensated", "block_error"):
         assert first_d[key] == pytest.approx(first_l[key], rel=1e-4), key
-    later = [abs(a["down_proj_error_pruned"] - b["down_proj_error_pruned"]) for a, b in
-             zip(_layers(local)[1:], _layers(dense)[1:])]
+    later = [
+        abs(a["down_proj_error_pruned"] - b["down_proj_error_pruned"])
+        for a, b in zip(_layers(local)[1:], _layers(dense)[1:])
+    ]
     assert max(later) > 1e-3  # the targets really differ
 
 
@@ -51,9 +53,16 @@ def test_every_layer_reports_calibration_and_held_out_errors(tiny_checkpoint, ca
     src = tiny_checkpoint("llama_mha")
     report = prune(src, tmp_path / "out", make_settings(calib_file, ratio=0.5, holdout_nsamples=4))
     for layer in _layers(report):
-        for key in ("block_error_pruned", "block_error", "held_out_block_error_pruned", "held_out_block_error",
-                    "o_proj_held_out_error_pruned", "o_proj_held_out_error_compensated",
-                    "down_proj_held_out_error_pruned", "down_proj_held_out_error_compensated"):
+        for key in (
+            "block_error_pruned",
+            "block_error",
+            "held_out_block_error_pruned",
+            "held_out_block_error",
+            "o_proj_held_out_error_pruned",
+            "o_proj_held_out_error_compensated",
+            "down_proj_held_out_error_pruned",
+            "down_proj_held_out_error_compensated",
+        ):
             assert isinstance(layer[key], float) and 0 < layer[key] < 10, key
         assert layer["block_error"] < layer["block_error_pruned"]  # the rotation helps on its own tokens
         assert layer["o_proj_error_compensated"] < layer["o_proj_error_pruned"]
@@ -66,7 +75,7 @@ def test_held_out_windows_share_no_token_with_the_calibration_windows():
     tokens = torch.arange(1000)
     starts = calibration.random_starts(tokens, 20, 16, seed=0)
     held = calibration.unused_windows(tokens, starts, 10, 16, seed=1)
-    used = {int(t) for s in starts for t in tokens[s:s + 16]}
+    used = {int(t) for s in starts for t in tokens[s : s + 16]}
     seen = [int(t) for t in held.flatten()]
     assert held.shape == (10, 16) and not used & set(seen) and len(set(seen)) == len(seen)
     with pytest.raises(ValueError, match="room for only"):
@@ -77,9 +86,19 @@ def test_block_reconstruction_lowers_the_block_error_and_keeps_the_widths(tiny_c
     src = tiny_checkpoint("llama_mha")
     base = make_settings(calib_file, ratio=0.5, holdout_nsamples=4)
     plain = prune(src, tmp_path / "plain", base)
-    trained = prune(src, tmp_path / "trained", make_settings(calib_file, ratio=0.5, holdout_nsamples=4,
-                                                              reconstruct="block", recon_epochs=8, recon_lr=1e-2,
-                                                              recon_micro_batch=4))
+    trained = prune(
+        src,
+        tmp_path / "trained",
+        make_settings(
+            calib_file,
+            ratio=0.5,
+            holdout_nsamples=4,
+            reconstruct="block",
+            recon_epochs=8,
+            recon_lr=1e-2,
+            recon_micro_batch=4,
+        ),
+    )
     first_p, first_t = _layers(plain)[0], _layers(trained)[0]
     assert first_t["block_error"] < 0.9 * first_p["block_error"]  # same inputs and targets for layer 0
     assert first_t["reconstruct_seconds"] > 0
@@ -111,15 +130,35 @@ def test_dense_targets_sigkill_then_resume_matches_an_uninterrupted_run(tiny_che
     settings = make_settings(calib_file, targets="dense", holdout_nsamples=4)
     prune(src, tmp_path / "reference", settings)
     out = tmp_path / "out"
-    args = ["prune", str(src), "--out", str(out), "--ratio", str(settings.ratio), "--calib", str(calib_file),
-            "--nsamples", str(settings.nsamples), "--seqlen", str(settings.seqlen), "--micro-batch",
-            str(settings.micro_batch), "--device", "cpu", "--targets", "dense", "--holdout-nsamples", "4"]
+    args = [
+        "prune",
+        str(src),
+        "--out",
+        str(out),
+        "--ratio",
+        str(settings.ratio),
+        "--calib",
+        str(calib_file),
+        "--nsamples",
+        str(settings.nsamples),
+        "--seqlen",
+        str(settings.seqlen),
+        "--micro-batch",
+        str(settings.micro_batch),
+        "--device",
+        "cpu",
+        "--targets",
+        "dense",
+        "--holdout-nsamples",
+        "4",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", RCPU_LITE_FAULT="before_shard:3:kill")  # dies before layer 2
     proc = subprocess.run([sys.executable, "-m", "rcpu_lite.cli", *args], env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
     env.pop("RCPU_LITE_FAULT")
-    proc = subprocess.run([sys.executable, "-m", "rcpu_lite.cli", *args, "--resume"], env=env, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rcpu_lite.cli", *args, "--resume"], env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / REPORT_NAME).read_text())["resumed_at_layer"] == 2
     assert_same_output(tmp_path / "reference", out)
@@ -136,8 +175,9 @@ def test_cross_reconstruction_lowers_every_window_error_and_holds_one_layer(tiny
 
     src = tiny_checkpoint("llama_mha", num_hidden_layers=4)
     plain = prune(src, tmp_path / "plain", make_settings(calib_file, ratio=0.5, targets="dense", holdout_nsamples=4))
-    cross = prune(src, tmp_path / "cross", make_settings(calib_file, ratio=0.5, targets="dense", holdout_nsamples=4,
-                                                         **CROSS))
+    cross = prune(
+        src, tmp_path / "cross", make_settings(calib_file, ratio=0.5, targets="dense", holdout_nsamples=4, **CROSS)
+    )
     for p, c in zip(_layers(plain)[1:], _layers(cross)[1:]):
         assert c["block_error"] < 0.9 * p["block_error"] and c["reconstruct_seconds"] > 0, c["layer"]
         assert c["held_out_block_error"] < p["held_out_block_error"], c["layer"]
@@ -170,19 +210,50 @@ def test_cross_sigkill_then_resume_matches_an_uninterrupted_run(tiny_checkpoint,
     settings = make_settings(calib_file, targets=targets, holdout_nsamples=4, **CROSS)
     prune(src, tmp_path / "reference", settings)
     out = tmp_path / "out"
-    args = ["prune", str(src), "--out", str(out), "--ratio", str(settings.ratio), "--calib", str(calib_file),
-            "--nsamples", str(settings.nsamples), "--seqlen", str(settings.seqlen), "--micro-batch",
-            str(settings.micro_batch), "--device", "cpu", "--targets", targets, "--holdout-nsamples", "4",
-            "--reconstruct", "cross", "--recon-epochs", "8", "--recon-lr", "1e-2", "--recon-micro-batch", "4"]
+    args = [
+        "prune",
+        str(src),
+        "--out",
+        str(out),
+        "--ratio",
+        str(settings.ratio),
+        "--calib",
+        str(calib_file),
+        "--nsamples",
+        str(settings.nsamples),
+        "--seqlen",
+        str(settings.seqlen),
+        "--micro-batch",
+        str(settings.micro_batch),
+        "--device",
+        "cpu",
+        "--targets",
+        targets,
+        "--holdout-nsamples",
+        "4",
+        "--reconstruct",
+        "cross",
+        "--recon-epochs",
+        "8",
+        "--recon-lr",
+        "1e-2",
+        "--recon-micro-batch",
+        "4",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for shard, resume in ((3, False), (4, True)):  # shard k holds layer k-1
         env["RCPU_LITE_FAULT"] = f"before_shard:{shard}:kill"
-        proc = subprocess.run([sys.executable, "-m", "rcpu_lite.cli", *args, *(["--resume"] if resume else [])],
-                              env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "rcpu_lite.cli", *args, *(["--resume"] if resume else [])],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == -9, proc.stderr
     env.pop("RCPU_LITE_FAULT")
-    proc = subprocess.run([sys.executable, "-m", "rcpu_lite.cli", *args, "--resume"], env=env, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rcpu_lite.cli", *args, "--resume"], env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / REPORT_NAME).read_text())["resumed_at_layer"] == 3
     assert all(layer["reconstruct_seconds"] > 0 for layer in json.loads((out / REPORT_NAME).read_text())["layers"][1:])

@@ -1,4 +1,5 @@
 """tools/expand_kv.py: a GQA checkpoint becomes a multi-head one with the same logits (tiny models only)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -86,7 +87,19 @@ def test_repeated_rows_follow_transformers_pairing_of_query_and_kv_heads(tool):
     torch.testing.assert_close(direct.transpose(1, 2), expected)  # the same numbers up to matmul rounding
     bias = torch.arange(kv_heads * head_dim, dtype=torch.float32)
     assert tool.repeat_kv_rows(bias, kv_heads, group).view(kv_heads * group, head_dim)[:, 0].tolist() == [
-        0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4]
+        0,
+        0,
+        0,
+        0,
+        2,
+        2,
+        2,
+        2,
+        4,
+        4,
+        4,
+        4,
+    ]
 
 
 def test_multi_head_input_is_refused_with_one_line_and_exit_2(tiny_checkpoint, tmp_path):

@@ -1,4 +1,5 @@
 """tools/make_synthetic.py: a loadable, prunable checkpoint with a real tokenizer cut to the vocabulary."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rcpu_lite.settings import PruneSettings
 from rcpu_lite.models import resolve_model
 from rcpu_lite.prune.run import prune
+from rcpu_lite.settings import PruneSettings
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "make_synthetic.py"
 
@@ -25,8 +26,18 @@ def tool():
 
 def test_synthetic_checkpoint_loads_tokenizes_within_vocab_and_prunes(tool, tmp_path, monkeypatch):
     smol = resolve_model("smollm2-135m")  # the real tokenizer the tool cuts down
-    monkeypatch.setitem(tool.SHAPES, "tiny", dict(tool.SHAPES["llama-7b"], hidden_size=64, intermediate_size=96,
-                                                  num_attention_heads=4, num_key_value_heads=4, vocab_size=1000))
+    monkeypatch.setitem(
+        tool.SHAPES,
+        "tiny",
+        dict(
+            tool.SHAPES["llama-7b"],
+            hidden_size=64,
+            intermediate_size=96,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=1000,
+        ),
+    )
     out = tool.make_synthetic("tiny", 3, tmp_path / "synthetic", tokenizer=smol)
 
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
@@ -42,11 +53,15 @@ def test_synthetic_checkpoint_loads_tokenizes_within_vocab_and_prunes(tool, tmp_
 
     calib = tmp_path / "calib.txt"
     calib.write_text(text * 40)
-    report = prune(out, tmp_path / "pruned", PruneSettings(ratio=0.25, calib=str(calib), nsamples=4, seqlen=16,
-                                                           device="cpu"))
+    report = prune(
+        out, tmp_path / "pruned", PruneSettings(ratio=0.25, calib=str(calib), nsamples=4, seqlen=16, device="cpu")
+    )
     assert report["shape_after"]["num_attention_heads"] == 3
 
 
 def test_real_shapes_are_the_published_ones(tool):
     assert tool.SHAPES["llama-7b"]["intermediate_size"] == 11008
-    assert (tool.SHAPES["llama-3-8b"]["num_attention_heads"], tool.SHAPES["llama-3-8b"]["num_key_value_heads"]) == (32, 8)
+    assert (tool.SHAPES["llama-3-8b"]["num_attention_heads"], tool.SHAPES["llama-3-8b"]["num_key_value_heads"]) == (
+        32,
+        8,
+    )

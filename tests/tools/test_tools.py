@@ -1,4 +1,5 @@
 """The benchmark and sweep tools still run against the current API (tiny models; they measure nothing here)."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rcpu_lite.settings import PruneSettings
 from rcpu_lite.prune.run import prune
+from rcpu_lite.settings import PruneSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,17 +38,33 @@ def test_sweep_markdown_prints_recorded_rows_in_table_order(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     config = tmp_path / "sweep.toml"
-    config.write_text(f'[sweep]\nmodel = "m"\ncalib = "c"\neval = "e"\nseqlen = 8\nnsamples = 2\nratios = [0.1, 0.2]\n'
-                      f'results = "{results}"\n[[sweep.method]]\nname = "rcpu, rotation"\nscore = "rcpu"\n'
-                      f'compensate = "rotation"\n')
-    rows = {"dense": dict(ratio=0.0, method="dense", ppl=10.0, eval_command="rcpu-lite eval m"),
-            "rcpu-rotation-20": dict(ratio=0.2, method="rcpu, rotation", ppl=12.5, params=9e6, param_reduction=0.1,
-                                     prune_seconds=3.0, prune_peak_rss_bytes=2**30, prune_command="rcpu-lite prune m",
-                                     eval_command="rcpu-lite eval out")}
+    config.write_text(
+        f'[sweep]\nmodel = "m"\ncalib = "c"\neval = "e"\nseqlen = 8\nnsamples = 2\nratios = [0.1, 0.2]\n'
+        f'results = "{results}"\n[[sweep.method]]\nname = "rcpu, rotation"\nscore = "rcpu"\n'
+        f'compensate = "rotation"\n'
+    )
+    rows = {
+        "dense": dict(ratio=0.0, method="dense", ppl=10.0, eval_command="rcpu-lite eval m"),
+        "rcpu-rotation-20": dict(
+            ratio=0.2,
+            method="rcpu, rotation",
+            ppl=12.5,
+            params=9e6,
+            param_reduction=0.1,
+            prune_seconds=3.0,
+            prune_peak_rss_bytes=2**30,
+            prune_command="rcpu-lite prune m",
+            eval_command="rcpu-lite eval out",
+        ),
+    }
     for job, record in rows.items():
         (results / f"{job}.json").write_text(json.dumps(dict(job=job, **record)))
-    text = subprocess.run([sys.executable, str(ROOT / "tools" / "sweep.py"), str(config), "--markdown"],
-                          capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "sweep.py"), str(config), "--markdown"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     lines = text.splitlines()
     assert lines[2] == "| dense | 0 % | dense | 10.00 |  |  |"
     assert lines[3] == "| rcpu, rotation | 20 % | 9.0 M (10.0 % fewer) | 12.50 | 3 s | 1.00 GiB |"
@@ -63,13 +80,14 @@ def test_speed_benchmark_gives_each_of_n_processes_its_share_of_the_cores(tmp_pa
     two, two_env = tool.prune_command(tmp_path / "m", tmp_path / "out", args, 2)
     assert one[1:4] == ["-m", "rcpu_lite", "prune"] and one_env["OMP_NUM_THREADS"] == "4"
     assert two[1:5] == ["-m", "torch.distributed.run", "--nproc-per-node", "2"] and two_env["OMP_NUM_THREADS"] == "2"
-    assert one[one.index("prune"):] == two[two.index("prune"):]  # the same prune, only the launcher differs
+    assert one[one.index("prune") :] == two[two.index("prune") :]  # the same prune, only the launcher differs
 
 
 @pytest.mark.parametrize("tool", ["bench_memory", "bench_speed", "bench_inference", "sweep", "make_synthetic"])
 def test_tool_help(tool):
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / f"{tool}.py"), "--help"], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / f"{tool}.py"), "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0 and "usage" in result.stdout.lower()
 
 
@@ -87,8 +105,16 @@ def test_inference_benchmark_times_every_model_in_each_round(tiny_checkpoint):
 def test_memory_benchmark_prunes_in_a_fresh_process_with_the_flags_it_is_given(tiny_checkpoint, tmp_path):
     tool = load_tool("bench_memory")
     src = tiny_checkpoint("llama_gqa", num_hidden_layers=2)
-    args = argparse.Namespace(ratio=0.25, nsamples=4, seqlen=16, compensate="rotation", device="cpu", matmul="fp32",
-                              max_gpu_memory=None, prune_args="--compensate lstsq+bias --allocation depth")
+    args = argparse.Namespace(
+        ratio=0.25,
+        nsamples=4,
+        seqlen=16,
+        compensate="rotation",
+        device="cpu",
+        matmul="fp32",
+        max_gpu_memory=None,
+        prune_args="--compensate lstsq+bias --allocation depth",
+    )
     report = tool.prune_once(src, tmp_path / "out", args)
     assert report["settings"]["ratio"] == 0.25 and report["device_name"] == "cpu"
     assert report["settings"]["compensate"] == "lstsq+bias" and report["settings"]["allocation"] == "depth"
