@@ -142,15 +142,11 @@ def _prune(
     if not writer.done(0):
         writer.write(0, {arch.EMBED: embed})
     del embed
-    strategy = STRATEGIES[settings.reconstruct](
-        LayerStep(source.cfg, streams, inputs, settings, run, biases, STRATEGIES[settings.reconstruct].trains),
-        work,
-        group.is_main,
-    )
-    first_todo = _resume_layers(r, strategy, writer, streams, inputs)
-    LayerLoop(source, strategy, writer, plan, fmt, reporter).layers(
-        first_todo + strategy.pending_after(first_todo, source.n_layers)
-    )
+    strategy_class = STRATEGIES[settings.reconstruct]
+    step = LayerStep(source.cfg, streams, inputs, settings, run, biases, keep_targets=strategy_class.trains)
+    strategy = strategy_class(step, work, group.is_main)
+    first_todo, start = _resume_layers(r, strategy, writer, streams, inputs)
+    LayerLoop(source, strategy, writer, plan, fmt, reporter).layers(start)
     if not group.is_main:  # rank 0 writes the rest; the others return its report once it is published
         return group.from_main(lambda: None)  # (sent, not read back: OUT may be on rank 0's machine only)
     report = _finish(r, writer, plan, fmt, biases, params_before, first_todo if resume else None, model, started)
@@ -190,8 +186,11 @@ def _open_output(r: _Run, plan: WidthPlan) -> ShardWriter:
     return ShardWriter(r.work, source.n_layers + 2, manifest, shard_bytes, r.group.is_main)
 
 
-def _resume_layers(r: _Run, strategy, writer: ShardWriter, streams: Streams, inputs: arch.LayerInputs) -> int:
-    """The first layer not written yet; on resume, the streams are rebuilt up to it (and past a pending layer)."""
+def _resume_layers(
+    r: _Run, strategy, writer: ShardWriter, streams: Streams, inputs: arch.LayerInputs
+) -> tuple[int, int]:
+    """The first layer not written yet, and the first the loop runs (past a layer the strategy held pending);
+    on resume, the streams are rebuilt up to the latter."""
     n_layers = r.source.n_layers
     first_todo = next((i for i in range(n_layers) if not r.manifest.done(i + 1)), n_layers)
     if first_todo:
@@ -204,7 +203,7 @@ def _resume_layers(r: _Run, strategy, writer: ShardWriter, streams: Streams, inp
         replay(r.source, writer, results, streams, inputs, r.run, n_dense=first_todo + pending)
         if pending:
             strategy.resume(first_todo)
-    return first_todo
+    return first_todo, first_todo + pending
 
 
 def _finish(
