@@ -108,7 +108,7 @@ class LayerLoop:
             prefix = arch.layer_prefix(layer.index)
             self.writer.write(layer.index + 1, {prefix + k: v for k, v in layer.tensors.items()}, layer.record)
             self.reporter.advance(layer_line(layer.record, self.source.n_layers, shape))
-            del layer
+            del layer  # before the strategy is asked for the next one (its tensors can go)
 
 
 def replay(
