@@ -182,6 +182,14 @@ class PruneSettings:
         "see rcpu-lite calib show.",
     )
     gen_quant: str = knob("none", "The generator's weights: none, or 4bit (CUDA and bitsandbytes).")
+    multiple_of: int = knob(
+        1,
+        "Round every layer's kept MLP width, and its attention width (heads x head_dim) where the key/value groups "
+        "allow, to the nearest multiple of N, so that llama.cpp can quantise every row (32 for Q8_0, 256 for the "
+        "K-quants; other widths stay F16). Each layer rounds to its nearest multiple: the total stays within half a "
+        "multiple per layer of --ratio / --target-params.",
+        shown="1 = no rounding",
+    )
 
     @property
     def compensated_projections(self) -> tuple[str, ...]:
@@ -287,7 +295,7 @@ class PruneSettings:
                 parse_size(self.max_gpu_memory)
             except ValueError as e:
                 raise SettingsError(str(e)) from None
-        for name in ("nsamples", "seqlen", "micro_batch"):
+        for name in ("nsamples", "seqlen", "micro_batch", "multiple_of"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

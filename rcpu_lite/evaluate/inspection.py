@@ -11,8 +11,10 @@ import textwrap
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from rcpu_lite.methods.allocation import LayerWidths
 from rcpu_lite.output.checks import working_dir
 from rcpu_lite.output.report import PROJECTIONS, REPORT_NAME, LayerResult, ProjectionResult
+from rcpu_lite.output.runtimes import quantisation_warning
 
 PLOT_SIZE_INCHES = (9.0, 7.0)
 PLOT_DPI = 100  # with PLOT_SIZE_INCHES: a 900 x 700 PNG
@@ -86,6 +88,7 @@ class InspectReport:
     peak_gpu_bytes: int | None = None  # None on the CPU
     peak_weight_bytes: int | None = None
     resumed_at_layer: int | None = None
+    head_dim: int | None = None
 
     @property
     def param_reduction(self) -> float:
@@ -155,6 +158,7 @@ def inspect_output(path: str | Path) -> InspectReport:
             params_after=data["params_after"],
             layers=[LayerSummary.of(LayerResult.from_json(r)) for r in data["layers"]],
             settings=data.get("settings", {}),
+            head_dim=shape.get("head_dim"),
             **{name: data.get(name) for name in OPTIONAL_TOTALS},
         )
     except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -219,7 +223,16 @@ def format_table(report: InspectReport) -> str:
         "errors: ||Y - Z|| / ||Y|| on the calibration windows (ho: on the held-out windows)",
         "pruned: before compensation, comp: after; block final: as written (after compensation and any reconstruction)",
     ]
-    return "\n".join(lines + legend + [""] + _totals(report))
+    return "\n".join(lines + legend + [""] + _totals(report) + _runtime_warning(report))
+
+
+def _runtime_warning(report: InspectReport) -> list[str]:
+    if report.head_dim is None:  # an older report
+        return []
+    dense = LayerWidths(report.heads_before, report.kv_heads_before, report.channels_before)
+    layers = [LayerWidths(r.heads, r.kv_heads, r.channels) for r in report.layers]
+    warning = quantisation_warning(layers, dense, report.head_dim)
+    return [f"warning: {warning}"] if warning else []
 
 
 def _totals(report: InspectReport) -> list[str]:

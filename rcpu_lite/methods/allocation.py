@@ -8,6 +8,7 @@ heads can only go a group-multiple at a time, the MLP channels can take up what 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -175,6 +176,39 @@ def _standardised(scores: torch.Tensor) -> torch.Tensor:
     scores = scores.double().cpu()
     std = scores.std() if scores.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
     return (scores - scores.mean()) / std if std > 0 else scores - scores.mean()
+
+
+def aligned(plan: WidthPlan, shape: LayerShape, multiple: int) -> WidthPlan:
+    """`plan` with every layer's kept MLP width, and its attention width n_heads * head_dim where the key/value
+    groups allow, rounded to the nearest multiple of `multiple` (llama.cpp quantises a row only in whole blocks:
+    32 values for Q8_0 / Q4_0, 256 for the K-quants; a row of another length stays F16).
+
+    Each layer rounds to its nearest multiple, so the total lands within half a multiple per layer of the
+    plan's. A full width stays full; a pruned layer keeps at least one multiple; widths that cannot be aligned
+    (fewer heads than one aligned group) stay as planned.
+    """
+    if multiple <= 1:
+        return plan
+    return WidthPlan(plan.allocation, tuple(_aligned_layer(w, shape, multiple) for w in plan.layers))
+
+
+def _aligned_layer(w: LayerWidths, shape: LayerShape, multiple: int) -> LayerWidths:
+    n, kv = shape.num_attention_heads, shape.num_key_value_heads
+    mha = kv == n
+    head_unit = multiple // math.gcd(multiple, shape.head_dim)  # heads whose columns make whole blocks
+    if not mha:
+        head_unit = head_unit * kv // math.gcd(head_unit, kv)  # and the same number from every key/value group
+    heads = _nearest_multiple(w.heads, head_unit, n)
+    return LayerWidths(
+        heads, heads if mha else w.kv_heads, _nearest_multiple(w.channels, multiple, shape.intermediate_size)
+    )
+
+
+def _nearest_multiple(kept: int, unit: int, full: int) -> int:
+    if kept >= full or unit > full:
+        return kept
+    rounded = max(unit, unit * math.floor(kept / unit + 0.5))
+    return rounded if rounded <= full else full - full % unit
 
 
 @dataclass(frozen=True)

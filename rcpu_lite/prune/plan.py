@@ -13,7 +13,7 @@ import torch
 from rcpu_lite.display import Reporter
 from rcpu_lite.families import arch
 from rcpu_lite.methods import scoring
-from rcpu_lite.methods.allocation import PLANS, WidthPlan
+from rcpu_lite.methods.allocation import PLANS, WidthPlan, aligned
 from rcpu_lite.output.formats import OutputFormat
 from rcpu_lite.prune.source import Source, check_finite
 from rcpu_lite.prune.step import dense_pass, propagate
@@ -42,7 +42,8 @@ def width_plan(
         hidden = place(arch.embed(source.cfg, source.embeddings(), windows))
         scores = scoring_pass(settings, source, hidden, inputs, run, reporter)
         del hidden
-    return allocation.plan(source.shape, source.n_layers, settings, arch.unit_costs(source.cfg), scores)
+    plan = allocation.plan(source.shape, source.n_layers, settings, arch.unit_costs(source.cfg), scores)
+    return aligned(plan, source.shape, settings.multiple_of)
 
 
 def scoring_pass(

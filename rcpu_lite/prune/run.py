@@ -22,7 +22,7 @@ from rcpu_lite.display import PlainReporter, Reporter
 from rcpu_lite.families import arch
 from rcpu_lite.memory_plan import DEFAULT_BUDGET_FRACTION, MemoryPlan, parse_size
 from rcpu_lite.memory_plan import plan as plan_memory
-from rcpu_lite.methods.allocation import WidthPlan
+from rcpu_lite.methods.allocation import LayerWidths, WidthPlan
 from rcpu_lite.output import remote
 from rcpu_lite.output.checks import (
     DiskFull,
@@ -36,6 +36,7 @@ from rcpu_lite.output.formats import OutputFormat, choose_format, output_biases,
 from rcpu_lite.output.fsutil import publish
 from rcpu_lite.output.manifest import MANIFEST_NAME, Manifest, differences, fingerprint
 from rcpu_lite.output.report import REPORT_NAME, LayerResult, shape_after, summary
+from rcpu_lite.output.runtimes import quantisation_warning
 from rcpu_lite.output.writer import ShardWriter
 from rcpu_lite.prune.loop import Interrupted, LayerLoop, replay
 from rcpu_lite.prune.plan import log_plan, width_plan
@@ -152,7 +153,10 @@ def _prune(
     report = _finish(r, writer, plan, fmt, biases, params_before, first_todo if resume else None, model, started)
     publish(work, out.resolve(), remove_last=MANIFEST_NAME)
     group.from_main(lambda: report)
-    reporter.finish(summary(report, out))
+    shape = source.shape
+    dense = LayerWidths(shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size)
+    warning = quantisation_warning(plan.layers, dense, shape.head_dim)
+    reporter.finish(([warning] if warning else []) + summary(report, out))  # the summary ends the run
     return report
 
 

@@ -90,3 +90,45 @@ def test_adaptive_follows_standardised_scores_not_raw_scale():
 def test_plan_round_trips_through_json():
     plan = allocation.depth(LLAMA_7B, 4, 0.2, _costs(LLAMA_7B))
     assert allocation.WidthPlan.from_json(plan.as_json()) == plan
+
+
+# --multiple-of: widths llama.cpp can quantise
+
+
+@pytest.mark.parametrize("multiple", [32, 64, 128, 256])
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3])
+def test_aligned_widths_are_multiples_and_the_total_stays_within_half_a_multiple_per_layer(multiple, ratio):
+    plan = allocation.uniform(LLAMA_7B, 32, ratio)
+    out = allocation.aligned(plan, LLAMA_7B, multiple)
+    for before, after in zip(plan.layers, out.layers):
+        assert after.channels % multiple == 0 and (after.heads * LLAMA_7B.head_dim) % multiple == 0
+        assert after.heads == after.kv_heads  # multi-head: the KV heads follow
+        assert abs(after.channels - before.channels) <= multiple / 2
+    assert out.uniform and out.allocation == "uniform"
+
+
+def test_aligned_rounds_each_layer_of_a_per_layer_plan_and_keeps_gqa_groups_even():
+    shape = LayerShape(576, 9, 3, 64, 1536)  # SmolLM2-135M
+    plan = allocation.depth(shape, 30, 0.3, _costs(shape))
+    out = allocation.aligned(plan, shape, 64)
+    assert [w.channels % 64 for w in out.layers] == [0] * 30
+    assert all(w.heads % 3 == 0 and w.kv_heads == 3 for w in out.layers)
+    removed = sum(shape.intermediate_size - w.channels for w in plan.layers)
+    removed_after = sum(shape.intermediate_size - w.channels for w in out.layers)
+    assert abs(removed_after - removed) <= 32 * 30
+
+
+def test_aligned_leaves_full_widths_and_what_cannot_be_aligned():
+    shape = LayerShape(576, 9, 3, 64, 1536)
+    assert allocation.aligned(allocation.uniform(shape, 2, 0.0), shape, 256).layers[0] == allocation.LayerWidths(
+        9, 3, 1536
+    )
+    # 256 / gcd(256, 64) = 4 heads per block, times 3 groups: 12 > 9 heads, so the heads stay as planned
+    assert allocation.aligned(allocation.uniform(shape, 2, 0.2), shape, 256).layers[0] == allocation.LayerWidths(
+        9, 3, 1280
+    )
+    assert allocation.aligned(allocation.uniform(shape, 2, 0.2), shape, 1).layers[0] == allocation.LayerWidths(
+        9, 3, 1229
+    )
+    # a layer that would round to nothing keeps one multiple
+    assert allocation._nearest_multiple(5, 64, 1536) == 64
