@@ -393,7 +393,7 @@ def _oom(*args, **kwargs):
 
 def test_cuda_out_of_memory(model, tmp_path, calib_file, monkeypatch):
     before = snapshot(model)
-    monkeypatch.setattr(step_module, "prune_layer", _oom)
+    monkeypatch.setattr(step_module.LayerStep, "prune", _oom)
     result = prune(model, tmp_path / "out", calib_file)
     line = assert_one_line_error(result, "CUDA out of memory in prune_layer", ["out of memory"], ["--micro-batch"])
     assert "--device cpu" in line
@@ -404,7 +404,7 @@ def test_after_out_of_memory_the_suggested_resume_runs(model, tmp_path, calib_fi
     """The message says "use a smaller --micro-batch (now 16) ... then rerun with --resume"; doing
     exactly that must continue the run."""
     out = tmp_path / "out"
-    monkeypatch.setattr(step_module, "prune_layer", _oom)
+    monkeypatch.setattr(step_module.LayerStep, "prune", _oom)
     assert prune(model, out, calib_file).exit_code == 2
     monkeypatch.undo()
     result = prune(model, out, calib_file, "--micro-batch", "2", "--resume")
@@ -592,7 +592,7 @@ def test_second_interrupt_aborts_with_130_and_says_resume(model, tmp_path, calib
     def abort(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(step_module, "prune_layer", abort)
+    monkeypatch.setattr(step_module.LayerStep, "prune", abort)
     result = prune(model, tmp_path / "out", calib_file)
     assert result.exit_code == 130
     assert result.stderr.strip().startswith("aborted") and "--resume" in result.stderr

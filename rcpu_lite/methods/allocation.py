@@ -50,6 +50,11 @@ class WidthPlan:
         return cls(data["allocation"], tuple(LayerWidths(**w) for w in data["layers"]))
 
 
+def dense_widths(shape: LayerShape) -> LayerWidths:
+    """The widths of an unpruned layer."""
+    return LayerWidths(shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size)
+
+
 def _removed_params(shape: LayerShape, costs: UnitCosts, w: LayerWidths) -> int:
     return (
         (shape.num_attention_heads - w.heads) * costs.query_head

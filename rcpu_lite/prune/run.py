@@ -22,7 +22,7 @@ from rcpu_lite.display import PlainReporter, Reporter
 from rcpu_lite.families import arch
 from rcpu_lite.memory_plan import DEFAULT_BUDGET_FRACTION, MemoryPlan, parse_size
 from rcpu_lite.memory_plan import plan as plan_memory
-from rcpu_lite.methods.allocation import LayerWidths, WidthPlan
+from rcpu_lite.methods.allocation import WidthPlan, dense_widths
 from rcpu_lite.output import remote
 from rcpu_lite.output.checks import (
     DiskFull,
@@ -145,7 +145,7 @@ def _prune(
     del embed
     strategy_class = STRATEGIES[settings.reconstruct]
     step = LayerStep(source.cfg, streams, inputs, settings, run, biases, keep_targets=strategy_class.trains)
-    strategy = strategy_class(step, work, group.is_main)
+    strategy = strategy_class(step, work)
     first_todo, start = _resume_layers(r, strategy, writer, streams, inputs)
     LayerLoop(source, strategy, writer, plan, fmt, reporter).layers(start)
     if not group.is_main:  # rank 0 writes the rest; the others return its report once it is published
@@ -153,9 +153,7 @@ def _prune(
     report = _finish(r, writer, plan, fmt, biases, params_before, first_todo if resume else None, model, started)
     publish(work, out.resolve(), remove_last=MANIFEST_NAME)
     group.from_main(lambda: report)
-    shape = source.shape
-    dense = LayerWidths(shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size)
-    warning = quantisation_warning(plan.layers, dense, shape.head_dim)
+    warning = quantisation_warning(plan.layers, dense_widths(source.shape), source.shape.head_dim)
     reporter.finish(([warning] if warning else []) + summary(report, out))  # the summary ends the run
     return report
 

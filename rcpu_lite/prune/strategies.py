@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from rcpu_lite.families import arch
-from rcpu_lite.methods.allocation import LayerWidths
+from rcpu_lite.methods.allocation import LayerWidths, dense_widths
 from rcpu_lite.methods.reconstruct import reconstruct
 from rcpu_lite.output.checks import OutputError
 from rcpu_lite.output.report import LayerResult
@@ -57,8 +57,9 @@ class Plain:
     trains = False  # whether the strategy trains weights (the ranks must then take equal steps)
     stages: tuple[str, ...] = ("propagate",)  # the Stopwatch laps after "compensation", in order
 
-    def __init__(self, layer_step: LayerStep, work: Path | None = None, main: bool = True):
-        self.layer_step, self.work, self.main = layer_step, work, main
+    def __init__(self, layer_step: LayerStep, work: Path | None = None):
+        self.layer_step, self.work = layer_step, work
+        self.main = layer_step.run.group.is_main  # only rank 0 touches files (distributed.py)
 
     def pending_after(self, finished: int, n_layers: int) -> int:
         """How many layers past the finished ones were computed and are held in a side file (resume)."""
@@ -70,11 +71,8 @@ class Plain:
     def step(
         self, i: int, stored: dict[str, torch.Tensor], widths: LayerWidths, watch: Stopwatch
     ) -> tuple[LayerResult, Iterable[Finished]]:
-        s = self.layer_step
-        written, record = steps.prune_layer(
-            s.cfg, i, stored, s.streams, s.inputs, s.settings, widths, s.biases, watch, s.run
-        )
-        return record, [Finished(i, written, record)]
+        pruned = self.layer_step.prune(i, stored, widths, watch)
+        return pruned.record, [Finished(i, self.layer_step.propagate(pruned, watch), pruned.record)]
 
     def finish(self) -> Iterable[Finished]:
         return []
@@ -126,8 +124,8 @@ class Cross(Plain):
     trains = True
     stages = ("propagate", "reconstruction", "propagate")
 
-    def __init__(self, layer_step: LayerStep, work: Path | None = None, main: bool = True):
-        super().__init__(layer_step, work, main)
+    def __init__(self, layer_step: LayerStep, work: Path | None = None):
+        super().__init__(layer_step, work)
         self.pending: Pending | None = None
 
     def pending_after(self, finished: int, n_layers: int) -> int:
@@ -232,7 +230,7 @@ class Cross(Plain):
 
     def _pruned(self, record: LayerResult) -> bool:
         s = self.layer_step.shape
-        return record.widths != LayerWidths(s.num_attention_heads, s.num_key_value_heads, s.intermediate_size)
+        return record.widths != dense_widths(s)
 
     def _path(self, index: int) -> Path:
         return self.work / PENDING.format(index)
