@@ -395,7 +395,9 @@ def test_cuda_out_of_memory(model, tmp_path, calib_file, monkeypatch):
     before = snapshot(model)
     monkeypatch.setattr(step_module.LayerStep, "prune", _oom)
     result = prune(model, tmp_path / "out", calib_file)
-    line = assert_one_line_error(result, "CUDA out of memory in prune_layer", ["out of memory"], ["--micro-batch"])
+    line = assert_one_line_error(
+        result, "CUDA out of memory while pruning a layer", ["out of memory"], ["--micro-batch"]
+    )
     assert "--device cpu" in line
     assert snapshot(model) == before
 

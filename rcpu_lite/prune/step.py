@@ -3,7 +3,7 @@
 `LayerStep.prune` runs the dense layer over the streams (statistics, held-out inputs, local targets),
 selects the kept units, slices the layer and repairs o_proj and down_proj; it returns the compact layer
 before it moves the streams on, so a strategy (strategies.py) may refine it first. `LayerStep.propagate`
-then casts it to the stored dtypes and runs it over the streams. `prune_layer` does both. The maths is in
+then casts it to the stored dtypes and runs it over the streams. The maths is in
 methods/; module names and shapes in families/.
 """
 
@@ -16,13 +16,13 @@ from transformers import PretrainedConfig
 
 from rcpu_lite.families import arch, units
 from rcpu_lite.methods import compensation, selection
-from rcpu_lite.methods.allocation import LayerWidths, uniform
+from rcpu_lite.methods.allocation import LayerWidths
 from rcpu_lite.methods.metrics import relative_error
 from rcpu_lite.methods.reconstruct import block_error
 from rcpu_lite.methods.stats import InputStats, PairedStats
 from rcpu_lite.output.report import LayerResult, ProjectionResult
 from rcpu_lite.prune.streams import Streams
-from rcpu_lite.runtime import Placement, Stopwatch, cuda_matmul_precision, decomposition_device, to_compute
+from rcpu_lite.runtime import Placement, Stopwatch, cuda_matmul_precision, to_compute
 from rcpu_lite.settings import PruneSettings
 
 
@@ -349,32 +349,6 @@ class LayerStep:
         )
         watch.lap("propagate")
         return written
-
-
-def prune_layer(
-    cfg,
-    index: int,
-    stored: dict[str, torch.Tensor],
-    streams: Streams | torch.Tensor,
-    inputs: arch.LayerInputs,
-    settings: PruneSettings,
-    widths: LayerWidths | None = None,
-    biases: frozenset[str] = frozenset(),
-    watch: Stopwatch | None = None,
-    placement: Placement | None = None,
-) -> tuple[dict[str, torch.Tensor], LayerResult]:
-    """Prune one decoder layer to `widths` (default: uniform at settings.ratio), repair it, and move the
-    streams past it; return its compact tensors (host, stored dtypes) and its record."""
-    streams = streams if isinstance(streams, Streams) else Streams(streams)
-    here = streams.calib.device
-    run = placement or Placement(
-        here, here, settings.micro_batch, decomposition=decomposition_device(settings.decomposition_device, here)
-    )
-    watch = watch or Stopwatch(run.device)
-    widths = widths or uniform(arch.layer_shape(cfg), 1, settings.ratio).layers[0]
-    step = LayerStep(cfg, streams, inputs, settings, run, biases)
-    pruned = step.prune(index, stored, widths, watch)
-    return step.propagate(pruned, watch), pruned.record
 
 
 def propagate(
