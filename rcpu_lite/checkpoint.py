@@ -86,6 +86,10 @@ class CheckpointReader:
     def shape(self, name: str) -> list[int]:
         return list(self._file(name).get_slice(name).get_shape())
 
+    def dtype_name(self, name: str) -> str:
+        """safetensors' name of the tensor's dtype ("F32", "BF16", ...)."""
+        return self._file(name).get_slice(name).get_dtype()
+
     def dtype_bytes(self, name: str) -> int:
         return DTYPE_BYTES[self._file(name).get_slice(name).get_dtype()]
 

@@ -251,6 +251,64 @@ def inspect(
     typer.echo(json.dumps(report.to_json()) if as_json else format_table(report))
 
 
+def _gguf_types() -> dict:
+    from rcpu_lite.export.types import GGUF_TYPES
+
+    return GGUF_TYPES
+
+
+def _tensor_progress(done: int, total: int) -> None:
+    """One log line per tenth of the tensors written."""
+    if done == total or done * 10 // total != (done - 1) * 10 // total:
+        logging.getLogger("rcpu_lite").info("export: %d of %d tensors written", done, total)
+
+
+@app.command("export")
+def export(
+    model: Path = typer.Argument(
+        ..., metavar="DIR", help="A checkpoint directory: an output of prune (any widths), or a plain one."
+    ),
+    gguf: Path = typer.Option(
+        ..., "--gguf", metavar="FILE", help="The GGUF file to write (for llama.cpp, Ollama, LM Studio)."
+    ),
+    type: str = typer.Option(
+        "f16",
+        "--type",
+        help="How weights are stored: "
+        + "; ".join(f"{name}: {t.help}" for name, t in _gguf_types().items())
+        + ". The K-quants need llama-cpp-python (the package's gguf extra).",
+    ),
+    pre_tokenizer: Optional[str] = typer.Option(
+        None,
+        "--pre-tokenizer",
+        help="llama.cpp's name (tokenizer.ggml.pre) for how the tokenizer splits text, for a byte-level tokenizer "
+        "rcpu-lite cannot identify (it identifies GPT-2, SmolLM, Llama 3 and Qwen2 splitting). (default: identify it)",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace FILE if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and the final line."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
+) -> None:
+    """Write DIR as one GGUF file for llama.cpp, one tensor at a time. Uniform widths keep the family's own
+    architecture where llama.cpp's loader holds the shapes (else llama); per-layer widths are written as
+    llama.cpp's deci (Nemotron-NAS), which reads head counts and FFN length per layer. The file appears only when
+    complete (it is written as FILE.partial)."""
+    from rcpu_lite.export import to_gguf
+
+    _logging(quiet)
+    try:
+        result = to_gguf(
+            model, gguf, type=type, overwrite=overwrite, pre_tokenizer=pre_tokenizer, progress=_tensor_progress
+        )
+    except (Exception, KeyboardInterrupt) as e:
+        _fail(e, debug)
+    left = (
+        f"; {len(result.unquantised)} matrices stay F16 (widths no multiple of the block)" if result.unquantised else ""
+    )
+    typer.echo(
+        f"wrote {result.file} ({result.architecture}, {result.type}, {result.bytes / 1e6:.1f} MB) in {result.seconds:.1f} s{left}"
+    )
+
+
 @app.command("generate")
 def generate_text(
     model: str = typer.Argument(..., help=MODEL_HELP),

@@ -47,6 +47,7 @@ class TinySpec:
     tie_word_embeddings: bool = False
     seed: int = 0
     std: float = 0.15
+    tokenizer: str = "whitespace"  # whitespace | bytelevel (GPT-2-style byte-level BPE, which llama.cpp reads)
 
     def replace(self, **changes) -> "TinySpec":
         return dataclasses.replace(self, **changes)
@@ -57,6 +58,7 @@ class TinySpec:
         return (
             f"{self.model_type}-h{self.num_attention_heads}kv{self.num_key_value_heads}d{self.head_dim}"
             f"-ff{self.intermediate_size}-L{self.num_hidden_layers}-{tie}-s{self.seed}"
+            + ("" if self.tokenizer == "whitespace" else f"-{self.tokenizer}")
         )
 
 
@@ -104,15 +106,25 @@ def write_calibration(path: Path, n_chars: int = CALIB_CHARS) -> Path:
     return path
 
 
-def build_tokenizer(text: str, vocab_size: int = TOKENIZER_VOCAB):
-    """A tiny BPE tokenizer trained on `text`, wrapped as a transformers fast tokenizer."""
+def build_tokenizer(text: str, vocab_size: int = TOKENIZER_VOCAB, kind: str = "whitespace"):
+    """A tiny BPE tokenizer trained on `text`, wrapped as a transformers fast tokenizer: split on whitespace,
+    or GPT-2's byte-level BPE (every byte a token, then merges), the form llama.cpp's "gpt2" vocabulary reads."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.BPEDecoder()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    if kind == "bytelevel":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.decoder = decoders.BPEDecoder()
+        alphabet = []
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
+    )
     tok.train_from_iterator(text.splitlines(), trainer=trainer)
     assert tok.get_vocab_size() <= vocab_size
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
@@ -202,7 +214,7 @@ def build_checkpoint(out_dir: Path, spec: TinySpec, calib_text: str | None = Non
         config = json.loads(config_file.read_text())
         del config["head_dim"]
         config_file.write_text(json.dumps(config, indent=2) + "\n")
-    tokenizer = build_tokenizer(calib_text if calib_text is not None else calibration_text())
+    tokenizer = build_tokenizer(calib_text if calib_text is not None else calibration_text(), kind=spec.tokenizer)
     assert len(tokenizer) <= spec.vocab_size
     tokenizer.save_pretrained(out_dir)
     return out_dir
