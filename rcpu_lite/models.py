@@ -166,7 +166,7 @@ def load_tokenizer(model_dir: Path):
 
     from rcpu_lite.output import remote
 
-    # A remote-code output's config.json names model_type rcpu_pruned: hand the tokenizer the base family's
+    # An older remote-code output's config.json names model_type rcpu_pruned: hand the tokenizer the base family's
     # config, or transformers would ask (on stdout, interactively) to run the code beside the weights.
     kwargs = {"config": remote.layer_configs(model_dir)[0]} if remote.is_remote(remote.read_config(model_dir)) else {}
     try:

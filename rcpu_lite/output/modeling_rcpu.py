@@ -2,7 +2,9 @@
 (written by rcpu-lite).
 
 Load with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (config.json's `auto_map`
-names this file, copied beside the weights), or with `rcpu_lite.load_pruned(path)`.
+names this file, copied beside the weights), or with `rcpu_lite.load_pruned(path)`. config.json's `model_type` is
+the base family's, so the tokenizer and AutoConfig load with no remote code and no question; without
+trust_remote_code, AutoModelForCausalLM builds the stock class and refuses the per-layer shapes (size mismatch).
 
 config.json is the base family's own config (`base_model_type`: llama, mistral, qwen2, qwen3, gemma2 or
 gemma3_text; `head_dim`
@@ -32,7 +34,7 @@ from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer
 
-MODEL_TYPE = "rcpu_pruned"
+MODEL_TYPE = "rcpu_pruned"  # the model_type of outputs written before it became the base family's (still read)
 # The keys this format adds to the base family's config.json.
 OWN_KEYS = ("base_model_type", "layer_widths", "o_proj_bias", "down_proj_bias")
 # flag -> (submodule, projection) of a decoder layer
@@ -86,7 +88,7 @@ class _PrunedConfig:
 
 
 class PrunedLlamaConfig(_PrunedConfig, LlamaConfig):
-    model_type = MODEL_TYPE
+    model_type = "llama"  # the base family's: tokenizers and AutoConfig load without remote code
     base_class = LlamaConfig
     base_model_type: str = "llama"
     layer_widths: list | None = None
@@ -95,7 +97,7 @@ class PrunedLlamaConfig(_PrunedConfig, LlamaConfig):
 
 
 class PrunedMistralConfig(_PrunedConfig, MistralConfig):
-    model_type = MODEL_TYPE
+    model_type = "mistral"  # the base family's: tokenizers and AutoConfig load without remote code
     base_class = MistralConfig
     base_model_type: str = "mistral"
     layer_widths: list | None = None
@@ -104,7 +106,7 @@ class PrunedMistralConfig(_PrunedConfig, MistralConfig):
 
 
 class PrunedQwen2Config(_PrunedConfig, Qwen2Config):
-    model_type = MODEL_TYPE
+    model_type = "qwen2"  # the base family's: tokenizers and AutoConfig load without remote code
     base_class = Qwen2Config
     base_model_type: str = "qwen2"
     layer_widths: list | None = None
@@ -113,7 +115,7 @@ class PrunedQwen2Config(_PrunedConfig, Qwen2Config):
 
 
 class PrunedQwen3Config(_PrunedConfig, Qwen3Config):
-    model_type = MODEL_TYPE
+    model_type = "qwen3"  # the base family's: tokenizers and AutoConfig load without remote code
     base_class = Qwen3Config
     base_model_type: str = "qwen3"
     layer_widths: list | None = None
@@ -122,7 +124,7 @@ class PrunedQwen3Config(_PrunedConfig, Qwen3Config):
 
 
 class PrunedGemma2Config(_PrunedConfig, Gemma2Config):
-    model_type = MODEL_TYPE
+    model_type = "gemma2"  # the base family's: tokenizers and AutoConfig load without remote code
     base_class = Gemma2Config
     base_model_type: str = "gemma2"
     layer_widths: list | None = None
@@ -131,7 +133,7 @@ class PrunedGemma2Config(_PrunedConfig, Gemma2Config):
 
 
 class PrunedGemma3Config(_PrunedConfig, Gemma3TextConfig):
-    model_type = MODEL_TYPE
+    model_type = "gemma3_text"  # the base family's: tokenizers and AutoConfig load without remote code
     base_class = Gemma3TextConfig
     base_model_type: str = "gemma3_text"
     layer_widths: list | None = None

@@ -2,9 +2,11 @@
 
 A uniform pruning is written as a plain checkpoint of the input's family. Layers of different widths
 (adaptive or depth-rising allocations), or an o_proj / down_proj bias the family's class lacks (FLAP's bias
-compensation), are written in this format instead: the base family's config.json with `model_type`
-"rcpu_pruned", `base_model_type`, `auto_map` naming rcpu_lite/modeling_rcpu.py (copied beside the weights),
-`layer_widths` and the `o_proj_bias` / `down_proj_bias` flags. The weights are laid out as usual.
+compensation), are written in this format instead: the base family's config.json (its own `model_type`, so
+AutoTokenizer and AutoConfig never ask about remote code) with `base_model_type`, `architectures` and
+`auto_map` naming rcpu_lite/modeling_rcpu.py (copied beside the weights), `layer_widths` and the
+`o_proj_bias` / `down_proj_bias` flags. The weights are laid out as usual. Outputs written earlier have
+`model_type` "rcpu_pruned"; they are read the same.
 
 `layer_configs` turns either kind of checkpoint into the base family's config objects, one per layer, which
 `arch.build_layer` and `arch.layer_inputs` take.
@@ -29,8 +31,10 @@ BIASES = frozenset(arch.PROJECTIONS)  # the projections that may get a compensat
 
 
 def is_remote(config: dict) -> bool:
-    """Whether a config.json (as a dict) is in this format."""
-    return config.get("model_type") == modeling_rcpu.MODEL_TYPE
+    """Whether a config.json (as a dict) is in this format (either model_type)."""
+    return config.get("model_type") == modeling_rcpu.MODEL_TYPE or (
+        "base_model_type" in config and "layer_widths" in config
+    )
 
 
 def config_json(input_config: dict, layer_widths: list[LayerWidths], head_dim: int, biases: frozenset[str]) -> dict:
@@ -59,7 +63,7 @@ def config_json(input_config: dict, layer_widths: list[LayerWidths], head_dim: i
     config_class, model_class = (c.__name__ for c in modeling_rcpu.CLASSES[base])
     module = Path(CODE_NAME).stem
     config.update(
-        model_type=modeling_rcpu.MODEL_TYPE,
+        model_type=base,
         base_model_type=base,
         architectures=[model_class],
         auto_map={"AutoConfig": f"{module}.{config_class}", "AutoModelForCausalLM": f"{module}.{model_class}"},
@@ -85,8 +89,7 @@ def classes(config: dict) -> tuple[type, type]:
     base = config.get("base_model_type")
     if base not in modeling_rcpu.CLASSES:
         raise arch.UnsupportedModel(
-            f"config.json has model_type {modeling_rcpu.MODEL_TYPE!r} with base_model_type "
-            f"{base!r}; rcpu-lite knows {', '.join(sorted(modeling_rcpu.CLASSES))}"
+            f"config.json has per-layer widths with base_model_type {base!r}; rcpu-lite knows {', '.join(sorted(modeling_rcpu.CLASSES))}"
         )
     return modeling_rcpu.CLASSES[base]
 

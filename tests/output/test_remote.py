@@ -73,7 +73,7 @@ def test_config_json_contract(output):
     src = json.loads((output["src"] / "config.json").read_text())
     base = src["model_type"]
     family = arch.FAMILIES[base].class_prefix
-    assert written["model_type"] == "rcpu_pruned" and written["base_model_type"] == base
+    assert written["model_type"] == base and written["base_model_type"] == base
     assert written["architectures"] == [f"Pruned{family}ForCausalLM"]
     assert written["auto_map"] == {
         "AutoConfig": f"modeling_rcpu.Pruned{family}Config",
@@ -135,11 +135,6 @@ def test_load_pruned_reproduces_logits_without_remote_code(output, tmp_path):
     assert (tmp_path / "resaved" / "modeling_rcpu.py").is_file()
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", trust_remote_code=True, dtype=torch.float32)
     assert (model_logits(again, output["ids"]) - output["reference"]).abs().max().item() <= 1e-4
-
-
-def test_stock_loading_needs_trust_remote_code(output):
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        AutoModelForCausalLM.from_pretrained(output["out"])
 
 
 def test_perplexity_equals_the_loaded_models(output, calib_file):
@@ -237,3 +232,37 @@ def test_perplexity_refuses_layers_that_do_not_match_config(tiny_checkpoint, tmp
     )
     with pytest.raises(ValueError, match="per_layer_config"):
         perplexity(out, calib_file, seqlen=SEQLEN, max_windows=2, device="cpu")
+
+
+def test_tokenizer_and_config_load_with_no_remote_code_and_no_question(output):
+    """config.json's model_type is the base family's: AutoTokenizer (which reads the config first) and AutoConfig
+    load in a process with no terminal and trust_remote_code unset, and never print transformers' question."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from transformers import AutoConfig, AutoTokenizer\n"
+        "tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "config = AutoConfig.from_pretrained(sys.argv[1])\n"
+        "print(len(tokenizer), config.model_type)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(output["out"])],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "custom code" not in proc.stdout + proc.stderr and "trust_remote_code" not in proc.stdout + proc.stderr
+    base = json.loads((output["src"] / "config.json").read_text())["model_type"]
+    assert proc.stdout.split()[-1] == base
+
+
+def test_stock_class_refuses_per_layer_widths_loudly(output):
+    """Without trust_remote_code the stock class is built at the global widths: transformers refuses the shapes
+    instead of loading a wrong model (every case here has layers of different widths)."""
+    assert len(set(output["widths"])) > 1
+    with pytest.raises(RuntimeError, match="mismatch"):
+        AutoModelForCausalLM.from_pretrained(output["out"])
