@@ -1,6 +1,13 @@
 """What pruning buys: CPU tokens per second (batch 1) and weight memory, dense against pruned.
 
     python tools/bench_inference.py [--model smollm2-135m] [--ratios 0.1 0.2 0.3] [--dir DIR] [--repeats 5]
+    python tools/bench_inference.py --runtime llama.cpp --dense DIR --pruned NAME=DIR [NAME=DIR ...]
+        [--types f32 q8_0 q4_k_m] [--threads 2]
+
+llama.cpp (through llama-cpp-python): every checkpoint is exported with `rcpu-lite export` at each --type into
+--dir/gguf (kept for the next call), then all files are loaded in one process and take turns in each round:
+prompt processing of --prompt-tokens tokens from an empty cache, then --new-tokens greedy decode steps. The
+table gives file sizes and medians, each with its ratio to the dense file of the same type.
 
 Pruned checkpoints are made with the default method (rcpu score, rotation) and the bundled C4
 calibration unless DIR already holds them. Prefill: one forward pass over a --prompt-tokens
@@ -62,8 +69,108 @@ def measure(models: dict, prompt: torch.Tensor, new_tokens: int, repeats: int) -
     }
 
 
+def gguf_files(checkpoints: dict[str, Path], types: list[str], folder: Path) -> dict[tuple[str, str], Path]:
+    """(name, type) -> the exported GGUF file, made once (an existing file is reused)."""
+    from rcpu_lite.export import to_gguf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, path in checkpoints.items():
+        for type_ in types:
+            file = folder / f"{Path(path).resolve().name}.{type_}.gguf"
+            if not file.is_file():
+                to_gguf(path, file, type=type_)
+            files[(name, type_)] = file
+    return files
+
+
+def time_llama_cpp(model, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """Prompt and decode tokens per second of one run in llama.cpp (the KV cache emptied first)."""
+    model.reset()
+    model._ctx.kv_cache_clear()
+    t0 = time.perf_counter()
+    model.eval(prompt)
+    t1 = time.perf_counter()
+    import llama_cpp
+    import numpy as np
+
+    def last_argmax() -> int:
+        logits = llama_cpp.llama_get_logits_ith(model._ctx.ctx, -1)
+        return int(np.ctypeslib.as_array(logits, shape=(model.n_vocab(),)).argmax())
+
+    token = last_argmax()
+    for _ in range(new_tokens):
+        model.eval([token])
+        token = last_argmax()
+    t2 = time.perf_counter()
+    return len(prompt) / (t1 - t0), new_tokens / (t2 - t1)
+
+
+def measure_llama_cpp(files: dict, prompt: list[int], new_tokens: int, repeats: int, threads: int) -> dict:
+    import llama_cpp
+
+    models = {
+        key: llama_cpp.Llama(
+            str(f), n_ctx=len(prompt) + new_tokens + 8, n_batch=len(prompt), n_threads=threads, verbose=False
+        )
+        for key, f in files.items()
+    }
+    runs = {key: [] for key in models}
+    for model in models.values():
+        time_llama_cpp(model, prompt[:8], 2)  # warm-up
+    for _ in range(repeats):
+        for key, model in models.items():
+            runs[key].append(time_llama_cpp(model, prompt, new_tokens))
+    for model in models.values():
+        model.close()
+    return {
+        key: {
+            "bytes": files[key].stat().st_size,
+            "prompt": statistics.median(r[0] for r in runs[key]),
+            "decode": statistics.median(r[1] for r in runs[key]),
+        }
+        for key in models
+    }
+
+
+def llama_cpp_table(results: dict, dense: str) -> str:
+    lines = [
+        "| model | type | file MB (x dense) | prompt tok/s (x dense) | decode tok/s (x dense) |",
+        "|---|---|---|---|---|",
+    ]
+    for (name, type_), r in results.items():
+        base = results[(dense, type_)]
+        lines.append(
+            f"| {name} | {type_} | {r['bytes'] / 1e6:.1f} ({r['bytes'] / base['bytes']:.2f}) | {r['prompt']:.1f} "
+            f"({r['prompt'] / base['prompt']:.2f}x) | {r['decode']:.1f} ({r['decode'] / base['decode']:.2f}x) |"
+        )
+    return "\n".join(lines)
+
+
+def main_llama_cpp(args) -> None:
+    dense = resolve_model(args.dense or args.model)
+    checkpoints = {"dense": dense}
+    for item in args.pruned:
+        name, _, path = item.partition("=")
+        checkpoints[name] = Path(path)
+    files = gguf_files(checkpoints, args.types, args.dir / "gguf")
+    text = calibration.evaluation_text(calibration.CALIBRATION_TEXTS["c4"])
+    ids = calibration.tokenize(load_tokenizer(dense), text)[: args.prompt_tokens].tolist()
+    results = measure_llama_cpp(files, ids, args.new_tokens, args.repeats, args.threads)
+    print(
+        f"\n{Path(str(dense)).name}, llama.cpp (llama-cpp-python), CPU, {args.threads} threads, batch 1, prompt "
+        f"{len(ids)} tokens, {args.new_tokens} decode steps, medians of {args.repeats} rounds in turns\n"
+    )
+    print(llama_cpp_table(results, "dense"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runtime", choices=["transformers", "llama.cpp"], default="transformers")
+    ap.add_argument("--dense", default=None, help="llama.cpp: the dense checkpoint (default: --model)")
+    ap.add_argument("--pruned", nargs="*", default=[], metavar="NAME=DIR", help="llama.cpp: pruned checkpoints")
+    ap.add_argument("--types", nargs="+", default=["f32", "q8_0", "q4_k_m"], help="llama.cpp: GGUF types")
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp: threads")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--dir", type=Path, default=Path("results/inference"))
@@ -72,6 +179,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    if args.runtime == "llama.cpp":
+        return main_llama_cpp(args)
     dense = resolve_model(args.model)
     text = calibration.evaluation_text(calibration.CALIBRATION_TEXTS["c4"])
     prompt = calibration.tokenize(load_tokenizer(dense), text)[: args.prompt_tokens].unsqueeze(0)

@@ -132,3 +132,18 @@ def test_sweep_table_shows_calibration_and_held_out_errors_where_reported():
     assert lines[0] == "| method | ratio | params | PPL | calib. error | held-out error | prune time | prune peak RSS |"
     assert lines[3] == "| m | 20 % | dense | 12.00 | 0.3000 | 0.4000 |  |  |"
     assert "error" not in sweep.table(rows[:1])  # older records without errors keep the old columns
+
+
+def test_llama_cpp_benchmark_exports_once_and_times_every_file_in_each_round(tiny_checkpoint, tmp_path):
+    from llama_cpp_run import llama_cpp
+
+    llama_cpp()
+    tool = load_tool("bench_inference")
+    src = tiny_checkpoint("llama_gqa", num_hidden_layers=2, tokenizer="bytelevel")
+    files = tool.gguf_files({"dense": src, "again": src}, ["f32", "q8_0"], tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{src.name}.f32.gguf", f"{src.name}.q8_0.gguf"]
+    results = tool.measure_llama_cpp(files, [1, 2, 3, 4, 5, 6], new_tokens=3, repeats=2, threads=1)
+    assert list(results) == [("dense", "f32"), ("dense", "q8_0"), ("again", "f32"), ("again", "q8_0")]
+    assert all(r["prompt"] > 0 and r["decode"] > 0 and r["bytes"] > 0 for r in results.values())
+    table = tool.llama_cpp_table(results, "dense")
+    assert table.count("\n") == 5 and "| dense | f32 |" in table
