@@ -230,36 +230,29 @@ def test_tensors_equal_llama_cpps_own_converter(pruned, tmp_path):
             assert ours.fields[key].parts[-1].tolist() == field.parts[-1].tolist(), key
 
 
-def test_llama3_rope_scaling_becomes_rope_freqs(tiny_checkpoint, tmp_path):
-    """Llama 3.1's rope scaling: llama.cpp's rope_freqs (frequency divisors) reproduce transformers' scaled table.
-    The tiny context makes it bite: original context 16, so every wavelength above 4 positions is rescaled."""
-    src = tmp_path / "llama3"
+def with_rope_scaling(tiny_checkpoint, tmp_path, **scaling):
+    """A copy of a tiny Llama whose config.json asks for a rope scaling (the weights unchanged)."""
+    src = tmp_path / scaling["rope_type"]
     shutil.copytree(tiny_checkpoint("llama_gqa", num_hidden_layers=2, tokenizer="bytelevel"), src)
     config = json.loads((src / "config.json").read_text())
     config.pop("rope_parameters", None)
-    config.update(
-        rope_theta=10000.0,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,
-        },
-    )
+    config.update(rope_theta=10000.0, rope_scaling=scaling)
     (src / "config.json").write_text(json.dumps(config))
+    return src
+
+
+def test_llama3_rope_scaling_becomes_rope_freqs(tiny_checkpoint, tmp_path):
+    """Llama 3.1's rope scaling: llama.cpp's rope_freqs (frequency divisors) reproduce transformers' scaled table.
+    The tiny context makes it bite: original context 16, so every wavelength above 4 positions is rescaled."""
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
+    src = with_rope_scaling(tiny_checkpoint, tmp_path, rope_type="llama3", **scaling)
     result = to_gguf(src, tmp_path / "m.gguf", type="f32")
     assert "rope_freqs.weight" in {t.name for t in gguf.GGUFReader(str(result.file)).tensors}
     assert relative_rms(logits(result.file, PROMPT), transformers_logits(src, PROMPT)) < TOLERANCE["f32"]
 
 
 def test_other_rope_scalings_are_refused(tiny_checkpoint, tmp_path):
-    src = tmp_path / "yarn"
-    shutil.copytree(tiny_checkpoint("llama_gqa", num_hidden_layers=2, tokenizer="bytelevel"), src)
-    config = json.loads((src / "config.json").read_text())
-    config.pop("rope_parameters", None)
-    config.update(
-        rope_theta=10000.0, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    src = with_rope_scaling(
+        tiny_checkpoint, tmp_path, rope_type="yarn", factor=4.0, original_max_position_embeddings=16
     )
-    (src / "config.json").write_text(json.dumps(config))
     assert_refused(run_cli(src, "--gguf", tmp_path / "m.gguf"), "yarn")
