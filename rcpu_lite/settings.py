@@ -183,12 +183,12 @@ class PruneSettings:
     )
     gen_quant: str = knob("none", "The generator's weights: none, or 4bit (CUDA and bitsandbytes).")
     multiple_of: int = knob(
-        1,
+        32,
         "Round every layer's kept MLP width, and its attention width (heads x head_dim) where the key/value groups "
-        "allow, to the nearest multiple of N, so that llama.cpp can quantise every row (32 for Q8_0, 256 for the "
-        "K-quants; other widths stay F16). Each layer rounds to its nearest multiple: the total stays within half a "
-        "multiple per layer of --ratio / --target-params.",
-        shown="1 = no rounding",
+        "allow, to the nearest multiple of N, so that llama.cpp can quantise every row (a row of another length stays "
+        "F16: 32 is llama.cpp's smallest block, 256 lets the K-quants use their own type everywhere; 128 suits "
+        "vLLM's grouped int4 kernels). Each layer rounds to its nearest multiple: the total stays within half a "
+        "multiple per layer of --ratio / --target-params. 1 = no rounding.",
     )
 
     @property

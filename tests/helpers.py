@@ -27,6 +27,7 @@ def make_settings(calib: Path, **overrides) -> PruneSettings:
         seed=0,
         device="cpu",
         micro_batch=3,
+        multiple_of=1,  # the exact widths of --ratio on tiny layers (the default rounds to 32)
     )  # 3 does not divide 8: the last micro-batch is short
     values.update(overrides)
     return PruneSettings(**values)
@@ -114,4 +115,6 @@ def cli_args(src: Path, out: Path, calib: Path) -> list[str]:
         "cpu",
         "--seed",
         str(s.seed),
+        "--multiple-of",
+        str(s.multiple_of),
     ]

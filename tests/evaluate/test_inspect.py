@@ -35,7 +35,14 @@ def pruned(tiny_checkpoint, calib_file, tmp_path_factory):
     """A 3-layer tiny MHA model (4 heads, 96 channels) pruned by half with --compensate auto."""
     out = tmp_path_factory.mktemp("inspect") / "out"
     settings = PruneSettings(
-        ratio=0.5, compensate="auto", calib=str(calib_file), nsamples=8, seqlen=32, holdout_nsamples=4, device="cpu"
+        ratio=0.5,
+        compensate="auto",
+        calib=str(calib_file),
+        nsamples=8,
+        seqlen=32,
+        holdout_nsamples=4,
+        device="cpu",
+        multiple_of=1,
     )
     prune(tiny_checkpoint("llama_mha", num_hidden_layers=LAYERS), out, settings)
     return out

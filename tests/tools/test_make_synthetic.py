@@ -54,7 +54,9 @@ def test_synthetic_checkpoint_loads_tokenizes_within_vocab_and_prunes(tool, tmp_
     calib = tmp_path / "calib.txt"
     calib.write_text(text * 40)
     report = prune(
-        out, tmp_path / "pruned", PruneSettings(ratio=0.25, calib=str(calib), nsamples=4, seqlen=16, device="cpu")
+        out,
+        tmp_path / "pruned",
+        PruneSettings(ratio=0.25, calib=str(calib), nsamples=4, seqlen=16, device="cpu", multiple_of=1),
     )
     assert report["shape_after"]["num_attention_heads"] == 3
 
