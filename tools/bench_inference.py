@@ -151,7 +151,7 @@ def main_llama_cpp(args) -> None:
     dense = resolve_model(args.dense or args.model)
     checkpoints = {"dense": dense}
     for item in args.pruned:
-        name, _, path = item.partition("=")
+        name, _, path = item.rpartition("=")  # the path is after the last "="
         checkpoints[name] = Path(path)
     files = gguf_files(checkpoints, args.types, args.dir / "gguf")
     text = calibration.evaluation_text(calibration.CALIBRATION_TEXTS["c4"])
