@@ -12,7 +12,6 @@ import ctypes
 import errno
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,14 +22,13 @@ import numpy as np
 import torch
 from gguf import quants
 
-from rcpu_lite.checkpoint import CheckpointReader
 from rcpu_lite.export.layout import Layout, read_layout
 from rcpu_lite.export.targets import ExportRefused, Target, choose_target
 from rcpu_lite.export.types import GGUF_TYPES, GgufType
 from rcpu_lite.export.vocab import TokenizerError, Vocabulary, add_vocabulary, read_vocabulary
 from rcpu_lite.families import arch
-from rcpu_lite.output.checks import DiskFull, human_bytes
-from rcpu_lite.output.fsutil import fsync_dir, fsync_file
+from rcpu_lite.output.checks import DiskFull, check_free_space
+from rcpu_lite.output.fsutil import atomic_write
 
 log = logging.getLogger("rcpu_lite")
 
@@ -91,28 +89,27 @@ def to_gguf(
     rope_freqs = _rope_freqs(layout)
     if kind.needs_llama_cpp:
         _check_llama_cpp(type)
-    source_type = _lossless_type(model_dir) if kind.needs_llama_cpp else kind
+    source_type = _lossless_type(layout) if kind.needs_llama_cpp else kind
     tensors = list(_plan(layout, target, source_type, rope_freqs is not None))
     needed = sum(_nbytes(t) for t in tensors) * (2 if kind.needs_llama_cpp else 1)
-    _check_space(file, needed)
+    check_free_space(file.parent, needed, option="--gguf")
 
-    partial = file.with_name(file.name + ".partial")
     lossless = file.with_name(file.name + ".unquantised.partial")
-    try:
-        first = lossless if kind.needs_llama_cpp else partial
-        _write(first, layout, target, vocab, source_type, tensors, rope_freqs, progress)
+
+    def write(partial: Path) -> None:
         if kind.needs_llama_cpp:
+            _write(lossless, layout, target, vocab, source_type, tensors, rope_freqs, progress)
             _quantise(lossless, partial, kind, threads)
-            lossless.unlink()
-        fsync_file(partial)
-        os.replace(partial, file)
-        fsync_dir(file.parent)
+        else:
+            _write(partial, layout, target, vocab, source_type, tensors, rope_freqs, progress)
+
+    try:
+        atomic_write(file, write, suffix=".partial")
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise DiskFull(errno.ENOSPC, f"the disk holding {file} filled up; nothing was written") from None
         raise
     finally:
-        partial.unlink(missing_ok=True)
         lossless.unlink(missing_ok=True)
     return ExportResult(
         file, target.name, type, file.stat().st_size, time.perf_counter() - started, unquantised_weights(file)
@@ -135,18 +132,9 @@ def _check_llama_cpp(type: str) -> None:
         raise ExportError(f"--type {type} is made by llama.cpp's quantiser, which is not installed: {LLAMA_CPP_HINT}")
 
 
-def _check_space(file: Path, needed: int) -> None:
-    free = shutil.disk_usage(file.parent).free
-    if needed > free:
-        raise DiskFull(
-            errno.ENOSPC,
-            f"writing {file} needs about {human_bytes(needed)} but only {human_bytes(free)} is free there",
-        )
-
-
-def _lossless_type(model_dir: Path) -> GgufType:
+def _lossless_type(layout: Layout) -> GgufType:
     """The type the K-quants start from: the checkpoint's own precision, so nothing is lost before them."""
-    dtype = CheckpointReader(model_dir).dtype_name(arch.EMBED)
+    dtype = layout.reader.dtype_name(arch.EMBED)
     return GGUF_TYPES[{"F32": "f32", "BF16": "bf16"}.get(dtype, "f16")]
 
 
@@ -176,7 +164,7 @@ def _matrix_type(kind: GgufType, columns: int) -> gguf.GGMLQuantizationType:
 def _plan(layout: Layout, target: Target, kind: GgufType, rope_freqs: bool) -> Iterator[_Tensor]:
     """Every tensor of the file, in order, with its stored type; nothing is loaded."""
     names = gguf.get_tensor_name_map(target.arch, len(layout.widths))
-    reader = CheckpointReader(layout.model_dir)
+    reader = layout.reader
 
     def tensor(source: str, permute: int = 0) -> _Tensor:
         shape = tuple(reader.shape(source))
@@ -265,9 +253,8 @@ def _fill(writer, layout, target, vocab, kind, tensors, rope_freqs, progress) ->
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    reader = CheckpointReader(layout.model_dir)
     for done, t in enumerate(tensors, 1):
-        data = rope_freqs if not t.source else _converted(reader.get(t.source), t)
+        data = rope_freqs if not t.source else _converted(layout.reader.get(t.source), t)
         writer.write_tensor_data(data)
         if progress is not None:
             progress(done, len(tensors))

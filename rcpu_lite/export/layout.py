@@ -10,7 +10,7 @@ from transformers import PretrainedConfig
 
 from rcpu_lite.checkpoint import CheckpointReader
 from rcpu_lite.families import arch
-from rcpu_lite.methods.allocation import LayerWidths
+from rcpu_lite.methods.allocation import LayerWidths, dense_widths
 from rcpu_lite.output import remote
 
 # Hugging Face module path inside a decoder layer -> the tensor kind llama.cpp's loaders name (blk.N.<kind>).
@@ -38,6 +38,7 @@ def tensor_kind(relative_name: str) -> str:
 @dataclass(frozen=True)
 class Layout:
     model_dir: Path
+    reader: CheckpointReader  # the checkpoint's tensors, read one at a time
     model_type: str  # the base family (a per-layer-width output's base_model_type)
     config: PretrainedConfig  # the base family's config (global widths of the input)
     widths: tuple[LayerWidths, ...]
@@ -70,17 +71,12 @@ def read_layout(model_dir: str | Path) -> Layout:
         + [arch.layer_prefix(i) + n for i, layer in enumerate(names) for n in layer]
     )
     shape = arch.layer_shape(layer_configs[0])
-    widths = tuple(
-        LayerWidths(
-            c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads, c.intermediate_size
-        )
-        for c in layer_configs
-    )
     return Layout(
         model_dir=model_dir,
+        reader=reader,
         model_type=config.model_type,
         config=config,
-        widths=widths,
+        widths=tuple(dense_widths(arch.layer_shape(c)) for c in layer_configs),
         layer_tensors=names,
         head_dim=shape.head_dim,
         hidden_size=shape.hidden_size,

@@ -76,7 +76,9 @@ def expected_shard_bytes(
     return out
 
 
-def check_free_space(work: Path, needed: int) -> None:
+def check_free_space(work: Path, needed: int, option: str = "--out") -> None:
+    """Refuse, before writing, a disk without `needed` bytes free where `work` will be (`option` names the
+    command-line option that chose the place)."""
     where = work
     while not where.exists():  # the nearest existing folder is on the disk the output will go to
         where = where.parent
@@ -85,7 +87,7 @@ def check_free_space(work: Path, needed: int) -> None:
         raise DiskFull(
             errno.ENOSPC,
             f"the output needs about {human_bytes(needed)} but only {human_bytes(free)} "
-            f"are free in {where}; free space or choose another --out",
+            f"are free in {where}; free space or choose another {option}",
         )
 
 

@@ -28,13 +28,14 @@ def fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> int:
-    """write(temporary path), fsync, rename over `path`, fsync the folder; return the size in bytes.
+def atomic_write(path: Path, write: Callable[[Path], None], suffix: str = ".tmp") -> int:
+    """write(temporary path: `path` + `suffix`), fsync, rename over `path`, fsync the folder; return the size in
+    bytes.
 
     A crash at any moment leaves either the old file or the new one, never half of one; a failed write
     leaves no temporary file behind.
     """
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + suffix)
     try:
         write(tmp)
         fsync_file(tmp)

@@ -19,6 +19,7 @@ from rcpu_lite.cli import app
 from rcpu_lite.export import ExportError, to_gguf, unquantised_weights
 from rcpu_lite.export import gguf_file as gguf_module
 from rcpu_lite.loading import load_pruned
+from rcpu_lite.output import checks
 from rcpu_lite.prune import prune
 
 PROMPT = [5, 17, 40, 99, 120, 7, 8, 250, 33, 64, 2, 180]
@@ -179,8 +180,8 @@ def test_refuses_an_unknown_tokenizer(tiny_checkpoint, tmp_path):
 
 def test_refuses_when_the_disk_is_too_small(pruned, tmp_path, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(gguf_module.shutil, "disk_usage", lambda _: usage._replace(free=1000))
-    assert_refused(run_cli(pruned("llama-uniform"), "--gguf", tmp_path / "m.gguf"), "free")
+    monkeypatch.setattr(checks.shutil, "disk_usage", lambda _: usage._replace(free=1000))
+    assert_refused(run_cli(pruned("llama-uniform"), "--gguf", tmp_path / "m.gguf"), "free", "--gguf")
     assert not list(tmp_path.glob("m.gguf*"))
 
 
