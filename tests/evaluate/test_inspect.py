@@ -7,6 +7,7 @@ import shutil
 import struct
 
 import pytest
+from helpers import make_settings
 from typer.testing import CliRunner
 
 from rcpu_lite.cli import app
@@ -20,7 +21,6 @@ from rcpu_lite.evaluate.inspection import (
 )
 from rcpu_lite.output.report import REPORT_NAME
 from rcpu_lite.prune.run import prune
-from rcpu_lite.settings import PruneSettings
 
 runner = CliRunner()
 LAYERS = 3
@@ -34,16 +34,7 @@ def invoke(*args):
 def pruned(tiny_checkpoint, calib_file, tmp_path_factory):
     """A 3-layer tiny MHA model (4 heads, 96 channels) pruned by half with --compensate auto."""
     out = tmp_path_factory.mktemp("inspect") / "out"
-    settings = PruneSettings(
-        ratio=0.5,
-        compensate="auto",
-        calib=str(calib_file),
-        nsamples=8,
-        seqlen=32,
-        holdout_nsamples=4,
-        device="cpu",
-        multiple_of=1,
-    )
+    settings = make_settings(calib_file, ratio=0.5, compensate="auto", holdout_nsamples=4)
     prune(tiny_checkpoint("llama_mha", num_hidden_layers=LAYERS), out, settings)
     return out
 
