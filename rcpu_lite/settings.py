@@ -20,7 +20,9 @@ from rcpu_lite.methods.allocation import ALLOCATIONS
 from rcpu_lite.methods.auto import METHODS as AUTO_METHODS
 from rcpu_lite.methods.compensation import COMPENSATIONS, DECOMPOSITIONS, CompensationOptions, method_names
 from rcpu_lite.methods.reconstruct import ReconstructOptions
+from rcpu_lite.methods.obs import ObsOptions
 from rcpu_lite.methods.scoring import SCORES
+from rcpu_lite.methods.selection import SELECTIONS
 from rcpu_lite.output.report import PROJECTIONS
 from rcpu_lite.runtime import DECOMPOSITION_DEVICES
 
@@ -30,6 +32,7 @@ class SettingsError(ValueError):
 
 
 MATMUL_PRECISIONS = ("fp32", "tf32")
+OBS_GRAMS = ("calibration", "all", "held-out", "calibration+held-out")
 # Settings with a fixed set of values (validation and --help).
 CHOICES = {
     "targets": ("local", "dense"),
@@ -38,6 +41,8 @@ CHOICES = {
     "recon_norms": ("frozen", "train"),
     "gen_quant": ("none", "4bit"),
     "decomposition_device": DECOMPOSITION_DEVICES,
+    "select": tuple(SELECTIONS),
+    "obs_gram": OBS_GRAMS,
 }
 
 
@@ -190,6 +195,22 @@ class PruneSettings:
         "vLLM's grouped int4 kernels). Each layer rounds to its nearest multiple: the total stays within half a "
         "multiple per layer of --ratio / --target-params. 1 = no rounding.",
     )
+    select: str = knob(
+        "topk", f"How the kept units are chosen. {choices_help({n: e.help for n, e in SELECTIONS.items()})}"
+    )
+    obs_damp: float = knob(0.01, "--select obs: lambda = damp * mean(diag C) of the Gram it removes units on.")
+    obs_step: float = knob(
+        0.125,
+        "--select obs: each step removes this fraction of the MLP channels still to go, the cheapest first, with one "
+        "joint update (SlimGPT's shrinking groups; at least one channel a step). 0 = one at a time (exact greedy, "
+        "slowest). Heads always go one at a time.",
+    )
+    obs_gram: str = knob(
+        "calibration",
+        "--select obs: the Gram it removes units on: calibration (the real calibration windows), all (with the "
+        "self-generated ones), held-out (the held-out windows: the reported held-out errors then no longer are), or "
+        "calibration+held-out.",
+    )
 
     @property
     def compensated_projections(self) -> tuple[str, ...]:
@@ -210,6 +231,9 @@ class PruneSettings:
             damp_abs=self.damp_abs,
             decomposition_device=decomposition_device,
         )
+
+    def obs_options(self) -> ObsOptions:
+        return ObsOptions(damp=self.obs_damp, step_fraction=self.obs_step)
 
     def reconstruct_options(self) -> ReconstructOptions:
         """The knobs of block and cross-block reconstruction (the window order is shuffled with --seed)."""
@@ -276,6 +300,12 @@ class PruneSettings:
             raise SettingsError(f"--target-params must be in (0, 1), got {self.target_params}")
         if not 0 <= self.depth_spread <= 1:
             raise SettingsError(f"--depth-spread must be in [0, 1], got {self.depth_spread}")
+        if self.obs_damp <= 0 or not 0 <= self.obs_step <= 1:
+            raise SettingsError(
+                f"--obs-damp must be positive and --obs-step in [0, 1], got {self.obs_damp} and {self.obs_step}"
+            )
+        if self.select == "obs" and "held-out" in self.obs_gram and (self.holdout == "none" or not self.holdout_nsamples):
+            raise SettingsError(f"--obs-gram {self.obs_gram} needs held-out windows (--holdout-nsamples at least 1)")
         if self.damp < 0 or self.damp_abs < 0:
             raise SettingsError(f"--damp and --damp-abs must be at least 0, got {self.damp} and {self.damp_abs}")
         if self.decomposition not in DECOMPOSITIONS:

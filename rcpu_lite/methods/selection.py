@@ -8,13 +8,13 @@ OBS) may also return the repaired weights in `Kept.repaired`; the compensation t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from rcpu_lite.families.arch import LayerShape
 from rcpu_lite.families.units import head_columns
-from rcpu_lite.methods import scoring
+from rcpu_lite.methods import obs, scoring
 from rcpu_lite.methods.allocation import LayerWidths
 from rcpu_lite.methods.registry import Entry, registrar
 from rcpu_lite.methods.stats import InputStats
@@ -51,8 +51,10 @@ class Kept:
         return self.heads.tolist(), self.kv_heads.tolist(), self.channels.tolist()
 
 
-# (score name, {projection: W}, {projection: stats}, shape, widths) -> Kept
-SelectFn = Callable[[str, dict[str, torch.Tensor], dict[str, InputStats], LayerShape, LayerWidths], Kept]
+# (score name, {projection: W}, {projection: stats}, shape, widths, OBS options) -> Kept
+SelectFn = Callable[
+    [str, dict[str, torch.Tensor], dict[str, InputStats], LayerShape, LayerWidths, obs.ObsOptions], Kept
+]
 
 
 SELECTIONS: dict[str, Entry[SelectFn]] = {}
@@ -61,7 +63,12 @@ register = registrar(SELECTIONS)
 
 @register("topk", "score every unit once (--score), keep the highest ones")
 def top_k(
-    score: str, weights: dict[str, torch.Tensor], stats: dict[str, InputStats], shape: LayerShape, widths: LayerWidths
+    score: str,
+    weights: dict[str, torch.Tensor],
+    stats: dict[str, InputStats],
+    shape: LayerShape,
+    widths: LayerWidths,
+    options: obs.ObsOptions | None = None,
 ) -> Kept:
     columns = scoring.column_scores(score, weights["o_proj"], stats["o_proj"])
     heads, kv_heads = scoring.kept_heads(
@@ -73,6 +80,57 @@ def top_k(
     return Kept(heads.cpu(), kv_heads.cpu(), channels.cpu(), shape.head_dim)
 
 
+@register(
+    "obs",
+    "greedy structured OBS (ZipLM, SlimGPT): repeatedly remove the head or channel whose removal least raises the "
+    "least-squares error on the Gram (--obs-gram, damped by --obs-damp), updating the other columns after each "
+    "removal (--score is not used)",
+)
+def greedy_obs(
+    score: str,
+    weights: dict[str, torch.Tensor],
+    stats: dict[str, InputStats],
+    shape: LayerShape,
+    widths: LayerWidths,
+    options: obs.ObsOptions | None = None,
+) -> Kept:
+    options = options or obs.ObsOptions()
+    n, kv, head_dim = shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim
+    repaired = {}
+    heads = torch.arange(n)
+    if widths.heads < n:
+        mha = kv == n
+        dropped = n - widths.heads
+        if not mha and dropped % kv:
+            raise ValueError(f"{widths.heads} query heads cannot be split evenly over {kv} key/value groups")
+        result = obs.prune(
+            weights["o_proj"],
+            stats["o_proj"].gram,
+            head_dim,
+            dropped,
+            replace(options, step_fraction=0.0),  # heads are few: one at a time
+            None if mha else torch.arange(n) // (n // kv),
+            0 if mha else dropped // kv,
+        )
+        heads = torch.sort(_complement(result.removed, n)).values
+        repaired["o_proj"] = result.weight
+    channels = torch.arange(shape.intermediate_size)
+    if widths.channels < shape.intermediate_size:
+        result = obs.prune(
+            weights["down_proj"], stats["down_proj"].gram, 1, shape.intermediate_size - widths.channels, options
+        )
+        channels = result.kept_columns
+        repaired["down_proj"] = result.weight
+    kv_heads = heads.clone() if kv == n else torch.arange(kv)
+    return Kept(heads, kv_heads, channels, head_dim, repaired or None)
+
+
+def _complement(removed: torch.Tensor, n: int) -> torch.Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[removed] = False
+    return keep.nonzero().squeeze(1)
+
+
 def select(
     method: str,
     score: str,
@@ -80,8 +138,9 @@ def select(
     stats: dict[str, InputStats],
     shape: LayerShape,
     widths: LayerWidths,
+    options: obs.ObsOptions | None = None,
 ) -> Kept:
     """The units one layer keeps, by the selection `method` (a SELECTIONS name) and the importance `score`."""
     if method not in SELECTIONS:
         raise ValueError(f"unknown selection {method!r}; choose one of {', '.join(SELECTIONS)}")
-    return SELECTIONS[method].fn(score, weights, stats, shape, widths)
+    return SELECTIONS[method].fn(score, weights, stats, shape, widths, options)

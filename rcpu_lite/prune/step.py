@@ -252,7 +252,16 @@ class LayerStep:
         watch.lap("statistics")
 
         weights = {name: tensors.pop(arch.PROJECTIONS[name] + ".weight") for name in dense.stats}
-        kept = selection.select("topk", self.settings.score, weights, dense.score_stats, self.shape, widths)
+        kept = selection.select(
+            self.settings.select,
+            self.settings.score,
+            weights,
+            self._selection_stats(dense),
+            self.shape,
+            widths,
+            self.settings.obs_options(),
+        )
+        kept.repaired = None  # the compensation (--compensate) repairs; OBS's own refit is lstsq's (tests/methods)
         self.run.group.broadcast(kept.tensors())  # rank 0's units, the same on every rank whatever the rounding
         kept = kept.to(self.run.device)
         watch.lap("scores")
@@ -268,6 +277,25 @@ class LayerStep:
             )
         self._repair(compact, weights, own_biases, kept, dense, record, watch)
         return PrunedLayer(index, layer_cfg, compact, record, dtypes, targets, held_targets)
+
+    def _selection_stats(self, dense: DensePass) -> dict[str, InputStats]:
+        """The statistics the selection reads: the scores' (real calibration windows), or for OBS the Gram that
+        --obs-gram names."""
+        gram = self.settings.obs_gram if self.settings.select == "obs" else "calibration"
+        if gram == "calibration":
+            return dense.score_stats
+        if gram == "all":
+            return dense.stats
+        out = {}
+        for name, held in dense.held_out.items():
+            stats = InputStats(held.weight.shape[1], self.run.device)
+            for x_hat in held.x_hat:
+                stats.update(x_hat)
+            stats.reduce(self.run.group)
+            if gram == "calibration+held-out":
+                stats.gram += dense.score_stats[name].gram
+            out[name] = stats
+        return out
 
     def _repair(
         self,

@@ -42,8 +42,8 @@ def test_a_registered_selection_is_what_select_runs(monkeypatch):
     registrar(table)("first", "keeps the first units")(lambda *args: first)
     weights, stats = _layer()
     assert selection.select("first", "rcpu", weights, stats, SHAPE, LayerWidths(2, 2, 9)) is first
-    with pytest.raises(ValueError, match="unknown selection 'obs'; choose one of topk, first"):
-        selection.select("obs", "rcpu", weights, stats, SHAPE, LayerWidths(2, 2, 9))
+    with pytest.raises(ValueError, match="unknown selection 'greedy'; choose one of topk, obs, first"):
+        selection.select("greedy", "rcpu", weights, stats, SHAPE, LayerWidths(2, 2, 9))
 
 
 def test_a_name_registered_twice_is_refused():

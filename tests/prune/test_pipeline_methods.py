@@ -160,3 +160,33 @@ def test_eval_of_a_remote_code_output_prints_only_its_json(tiny_checkpoint, cali
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["windows"] == 2
     assert "custom code" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("obs_gram", ["calibration", "all", "held-out", "calibration+held-out"])
+def test_select_obs_runs_end_to_end_on_every_gram(tiny_checkpoint, calib_file, tmp_path, obs_gram):
+    src = tiny_checkpoint("llama_gqa", num_hidden_layers=2)  # 8 query heads in 2 groups
+    settings = make_settings(
+        calib_file, ratio=0.5, select="obs", obs_gram=obs_gram, compensate="lstsq", holdout_nsamples=2
+    )
+    report = prune(src, tmp_path / "out", settings)
+    assert report["settings"]["select"] == "obs" and report["settings"]["obs_gram"] == obs_gram
+    for layer in report["layers"]:
+        assert [h // 4 for h in layer["kept_heads"]] == [0, 0, 1, 1]  # two from every key/value group
+    _assert_loads_and_matches(tmp_path / "out", calib_file, stock=True)
+
+
+def test_select_obs_lowers_the_calibration_error_of_the_least_squares_repair(tiny_checkpoint, calib_file, tmp_path):
+    """OBS picks the units whose removal the refit repairs best on the calibration Gram: in the first layer (the
+    same inputs in both runs) its calibration error is below the one-shot score's."""
+    src = tiny_checkpoint("llama_mha")
+    runs = {
+        select: prune(
+            src,
+            tmp_path / select,
+            make_settings(calib_file, ratio=0.4, select=select, compensate="lstsq", obs_step=0.0),
+        )["layers"][0]
+        for select in ("topk", "obs")
+    }
+    assert runs["obs"]["down_proj_error_compensated"] < runs["topk"]["down_proj_error_compensated"]
+    assert runs["obs"]["o_proj_error_compensated"] <= runs["topk"]["o_proj_error_compensated"] * (1 + 1e-6)
+    assert runs["obs"]["kept_channels"] != runs["topk"]["kept_channels"]
