@@ -19,8 +19,8 @@ from rcpu_lite.memory_plan import parse_size
 from rcpu_lite.methods.allocation import ALLOCATIONS
 from rcpu_lite.methods.auto import METHODS as AUTO_METHODS
 from rcpu_lite.methods.compensation import COMPENSATIONS, DECOMPOSITIONS, CompensationOptions, method_names
-from rcpu_lite.methods.reconstruct import ReconstructOptions
 from rcpu_lite.methods.obs import ObsOptions
+from rcpu_lite.methods.reconstruct import ReconstructOptions
 from rcpu_lite.methods.scoring import SCORES
 from rcpu_lite.methods.selection import SELECTIONS
 from rcpu_lite.output.report import PROJECTIONS
@@ -304,7 +304,11 @@ class PruneSettings:
             raise SettingsError(
                 f"--obs-damp must be positive and --obs-step in [0, 1], got {self.obs_damp} and {self.obs_step}"
             )
-        if self.select == "obs" and "held-out" in self.obs_gram and (self.holdout == "none" or not self.holdout_nsamples):
+        if (
+            self.select == "obs"
+            and "held-out" in self.obs_gram
+            and (self.holdout == "none" or not self.holdout_nsamples)
+        ):
             raise SettingsError(f"--obs-gram {self.obs_gram} needs held-out windows (--holdout-nsamples at least 1)")
         if self.damp < 0 or self.damp_abs < 0:
             raise SettingsError(f"--damp and --damp-abs must be at least 0, got {self.damp} and {self.damp_abs}")

@@ -8,6 +8,7 @@ heads can only go a group-multiple at a time, the MLP channels can take up what 
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -89,18 +90,23 @@ def target_params(shape: LayerShape, n_layers: int, ratio: float, costs: UnitCos
     return WidthPlan("uniform", (LayerWidths(heads, kv, shape.intermediate_size - drop),) * n_layers)
 
 
-def depth(shape: LayerShape, n_layers: int, ratio: float, costs: UnitCosts, spread: float = 0.5) -> WidthPlan:
-    """SlimGPT-like: the ratio rises linearly with depth from ratio*(1-spread) to ratio*(1+spread); heads
-    follow each layer's ratio, and the channels are then scaled so the whole model loses `ratio` of
-    its decoder-layer parameters (to the nearest channel)."""
-    ratios = [min(ratio * (1 - spread + 2 * spread * i / max(n_layers - 1, 1)), 0.95) for i in range(n_layers)]
+def depth(
+    shape: LayerShape, n_layers: int, ratio: float, costs: UnitCosts, spread: float = 0.5, curve: str = "linear"
+) -> WidthPlan:
+    """The ratio rises with depth from ratio*(1-spread) to ratio*(1+spread): linearly, or (curve "log") as SlimGPT's
+    r_i = r_0 + (r_{n-1} - r_0) log(i+1) / log(n); heads follow each layer's ratio, and the channels are then
+    scaled so the whole model loses `ratio` of its decoder-layer parameters (to the nearest channel)."""
+    last = max(n_layers - 1, 1)
+    rise = [math.log(i + 1) / math.log(last + 1) if curve == "log" else i / last for i in range(n_layers)]
+    ratios = [min(ratio * (1 - spread + 2 * spread * f), 0.95) for f in rise]
     heads = [heads_kept(shape, r) for r in ratios]
     budget = ratio * costs.layer * n_layers - sum(
         _removed_params(shape, costs, LayerWidths(h, kv, shape.intermediate_size)) for h, kv in heads
     )
     channels = _spread_channels(shape, budget, ratios, costs)
     return WidthPlan(
-        "depth", tuple(LayerWidths(h, kv, shape.intermediate_size - c) for (h, kv), c in zip(heads, channels))
+        "log" if curve == "log" else "depth",
+        tuple(LayerWidths(h, kv, shape.intermediate_size - c) for (h, kv), c in zip(heads, channels)),
     )
 
 
@@ -177,6 +183,65 @@ def adaptive(
     )
 
 
+@dataclass
+class DenseScores:
+    """What the scoring pass measures on the dense model, one entry per layer: the o_proj column scores and the
+    MLP channel scores (--score), and, for the `errors` allocation, the error curves: curve[k] is the relative
+    output error ||Y - Z||^2 / ||Y||^2 of o_proj (heads) or down_proj (channels) with the k lowest-scoring units
+    removed and no repair (scoring.error_curve; GQA heads go one from every group at a time)."""
+
+    o_columns: list[torch.Tensor]
+    channels: list[torch.Tensor]
+    head_curves: list[torch.Tensor] | None = None
+    channel_curves: list[torch.Tensor] | None = None
+
+
+def by_errors(shape: LayerShape, n_layers: int, ratio: float, costs: UnitCosts, scores: DenseScores) -> WidthPlan:
+    """ZipLM-style: spend the budget of `ratio` of the decoder-layer parameters one step at a time, always where
+    the summed error curves rise least per parameter removed (a head step is one head, or one from every key/value
+    group; a channel step one channel). Every layer keeps a head per group and a channel."""
+    n, kv, inter = shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size
+    mha = kv == n
+    head_step = 1 if mha else kv
+    head_cost = (costs.query_head + costs.kv_head) if mha else kv * costs.query_head
+    steps = {"heads": [0] * n_layers, "channels": [0] * n_layers}
+    limits = {"heads": (n - (1 if mha else kv)) // head_step, "channels": inter - 1}
+    unit_cost = {"heads": head_cost, "channels": costs.channel}
+    curves = {"heads": scores.head_curves, "channels": scores.channel_curves}
+
+    def next_step(kind: str, layer: int):
+        k = steps[kind][layer]
+        if k >= limits[kind]:
+            return None
+        curve = curves[kind][layer]
+        return (float(curve[k + 1] - curve[k]) / unit_cost[kind], kind, layer)
+
+    heap = [e for kind in steps for i in range(n_layers) if (e := next_step(kind, i)) is not None]
+    heapq.heapify(heap)
+    budget, removed = ratio * costs.layer * n_layers, 0.0
+    while heap:
+        _, kind, layer = heapq.heappop(heap)
+        if removed + unit_cost[kind] / 2 > budget:
+            if kind == "channels":
+                break
+            continue  # a head step overshoots: channels may still fit
+        steps[kind][layer] += 1
+        removed += unit_cost[kind]
+        if (e := next_step(kind, layer)) is not None:
+            heapq.heappush(heap, e)
+    return WidthPlan(
+        "errors",
+        tuple(
+            LayerWidths(
+                n - steps["heads"][i] * head_step,
+                n - steps["heads"][i] if mha else kv,
+                inter - steps["channels"][i],
+            )
+            for i in range(n_layers)
+        ),
+    )
+
+
 def _standardised(scores: torch.Tensor) -> torch.Tensor:
     scores = scores.double().cpu()
     std = scores.std() if scores.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
@@ -221,13 +286,14 @@ class Allocation:
     """One --allocation: how the widths of every layer are planned from the settings and the layer shapes.
 
     `needs_scores`: the plan reads every layer's unit scores on the dense model, so the run makes a scoring
-    pass (prune/plan.py) first; `plan` then receives (o_proj column scores, channel scores), one per layer.
+    pass (prune/plan.py) first; `plan` then receives them (DenseScores), with the error curves if `needs_curves`.
     """
 
     name: str
     help: str
     plan: Callable[..., WidthPlan]  # (shape, n_layers, settings, costs, scores) -> WidthPlan
     needs_scores: bool = False
+    needs_curves: bool = False
 
 
 def _uniform(shape: LayerShape, n_layers: int, settings, costs: UnitCosts, scores=None) -> WidthPlan:
@@ -236,8 +302,16 @@ def _uniform(shape: LayerShape, n_layers: int, settings, costs: UnitCosts, score
     return uniform(shape, n_layers, settings.ratio)
 
 
-def _adaptive(shape: LayerShape, n_layers: int, settings, costs: UnitCosts, scores) -> WidthPlan:
-    return adaptive(shape, n_layers, settings.budget, costs, *scores)
+def _adaptive(shape: LayerShape, n_layers: int, settings, costs: UnitCosts, scores: DenseScores) -> WidthPlan:
+    return adaptive(shape, n_layers, settings.budget, costs, scores.o_columns, scores.channels)
+
+
+def _log(shape: LayerShape, n_layers: int, settings, costs: UnitCosts, scores=None) -> WidthPlan:
+    return depth(shape, n_layers, settings.budget, costs, settings.depth_spread, curve="log")
+
+
+def _errors(shape: LayerShape, n_layers: int, settings, costs: UnitCosts, scores: DenseScores) -> WidthPlan:
+    return by_errors(shape, n_layers, settings.budget, costs, scores)
 
 
 def _depth(shape: LayerShape, n_layers: int, settings, costs: UnitCosts, scores=None) -> WidthPlan:
@@ -258,6 +332,19 @@ PLANS: dict[str, Allocation] = {
             "depth",
             "the ratio rises linearly with depth, from ratio*(1-spread) to ratio*(1+spread) (SlimGPT-like)",
             _depth,
+        ),
+        Allocation(
+            "log",
+            "SlimGPT's schedule: the ratio rises with log(layer + 1), from ratio*(1-spread) to ratio*(1+spread)",
+            _log,
+        ),
+        Allocation(
+            "errors",
+            "measured: a scoring pass records every layer's output error as its lowest-scoring units go, then the "
+            "budget goes where the summed errors rise least per parameter (ZipLM-style)",
+            _errors,
+            needs_scores=True,
+            needs_curves=True,
         ),
     )
 }

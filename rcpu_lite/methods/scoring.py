@@ -116,3 +116,20 @@ def kept_heads(scores: torch.Tensor, n_kv_heads: int, keep: int) -> tuple[torch.
     groups = scores.reshape(n_kv_heads, per_group)
     kept = [drop_lowest(groups[g], per_group - keep // n_kv_heads) + g * per_group for g in range(n_kv_heads)]
     return torch.cat(kept), torch.arange(n_kv_heads)
+
+
+def error_curve(weight: torch.Tensor, gram: torch.Tensor, order: torch.Tensor, unit: int = 1, step: int = 1):
+    """curve[k] = ||W_R X_R||^2 / ||W X||^2 with R the first k*step units of `order` (a unit: `unit` consecutive
+    input columns), in fp64: the relative output error of removing them with no repair, for k = 0 .. len/step.
+
+    With B = (W^T W) o C summed over unit blocks, ||W_R X_R||^2 is the sum of B over R x R, so every prefix comes
+    from one pass of cumulative sums."""
+    b = (weight.T @ weight).double().mul_(gram.double())
+    n = weight.shape[1] // unit
+    if unit > 1:
+        b = b.reshape(n, unit, n, unit).sum((1, 3))
+    total = float(b.sum())
+    b = b[order][:, order]
+    added = 2 * torch.triu(b, 1).sum(0) + b.diagonal()  # what the k-th unit adds to the prefix sum
+    curve = torch.cat([torch.zeros(1, dtype=torch.float64), added.cumsum(0)])[::step]
+    return curve / total if total > 0 else curve

@@ -13,7 +13,7 @@ import torch
 from rcpu_lite.display import Reporter
 from rcpu_lite.families import arch
 from rcpu_lite.methods import scoring
-from rcpu_lite.methods.allocation import PLANS, WidthPlan, aligned
+from rcpu_lite.methods.allocation import PLANS, DenseScores, WidthPlan, aligned
 from rcpu_lite.output.formats import OutputFormat
 from rcpu_lite.prune.source import Source, check_finite
 from rcpu_lite.prune.step import dense_pass, propagate
@@ -40,7 +40,7 @@ def width_plan(
     if allocation.needs_scores:
         # The embeddings are read again for the prune: only one layer's tensors are alive during the pass.
         hidden = place(arch.embed(source.cfg, source.embeddings(), windows))
-        scores = scoring_pass(settings, source, hidden, inputs, run, reporter)
+        scores = scoring_pass(settings, source, hidden, inputs, run, reporter, curves=allocation.needs_curves)
         del hidden
     plan = allocation.plan(source.shape, source.n_layers, settings, arch.unit_costs(source.cfg), scores)
     return aligned(plan, source.shape, settings.multiple_of)
@@ -53,11 +53,13 @@ def scoring_pass(
     inputs: arch.LayerInputs,
     run: Placement,
     reporter: Reporter,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    curves: bool = False,
+) -> DenseScores:
     """Every layer's o_proj column and MLP channel scores on the dense model, one layer resident at a time (FLAP's
-    global allocation needs all of them before the first layer is cut)."""
-    n_layers, cfg = source.n_layers, source.cfg
-    o_columns, channels = [], []
+    global allocation needs all of them before the first layer is cut); with `curves`, also every layer's error
+    curves (the `errors` allocation)."""
+    n_layers, cfg, shape = source.n_layers, source.cfg, source.shape
+    out = DenseScores([], [], [] if curves else None, [] if curves else None)
     layer_reads = source.layers(list(range(n_layers)), background=run.device.type == "cuda")
     reporter.start("scoring pass", n_layers, "layer")
     for i in range(n_layers):
@@ -69,13 +71,34 @@ def scoring_pass(
         reporter.phase("statistics")
         stats = dense_pass(cfg, i, tensors, Streams(hidden), inputs, run, keep_targets=False).stats
         for name, s in stats.items():
-            s.release()  # scores need only the per-column sums
-            columns = scoring.column_scores(settings.score, tensors[arch.PROJECTIONS[name] + ".weight"], s).cpu()
-            (o_columns if name == "o_proj" else channels).append(columns)
+            weight = tensors[arch.PROJECTIONS[name] + ".weight"]
+            columns = scoring.column_scores(settings.score, weight, s).cpu()
+            if curves:
+                _add_curve(out, name, weight, s.gram, columns, shape, settings.score)
+            s.release()  # the Gram is freed before the next projection's
+            (out.o_columns if name == "o_proj" else out.channels).append(columns)
         propagate(cfg, i, tensors, Streams(hidden), inputs, run)
         del tensors, stored, stats
         reporter.advance(f"scoring pass: layer {i + 1}/{n_layers}")
-    return o_columns, channels
+    return out
+
+
+def _add_curve(out: DenseScores, name: str, weight, gram, columns, shape: arch.LayerShape, score: str) -> None:
+    """The error curve of removing the lowest-scoring units in the order the selection would (GQA: the k-th
+    lowest head of every group together)."""
+    if name == "down_proj":
+        order = torch.argsort(columns.double(), stable=True)
+        out.channel_curves.append(scoring.error_curve(weight, gram, order.to(weight.device)).cpu())
+        return
+    heads = scoring.head_scores(columns, shape.head_dim, score).double()
+    n, kv = shape.num_attention_heads, shape.num_key_value_heads
+    if kv == n:
+        order, step = torch.argsort(heads, stable=True), 1
+    else:
+        per_group = n // kv
+        ranked = torch.argsort(heads.reshape(kv, per_group), dim=1, stable=True) + torch.arange(kv)[:, None] * per_group
+        order, step = ranked.T.reshape(-1), kv  # rank by rank: one head from every group
+    out.head_curves.append(scoring.error_curve(weight, gram, order.to(weight.device), shape.head_dim, step).cpu())
 
 
 def log_plan(plan: WidthPlan, shape: arch.LayerShape, costs: arch.UnitCosts, fmt: OutputFormat) -> None:

@@ -132,3 +132,55 @@ def test_aligned_leaves_full_widths_and_what_cannot_be_aligned():
     )
     # a layer that would round to nothing keeps one multiple
     assert allocation._nearest_multiple(5, 64, 1536) == 64
+
+
+@pytest.mark.parametrize("shape", [LLAMA_7B, SMOLLM2])
+def test_log_rises_fast_early_and_hits_the_budget(shape):
+    n_layers = 12
+    costs = _costs(shape)
+    plan = allocation.depth(shape, n_layers, 0.3, costs, spread=0.5, curve="log")
+    linear = allocation.depth(shape, n_layers, 0.3, costs, spread=0.5)
+    assert plan.allocation == "log"
+    channels = [w.channels for w in plan.layers]
+    assert channels == sorted(channels, reverse=True)
+    assert channels[1] < [w.channels for w in linear.layers][1]  # log(i+1) rises faster in the first layers
+    assert abs(plan.params_removed(shape, costs) - 0.3 * costs.layer * n_layers) <= costs.channel
+
+
+def _curves(shape, n_layers, head_slopes, channel_slopes):
+    """Convex error curves: removing k units of a layer costs slope * k^2 (relative)."""
+    kv = shape.num_key_value_heads
+    head_steps = shape.num_attention_heads // (1 if kv == shape.num_attention_heads else kv)
+    k_heads = torch.arange(head_steps + 1, dtype=torch.float64)
+    k_channels = torch.arange(shape.intermediate_size + 1, dtype=torch.float64)
+    return allocation.DenseScores(
+        [torch.zeros(0)] * n_layers,
+        [torch.zeros(0)] * n_layers,
+        [s * (k_heads / head_steps) ** 2 for s in head_slopes],
+        [s * (k_channels / shape.intermediate_size) ** 2 for s in channel_slopes],
+    )
+
+
+@pytest.mark.parametrize("shape", [LLAMA_7B, SMOLLM2])
+@pytest.mark.parametrize("ratio", [0.1, 0.25])
+def test_errors_allocation_hits_the_budget_within_one_unit(shape, ratio):
+    n_layers, costs = 6, _costs(shape)
+    scores = _curves(shape, n_layers, [1, 2, 3, 1, 2, 3], [3, 1, 2, 2, 1, 3])
+    plan = allocation.by_errors(shape, n_layers, ratio, costs, scores)
+    assert plan.allocation == "errors"
+    assert abs(plan.params_removed(shape, costs) - ratio * costs.layer * n_layers) <= costs.channel / 2 + 1e-9
+    for w in plan.layers:
+        gqa = shape.num_key_value_heads < shape.num_attention_heads
+        assert w.channels >= 1 and w.heads >= (shape.num_key_value_heads if gqa else 1)
+        if gqa:
+            assert w.heads % shape.num_key_value_heads == 0 and w.kv_heads == shape.num_key_value_heads
+
+
+def test_errors_allocation_takes_more_from_the_layers_whose_error_rises_slowly():
+    n_layers, costs = 4, _costs(LLAMA_7B)
+    scores = _curves(LLAMA_7B, n_layers, [100.0] * 4, [1.0, 4.0, 1.0, 4.0])  # heads dear: only channels go
+    plan = allocation.by_errors(LLAMA_7B, n_layers, 0.15, costs, scores)
+    removed = [LLAMA_7B.intermediate_size - w.channels for w in plan.layers]
+    assert all(w.heads == 32 for w in plan.layers)
+    # The marginal costs meet: 2 k / 11008^2 * slope equal, so the cheap layers lose 4x as many channels (+-1).
+    assert abs(removed[0] - 4 * removed[1]) <= 4 and removed[0] == removed[2] and removed[1] == removed[3]

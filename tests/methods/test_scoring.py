@@ -174,3 +174,21 @@ def test_kept_heads_gqa_nothing_removed():
     heads, kv = scoring.kept_heads(scores, 3, _keep(9, 3, 0.2))
     assert heads.tolist() == list(range(9))
     assert kv.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("unit, step", [(1, 1), (4, 1), (4, 2)])
+def test_error_curve_is_the_direct_error_of_every_prefix(unit, step):
+    g = torch.Generator().manual_seed(0)
+    d_in = 16
+    x = torch.randn(50, d_in, generator=g, dtype=torch.float64)
+    weight = torch.randn(5, d_in, generator=g, dtype=torch.float64)
+    gram = x.T @ x
+    order = torch.randperm(d_in // unit, generator=g)
+    curve = scoring.error_curve(weight, gram, order, unit, step)
+    total = float((x @ weight.T).square().sum())
+    assert curve.numel() == d_in // unit // step + 1 and curve[0] == 0
+    for k in range(curve.numel()):
+        units = order[: k * step]
+        cols = (units[:, None] * unit + torch.arange(unit)).reshape(-1)
+        direct = float((x[:, cols] @ weight[:, cols].T).square().sum()) / total
+        assert float(curve[k]) == pytest.approx(direct, rel=1e-9, abs=1e-12)

@@ -33,7 +33,7 @@ def test_ratio_zero_writes_the_input_weights_for_every_compensation(tiny_checkpo
     _same_weights(src, tmp_path / "out")
 
 
-@pytest.mark.parametrize("allocation", ["adaptive", "depth"])
+@pytest.mark.parametrize("allocation", ["adaptive", "depth", "log", "errors"])
 def test_ratio_zero_writes_the_input_weights_for_every_allocation(tiny_checkpoint, calib_file, tmp_path, allocation):
     src = tiny_checkpoint("llama_mha")
     report = prune(
@@ -113,7 +113,7 @@ def test_bias_outputs_load_and_compute_what_the_pipeline_computed(
     _assert_loads_and_matches(out, calib_file, stock)
 
 
-@pytest.mark.parametrize("allocation", ["adaptive", "depth"])
+@pytest.mark.parametrize("allocation", ["adaptive", "depth", "log", "errors"])
 def test_per_layer_widths_load_three_ways(tiny_checkpoint, calib_file, tmp_path, allocation):
     src = tiny_checkpoint("llama_mha", num_hidden_layers=3)
     out = tmp_path / "out"
@@ -190,3 +190,13 @@ def test_select_obs_lowers_the_calibration_error_of_the_least_squares_repair(tin
     assert runs["obs"]["down_proj_error_compensated"] < runs["topk"]["down_proj_error_compensated"]
     assert runs["obs"]["o_proj_error_compensated"] <= runs["topk"]["o_proj_error_compensated"] * (1 + 1e-6)
     assert runs["obs"]["kept_channels"] != runs["topk"]["kept_channels"]
+
+
+def test_errors_allocation_on_grouped_queries_removes_heads_group_by_group(tiny_checkpoint, calib_file, tmp_path):
+    src = tiny_checkpoint("llama_gqa", num_hidden_layers=3)  # 8 query heads in 2 groups
+    report = prune(src, tmp_path / "out", make_settings(calib_file, ratio=0.4, allocation="errors"))
+    for planned, done in zip(report["width_plan"]["layers"], report["layers"]):
+        assert planned["heads"] % 2 == 0 and planned["kv_heads"] == 2
+        assert len(done["kept_heads"]) == planned["heads"]
+    assert abs(report["decoder_layer_param_reduction"] - 0.4) < 0.05
+    _assert_loads_and_matches(tmp_path / "out", calib_file, stock=not report["output_format"] == "remote-code")
