@@ -18,7 +18,7 @@ from rcpu_lite.calibration import DEFAULT_CALIBRATION
 from rcpu_lite.memory_plan import parse_size
 from rcpu_lite.methods.allocation import ALLOCATIONS
 from rcpu_lite.methods.auto import METHODS as AUTO_METHODS
-from rcpu_lite.methods.compensation import COMPENSATIONS, DECOMPOSITIONS, CompensationOptions, method_names
+from rcpu_lite.methods.compensation import CHOOSERS, COMPENSATIONS, DECOMPOSITIONS, CompensationOptions, method_names
 from rcpu_lite.methods.obs import ObsOptions
 from rcpu_lite.methods.reconstruct import ReconstructOptions
 from rcpu_lite.methods.scoring import SCORES
@@ -85,9 +85,8 @@ class PruneSettings:
     compensate: str = knob(
         "rotation",
         f"Repair of o_proj/down_proj. {choices_help({n: m.help for n, m in COMPENSATIONS.items()})} Add "
-        "+bias (e.g. rotation+bias, lstsq+bias) for FLAP's bias on top; bias alone is FLAP's. auto (or auto+bias) "
-        "picks, per layer and projection, the one with the lowest held-out error among rotation, rotation-scale, none "
-        "and lstsq over a damping grid, then refits it on every token.",
+        "+bias (e.g. rotation+bias, lstsq+bias) for FLAP's bias on top; bias alone is FLAP's. "
+        f"{choices_help({n: c.help for n, c in CHOOSERS.items()})} (+bias: each candidate with the bias)",
     )
     calib: str = knob(
         DEFAULT_CALIBRATION,
@@ -153,7 +152,9 @@ class PruneSettings:
         "channels take the rest (for GQA models, where few heads can go). With adaptive/depth it is their budget.",
         shown="off; adaptive/depth then read --ratio as the parameter fraction",
     )
-    depth_spread: float = knob(0.5, "depth allocation: layer ratios run from ratio*(1-spread) to ratio*(1+spread).")
+    depth_spread: float = knob(
+        0.5, "depth and log allocations: layer ratios run from ratio*(1-spread) to ratio*(1+spread)."
+    )
     targets: str = knob(
         "local",
         "What compensation and reconstruction aim at: local (the dense layer on the pruned model's own "

@@ -3,7 +3,8 @@
 Which closed-form repair generalises depends on how many calibration tokens there are per input
 dimension: least squares fits best when tokens are plenty and overfits when they are few; the
 rotation is constrained and holds up. Every candidate is fitted on the calibration statistics and
-scored on the held-out windows; the winner is then refitted on all tokens.
+scored on one half of the held-out windows; the winner's error on the other half, which the choice never
+saw, is what the report gives as its held-out error. The winner is then refitted on all tokens.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rcpu_lite.methods import compensation as _compensation
 from rcpu_lite.methods.compensation import Compensation, CompensationOptions, Repaired, compensate
 
 DAMP_GRID = (1e-4, 1e-3, 1e-2, 1e-1)  # least squares: lambda = damp * mean(diag C_KK)
+PRIOR_GRID = (1e-2, 1e-1, 1.0)  # least squares toward the rotation: larger is closer to the rotation
 
 
 def candidates(with_bias: bool) -> dict[str, tuple[str, float | None]]:
@@ -26,6 +28,8 @@ def candidates(with_bias: bool) -> dict[str, tuple[str, float | None]]:
     out["none" + suffix if with_bias else "none"] = ("bias" if with_bias else "none", None)
     for damp in DAMP_GRID:
         out[f"lstsq(damp={damp:g}){suffix}"] = ("lstsq" + suffix, damp)
+    for damp in PRIOR_GRID:
+        out[f"lstsq-rotation(damp={damp:g}){suffix}"] = ("lstsq-rotation" + suffix, damp)
     return out
 
 
@@ -33,8 +37,8 @@ def candidates(with_bias: bool) -> dict[str, tuple[str, float | None]]:
 class Choice:
     label: str  # e.g. "rotation" or "lstsq(damp=0.01)+bias"
     result: Compensation  # the winner refitted on every token
-    held_out_error: float  # the winner's held-out error when fitted on the calibration tokens only
-    held_out_errors: dict[str, float]  # every candidate's
+    held_out_error: float  # the winner's error on the held-out half the choice never saw (fitted on calibration)
+    held_out_errors: dict[str, float]  # every candidate's on the half the choice was made on
 
 
 def choose(
@@ -46,29 +50,32 @@ def choose(
     with_bias: bool,
     refit: Callable[[object], None],
 ) -> Choice:
-    """Fit every candidate on `stats`, score it with held_out.error, refit the best after refit(stats)
-    has added the held-out tokens to the statistics."""
+    """Fit every candidate on `stats`, choose by its error on one half of the held-out tokens, report the winner's
+    error on the other half, and refit it after refit(stats) has added the held-out tokens to the statistics."""
     if not held_out.x:
         raise ValueError(
             "--compensate auto chooses by held-out error: it needs held-out windows (--holdout-nsamples at least 1)"
         )
-    errors, fitted = {}, {}
+    choose_on, report_on = held_out.halves()
+    errors, unseen, fitted = {}, {}, {}
     for label, (method, damp) in candidates(with_bias).items():
         opts = options if damp is None else replace(options, damp=damp, damp_abs=0.0)
         result = compensate(weight, stats, kept, method, opts)
-        errors[label] = held_out.error(kept, result.weight, result.bias)
+        errors[label] = choose_on.error(kept, result.weight, result.bias)
+        unseen[label] = report_on.error(kept, result.weight, result.bias)
         fitted[label] = (method, opts)
         del result
     best = min(errors, key=errors.get)
     refit(stats)
     method, opts = fitted[best]
-    return Choice(best, compensate(weight, stats, kept, method, opts, release=True), errors[best], errors)
+    return Choice(best, compensate(weight, stats, kept, method, opts, release=True), unseen[best], errors)
 
 
 @_compensation.register_chooser(
     "auto",
-    "per layer and projection, the lowest held-out error among rotation, "
-    "rotation-scale, none and lstsq over a damping grid, refitted on every token",
+    "per layer and projection, the lowest error on half the held-out windows among rotation, rotation-scale, none, "
+    "lstsq and lstsq-rotation over damping grids, refitted on every token (the report's held-out error is the other "
+    "half's)",
 )
 def choose_and_refit(
     weight: torch.Tensor, stats, kept: torch.Tensor, options: CompensationOptions, with_bias: bool, held_out

@@ -184,9 +184,17 @@ register("rotation-scale", "rotation, then x tr(S)/||Z||^2 (RCPU)")(_from_produc
 
 @register("lstsq", "ridge least squares W_K <- (W C[:,K] + l W_K)(C_KK + l I)^-1, l from --damp or --damp-abs")
 def least_squares(
-    weight: torch.Tensor, stats, kept: torch.Tensor, options: CompensationOptions, release: bool = False
+    weight: torch.Tensor,
+    stats,
+    kept: torch.Tensor,
+    options: CompensationOptions,
+    release: bool = False,
+    prior: torch.Tensor | None = None,
 ) -> Compensation:
     """Ridge least squares by a Cholesky factorisation of C_KK + lambda I (never an explicit inverse).
+
+    The ridge pulls W' toward `prior` (d_out x |K|; default W_K): min ||Y - W' X_K||^2 + lambda ||W' - prior||^2,
+    so W' (C_KK + lambda I) = W C[:, K] + lambda prior.
 
     If the factorisation fails, lambda grows tenfold (up to max_damp_retries times); the lambda used
     is reported. Errors: ||Y - W' X_K||^2 = ||Y||^2 - 2 <W', H> + tr(W' C_KK W'^T) with H = W C[:, K].
@@ -213,13 +221,15 @@ def least_squares(
         removed_energy = y_energy - 2 * _sum64(h * w_kept) + z_energy
     lam = options.damp_abs if options.damp_abs > 0 else options.damp * float(a.diagonal().mean())
     lam = max(lam, torch.finfo(a.dtype).tiny)
+    if prior is not None:
+        w_kept = prior  # what the ridge pulls toward
     # In place from here (Llama-7B's down_proj: each d_out x |K| copy is 150 MB, C_KK 370 MB): a holds
     # C_KK + added * I, and h becomes the right-hand side W C[:,K] + added * W_K, then the solution.
     rhs, added = h, 0.0
     del h
     for _ in range(options.max_damp_retries + 1):
         a.diagonal().add_(lam - added)
-        rhs.add_(w_kept if w_kept is not None else weight[:, kept], alpha=lam - added)
+        rhs.add_(w_kept if w_kept is not None else (weight[:, kept] if prior is None else prior), alpha=lam - added)
         added = lam
         w_kept = None  # a retry (rare) gathers W_K again
         factor, info = torch.linalg.cholesky_ex(a)
@@ -240,10 +250,29 @@ def least_squares(
     # <W', R> = tr(W' A W'^T) = ||W' L||^2, so the error is ||Y||^2 - ||W' L||^2 + 2 l <W', W_K> - l ||W'||^2.
     quadratic = _sum64((new @ factor).square())
     del factor
-    error = y_energy - quadratic + 2 * lam * _inner_kept(new, weight, kept) - lam * _sum64(new.square())
+    toward = _sum64(new * prior) if prior is not None else _inner_kept(new, weight, kept)  # <W', prior>
+    error = y_energy - quadratic + 2 * lam * toward - lam * _sum64(new.square())
     return Compensation(
         new, _ratio(removed_energy, y_energy), _ratio(error, y_energy), damp_used=lam, y_energy=y_energy
     )
+
+
+@register(
+    "lstsq-rotation",
+    "ridge least squares pulled toward the rotation: W_K <- (W C[:,K] + l Q W_K)(C_KK + l I)^-1 with Q the rotation's; "
+    "l from --damp or --damp-abs moves it from least squares (small) to the rotation (large)",
+)
+def least_squares_toward_rotation(
+    weight: torch.Tensor, stats, kept: torch.Tensor, options: CompensationOptions, release: bool = False
+) -> Compensation:
+    m = products(weight, stats, kept).m
+    started = time.perf_counter()
+    q, _ = DECOMPOSE[options.decomposition](m, options.decomposition_device)
+    seconds = time.perf_counter() - started
+    del m
+    result = least_squares(weight, stats, kept, options, release, prior=q @ weight[:, kept])
+    result.decomposition_seconds = seconds
+    return result
 
 
 def add_bias(result: Compensation, weight: torch.Tensor, stats, kept: torch.Tensor) -> Compensation:

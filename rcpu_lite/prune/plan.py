@@ -77,6 +77,7 @@ def scoring_pass(
                 _add_curve(out, name, weight, s.gram, columns, shape, settings.score)
             s.release()  # the Gram is freed before the next projection's
             (out.o_columns if name == "o_proj" else out.channels).append(columns)
+            del weight  # no reference may outlive the layer (one layer's tensors alive at a time)
         propagate(cfg, i, tensors, Streams(hidden), inputs, run)
         del tensors, stored, stats
         reporter.advance(f"scoring pass: layer {i + 1}/{n_layers}")

@@ -47,6 +47,18 @@ class HeldOut:
             ref += float(y.square().sum(dtype=torch.float64))
         return relative_error(err, ref)
 
+    def halves(self) -> tuple["HeldOut", "HeldOut"]:
+        """The held-out tokens in two halves (the first and second half of every micro-batch: whole windows when it
+        holds an even number), so that a choice made on one can be measured on the other."""
+        first, second = HeldOut(self.weight), HeldOut(self.weight)
+        for x_hat, x in zip(self.x_hat, self.x):
+            cut = x_hat.shape[0] // 2
+            first.x_hat.append(x_hat[:cut])
+            first.x.append(x[:cut])
+            second.x_hat.append(x_hat[cut:])
+            second.x.append(x[cut:])
+        return first, second
+
     def add_to(self, stats: InputStats) -> None:
         """Add the held-out tokens to the statistics (auto refits the chosen method on every token)."""
         for x_hat, x in zip(self.x_hat, self.x):

@@ -7,7 +7,13 @@ import torch
 
 from rcpu_lite.methods import compensation as comp
 
-GRAM_ONLY_METHODS = ("rotation", "rotation-scale", "none", "lstsq")  # the methods that need only the Gram
+GRAM_ONLY_METHODS = (
+    "rotation",
+    "rotation-scale",
+    "none",
+    "lstsq",
+    "lstsq-rotation",
+)  # the methods that need only the Gram
 
 
 def _compensate(w, c, k, method, decomposition="eigh", **options):

@@ -190,3 +190,29 @@ def test_dense_targets_on_the_same_stream_are_local_targets():
         a, b = comp.compensate(w, local, k, method), comp.compensate(w, paired, k, method)
         torch.testing.assert_close(a.weight, b.weight, rtol=1e-9, atol=1e-9)
         assert a.error_compensated == pytest.approx(b.error_compensated, rel=1e-7)
+
+
+@pytest.mark.parametrize("damp", [0.01, 1.0])
+def test_lstsq_rotation_solves_the_ridge_toward_the_rotated_weights(damp):
+    w, x, stats, k = _problem(seed=4)
+    c_kk = x[:, k].T @ x[:, k]
+    lam = damp * float(c_kk.diagonal().mean())
+    y = x @ w.T
+    u, _, vh = torch.linalg.svd(y.T @ (x[:, k] @ w[:, k].T))  # M = Y Z^T
+    prior = (u @ vh) @ w[:, k]  # the rotation's weights
+    direct = torch.linalg.solve(
+        c_kk + lam * torch.eye(k.numel(), dtype=torch.float64), (w @ x.T @ x[:, k] + lam * prior).T
+    ).T
+    got = comp.compensate(w, stats, k, "lstsq-rotation", comp.CompensationOptions(damp=damp))
+    torch.testing.assert_close(got.weight, direct, rtol=1e-9, atol=1e-9)
+    assert got.error_compensated == pytest.approx(_rel(y, x[:, k] @ direct.T), rel=1e-9)
+
+
+def test_lstsq_rotation_moves_from_least_squares_to_the_rotation():
+    w, x, stats, k = _problem(seed=5)
+    rotation = comp.compensate(w, stats, k, "rotation").weight
+    lstsq = comp.compensate(w, stats, k, "lstsq", comp.CompensationOptions(damp_abs=1e-9)).weight
+    small = comp.compensate(w, stats, k, "lstsq-rotation", comp.CompensationOptions(damp_abs=1e-9)).weight
+    large = comp.compensate(w, stats, k, "lstsq-rotation", comp.CompensationOptions(damp=1e9)).weight
+    torch.testing.assert_close(small, lstsq, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(large, rotation, rtol=1e-6, atol=1e-6)
