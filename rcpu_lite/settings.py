@@ -206,6 +206,11 @@ class PruneSettings:
         "joint update (SlimGPT's shrinking groups; at least one channel a step). 0 = one at a time (exact greedy, "
         "slowest). Heads always go one at a time.",
     )
+    cv_folds: int = knob(
+        4,
+        "--compensate lstsq-cv: folds of the calibration windows (micro-batches go to the folds in turn; each fold "
+        "keeps a Gram matrix of its own).",
+    )
     obs_gram: str = knob(
         "calibration",
         "--select obs: the Gram it removes units on: calibration (the real calibration windows), all (with the "
@@ -269,7 +274,9 @@ class PruneSettings:
                 raise SettingsError(
                     f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
                 )
-        if self.compensate in AUTO_METHODS and (self.holdout == "none" or self.holdout_nsamples < 1):
+        if self.compensate.startswith("lstsq-cv") and self.targets == "dense":
+            raise SettingsError("--compensate lstsq-cv cross-validates local targets only; use --targets local")
+        if self.compensate.startswith("auto") and (self.holdout == "none" or self.holdout_nsamples < 1):
             raise SettingsError(
                 "--compensate auto chooses by held-out error: keep a held-out set (--holdout, "
                 "--holdout-nsamples at least 1)"
@@ -330,6 +337,8 @@ class PruneSettings:
                 parse_size(self.max_gpu_memory)
             except ValueError as e:
                 raise SettingsError(str(e)) from None
+        if self.cv_folds < 2:
+            raise SettingsError(f"--cv-folds must be at least 2, got {self.cv_folds}")
         for name in ("nsamples", "seqlen", "micro_batch", "multiple_of"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

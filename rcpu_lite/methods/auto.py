@@ -84,4 +84,50 @@ def choose_and_refit(
     return Repaired(choice.label, choice.result, choice.held_out_error)
 
 
-METHODS = tuple(_compensation.chooser_names())  # the --compensate values that choose: auto, auto+bias
+CV_GRID = DAMP_GRID + (1.0,)  # lstsq-cv's candidate dampings (relative to mean(diag C_KK))
+
+
+def cross_validated_damp(weight: torch.Tensor, stats, kept: torch.Tensor, options: CompensationOptions) -> dict:
+    """Each candidate damping's k-fold error: for every fold, least squares fitted on the other folds' Gram and
+    measured on this fold's, ||(W - W') X_f||^2 summed over folds over sum ||W X_f||^2. Returns {damp: error}."""
+    from types import SimpleNamespace
+
+    folds = [f for f in stats.fold_grams if float(f.diagonal().sum()) > 0]
+    if len(folds) < 2:
+        raise ValueError(
+            f"lstsq-cv: only {len(folds)} of the {len(stats.fold_grams)} folds got calibration windows (micro-batches "
+            "go to the folds in turn): use fewer --cv-folds, more --nsamples or a smaller --micro-batch"
+        )
+    errors = {}
+    for damp in CV_GRID:
+        err = ref = 0.0
+        for fold in folds:
+            train = SimpleNamespace(gram=stats.gram - fold, output_cross=None, target_energy=None, paired=False)
+            fit = compensate(weight, train, kept, "lstsq", replace(options, damp=damp, damp_abs=0.0))
+            diff = weight.clone()
+            diff[:, kept] -= fit.weight
+            err += float(((diff @ fold) * diff).sum(dtype=torch.float64))
+            ref += float(((weight @ fold) * weight).sum(dtype=torch.float64))
+        errors[damp] = err / ref if ref > 0 else 0.0
+    return errors
+
+
+@_compensation.register_chooser(
+    "lstsq-cv",
+    "least squares with its damping chosen by k-fold cross-validation over the calibration windows "
+    "(--cv-folds; costs that many more Gram matrices), refitted on every calibration token",
+)
+def least_squares_cross_validated(
+    weight: torch.Tensor, stats, kept: torch.Tensor, options: CompensationOptions, with_bias: bool, held_out
+) -> Repaired:
+    if stats.paired or not getattr(stats, "fold_grams", None):
+        raise ValueError("lstsq-cv needs local targets and fold statistics (the pipeline keeps them for it)")
+    errors = cross_validated_damp(weight, stats, kept, options)
+    best = min(errors, key=errors.get)
+    method = "lstsq+bias" if with_bias else "lstsq"
+    result = compensate(weight, stats, kept, method, replace(options, damp=best, damp_abs=0.0), release=True)
+    label = f"lstsq(damp={best:g})" + ("+bias" if with_bias else "")
+    return Repaired(label, result, held_out.error(kept, result.weight, result.bias) if held_out.x else None)
+
+
+METHODS = tuple(_compensation.chooser_names())  # the --compensate values that choose (auto, lstsq-cv, each +bias)

@@ -92,6 +92,32 @@ class InputStats:
         return _hook
 
 
+class FoldedStats(InputStats):
+    """InputStats that also keep the Gram of each of `folds` folds (micro-batches go to the folds in turn), for
+    k-fold cross-validation of the damping (compensation's lstsq-cv). Costs `folds` more d x d matrices."""
+
+    def __init__(
+        self, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, folds: int = 4
+    ):
+        super().__init__(dim, device, dtype)
+        self.fold_grams = [torch.zeros(dim, dim, device=device, dtype=dtype) for _ in range(folds)]
+        self._next = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        super().update(x)
+        x = x.reshape(-1, self.dim).to(self.gram.dtype)
+        with cuda_matmul_precision("ieee"):
+            self.fold_grams[self._next].addmm_(x.T, x)
+        self._next = (self._next + 1) % len(self.fold_grams)
+
+    def release(self) -> None:
+        super().release()
+        self.fold_grams = []
+
+    def _tensors(self) -> list[torch.Tensor | None]:
+        return [*super()._tensors(), *self.fold_grams]
+
+
 class PairedStats(InputStats):
     """Dense targets ("global propagation" in Shin et al. 2024): the statistics of the pruned stream's
     inputs x_hat, plus, on the same tokens of the dense model's stream, its inputs x and the dense

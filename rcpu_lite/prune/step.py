@@ -19,7 +19,7 @@ from rcpu_lite.methods import compensation, selection
 from rcpu_lite.methods.allocation import LayerWidths
 from rcpu_lite.methods.metrics import relative_error
 from rcpu_lite.methods.reconstruct import block_error
-from rcpu_lite.methods.stats import InputStats, PairedStats
+from rcpu_lite.methods.stats import FoldedStats, InputStats, PairedStats
 from rcpu_lite.output.report import LayerResult, ProjectionResult
 from rcpu_lite.prune.streams import Streams
 from rcpu_lite.runtime import Placement, Stopwatch, cuda_matmul_precision, to_compute
@@ -136,6 +136,7 @@ def dense_pass(
     run: Placement,
     keep_targets: bool,
     advance: tuple[torch.Tensor, ...] = (),
+    folds: int = 0,
 ) -> DensePass:
     """Run the dense layer over the calibration (and held-out) windows of every stream.
 
@@ -144,8 +145,11 @@ def dense_pass(
     token by token (PairedStats), and the dense stream moves on to the next layer in place.
     """
     dense = _DenseLayer(cfg, index, tensors, inputs, run)
-    kind = PairedStats if streams.dense_targets else InputStats
-    stats = {n: kind(d, run.device) for n, d in dense.dims.items()}
+    if folds:  # lstsq-cv: a Gram per fold as well (local targets only; settings refuse dense ones)
+        stats = {n: FoldedStats(d, run.device, folds=folds) for n, d in dense.dims.items()}
+    else:
+        kind = PairedStats if streams.dense_targets else InputStats
+        stats = {n: kind(d, run.device) for n, d in dense.dims.items()}
     # Generated windows: scores use the real ones (decided over all ranks: one rank may hold only real ones).
     separate_scores = run.group.any(streams.n_real < streams.calib.shape[0])
     score_stats = {n: InputStats(d, run.device) for n, d in dense.dims.items()} if separate_scores else stats
@@ -258,6 +262,7 @@ class LayerStep:
             self.run,
             self.keep_targets,
             carry.previous if carry else (),
+            self.settings.cv_folds if self.settings.compensate.startswith("lstsq-cv") else 0,
         )
         if carry is not None:
             carry.own = (dense.targets, dense.held_out_targets)

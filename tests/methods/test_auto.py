@@ -1,10 +1,11 @@
 """--compensate auto: least squares where tokens per dimension are plenty, the rotation where they are few."""
 
+import pytest
 import torch
 
-from rcpu_lite.methods import auto
-from rcpu_lite.methods.compensation import CompensationOptions
-from rcpu_lite.methods.stats import InputStats
+from rcpu_lite.methods import auto, compensation
+from rcpu_lite.methods.compensation import CompensationOptions, compensate
+from rcpu_lite.methods.stats import FoldedStats, InputStats
 from rcpu_lite.prune.step import HeldOut
 
 
@@ -95,3 +96,50 @@ def test_auto_reports_the_winner_on_held_out_tokens_its_choice_never_saw():
     assert choice.held_out_errors[choice.label] == first.error(kept, fit.weight)
     assert choice.held_out_error == second.error(kept, fit.weight)
     assert choice.held_out_errors[choice.label] == min(choice.held_out_errors.values())
+
+
+def _ridge_problem(n: int, seed: int = 0, d_out: int = 16, kept: int = 24, removed: int = 24):
+    """The removed inputs are a linear map of the kept ones plus noise: least squares learns the map from n tokens,
+    so few tokens want heavy damping and many want little. Returns W, folded statistics, 100k test tokens, K."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_out, kept + removed, generator=g, dtype=torch.float64)
+    a = torch.randn(removed, kept, generator=g, dtype=torch.float64) / kept**0.5
+
+    def draw(m):
+        x_k = torch.randn(m, kept, generator=g, dtype=torch.float64)
+        return torch.cat([x_k, x_k @ a.T + torch.randn(m, removed, generator=g, dtype=torch.float64)], 1)
+
+    stats = FoldedStats(kept + removed, dtype=torch.float64, folds=4)
+    for chunk in draw(n).split(n // 8):  # eight micro-batches, two per fold
+        stats.update(chunk)
+    return w, stats, draw(100_000), torch.arange(kept)
+
+
+@pytest.mark.parametrize("n, planted", [(40, 1.0), (200, 0.1), (2000, 0.01)])
+def test_cross_validation_picks_the_damping_that_is_best_on_new_tokens(n, planted):
+    w, stats, x_test, kept = _ridge_problem(n)
+    test_error = {}
+    for damp in auto.CV_GRID:
+        fit = compensate(w, stats, kept, "lstsq", CompensationOptions(damp=damp))
+        diff = w.clone()
+        diff[:, kept] -= fit.weight
+        test_error[damp] = float((x_test @ diff.T).square().sum() / (x_test @ w.T).square().sum())
+    assert min(test_error, key=test_error.get) == planted  # the planted answer, measured on 100k new tokens
+    cv = auto.cross_validated_damp(w, stats, kept, CompensationOptions())
+    assert min(cv, key=cv.get) == planted
+
+
+def test_folded_statistics_sum_to_the_whole_and_lstsq_cv_refits_on_everything():
+    w, stats, _, kept = _ridge_problem(200)
+    torch.testing.assert_close(sum(stats.fold_grams), stats.gram)
+    held = HeldOut(w)
+    repaired = compensation.CHOOSERS["lstsq-cv"].fn(w, stats, kept, CompensationOptions(), False, held)
+    assert repaired.label == "lstsq(damp=0.1)" and repaired.result.damp_used is not None
+    assert stats.gram is None and stats.fold_grams == []  # released once used
+
+
+def test_lstsq_cv_needs_two_folds_with_windows():
+    w, stats, _, kept = _ridge_problem(200)
+    stats.fold_grams = [stats.gram.clone(), torch.zeros_like(stats.gram)]
+    with pytest.raises(ValueError, match="only 1 of the 2 folds"):
+        auto.cross_validated_damp(w, stats, kept, CompensationOptions())

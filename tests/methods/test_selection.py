@@ -57,4 +57,4 @@ def test_a_name_registered_twice_is_refused():
 
 def test_auto_is_a_registered_chooser_and_a_compensate_value():
     assert "auto" in compensation.CHOOSERS and "auto" not in compensation.COMPENSATIONS
-    assert compensation.chooser_names() == ["auto", "auto+bias"]
+    assert compensation.chooser_names() == ["auto", "auto+bias", "lstsq-cv", "lstsq-cv+bias"]

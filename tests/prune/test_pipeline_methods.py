@@ -200,3 +200,16 @@ def test_errors_allocation_on_grouped_queries_removes_heads_group_by_group(tiny_
         assert len(done["kept_heads"]) == planned["heads"]
     assert abs(report["decoder_layer_param_reduction"] - 0.4) < 0.05
     _assert_loads_and_matches(tmp_path / "out", calib_file, stock=not report["output_format"] == "remote-code")
+
+
+def test_lstsq_cv_chooses_a_damping_per_projection_and_refuses_dense_targets(tiny_checkpoint, calib_file, tmp_path):
+    from rcpu_lite.methods.auto import CV_GRID
+    from rcpu_lite.settings import SettingsError
+
+    src = tiny_checkpoint("qwen2_gqa")
+    report = prune(src, tmp_path / "out", make_settings(calib_file, ratio=0.4, compensate="lstsq-cv", cv_folds=3))
+    labels = {layer[f"{p}_method"] for layer in report["layers"] for p in ("o_proj", "down_proj")}
+    assert labels <= {f"lstsq(damp={d:g})" for d in CV_GRID}, labels
+    _assert_loads_and_matches(tmp_path / "out", calib_file, stock=True)
+    with pytest.raises(SettingsError, match="local targets only"):
+        make_settings(calib_file, compensate="lstsq-cv", targets="dense").validate()
