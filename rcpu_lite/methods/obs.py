@@ -45,18 +45,17 @@ def damping(gram: torch.Tensor, options: ObsOptions) -> float:
 
 
 def inverse_hessian(gram: torch.Tensor, lam: float, retries: int = 6) -> tuple[torch.Tensor, float]:
-    """(C + lambda I)^-1 by Cholesky, in C's dtype; a failed factorisation retries with 10x lambda."""
-    h = gram.clone()
-    added = 0.0
+    """(C + lambda I)^-1 by Cholesky, in C's dtype, in one d x d buffer besides C (factor and inverse in place:
+    485 MB each at Llama-7B's down_proj); a failed factorisation retries with 10x lambda."""
+    h = torch.empty_like(gram)
+    info = torch.empty((), dtype=torch.int32, device=gram.device)
     for _ in range(retries + 1):
-        h.diagonal().add_(lam - added)
-        added = lam
-        factor, info = torch.linalg.cholesky_ex(h)
+        h.copy_(gram).diagonal().add_(lam)
+        torch.linalg.cholesky_ex(h, out=(h, info))
         if int(info) == 0:
-            del h
-            return torch.cholesky_inverse(factor), lam
+            return torch.cholesky_inverse(h, out=h), lam
         lam *= 10
-    raise ValueError(f"OBS: C + lambda I is not positive definite even at lambda {added:.3g}")
+    raise ValueError(f"OBS: C + lambda I is not positive definite even at lambda {lam / 10:.3g}")
 
 
 def remove_units(
@@ -98,8 +97,9 @@ def unit_costs(weight: torch.Tensor, hinv: torch.Tensor, unit: int, alive: torch
     cost = torch.full((alive.numel(),), math.inf, dtype=torch.float64)
     index = alive.nonzero().squeeze(1)
     if unit == 1:
-        on = index.to(weight.device)
-        cost[index] = (weight[:, on].double().square().sum(0) / hinv.diagonal()[on].double()).cpu()
+        # Over every column (removed ones are zero): no gathered d_out x |alive| copy (180 MB at Llama-7B).
+        norms = torch.linalg.vector_norm(weight, dim=0).double().square() / hinv.diagonal().double()
+        cost[index] = norms.cpu()[index]
         return cost
     for u in index.tolist():  # heads: few, each a head_dim x head_dim block
         cols = slice(u * unit, (u + 1) * unit)
