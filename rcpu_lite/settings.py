@@ -239,7 +239,8 @@ class PruneSettings:
         )
 
     def obs_options(self) -> ObsOptions:
-        return ObsOptions(damp=self.obs_damp, step_fraction=self.obs_step)
+        # The pipeline repairs with --compensate: OBS's own refit (lstsq's, tests/methods) is not kept.
+        return ObsOptions(damp=self.obs_damp, step_fraction=self.obs_step, keep_repaired=False)
 
     def reconstruct_options(self) -> ReconstructOptions:
         """The knobs of block and cross-block reconstruction (the window order is shuffled with --seed)."""

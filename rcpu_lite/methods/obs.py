@@ -29,13 +29,14 @@ class ObsOptions:
     damp: float = 0.01  # lambda = damp * mean(diag C)
     damp_abs: float = 0.0  # an absolute lambda instead (0: use damp)
     step_fraction: float = 0.0  # each step removes this fraction of the units still to go (at least one); 0: one
+    keep_repaired: bool = True  # return W repaired on the kept columns (the pipeline repairs with --compensate)
 
 
 @dataclass
 class ObsResult:
     removed: torch.Tensor  # unit indices in the order they went
     kept_columns: torch.Tensor  # sorted input columns left
-    weight: torch.Tensor  # W repaired on the kept columns (d_out x |K|)
+    weight: torch.Tensor | None  # W repaired on the kept columns (d_out x |K|), unless not asked for
     damp_used: float
 
 
@@ -144,4 +145,5 @@ def prune(
     keep = torch.ones(weight.shape[1] // unit, dtype=torch.bool)
     keep[removed] = False
     kept_columns = _columns(keep.nonzero().squeeze(1), unit)
-    return ObsResult(removed, kept_columns, w[:, kept_columns.to(w.device)], lam)
+    repaired = w[:, kept_columns.to(w.device)] if options.keep_repaired else None
+    return ObsResult(removed, kept_columns, repaired, lam)

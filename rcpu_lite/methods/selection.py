@@ -122,6 +122,7 @@ def greedy_obs(
         channels = result.kept_columns
         repaired["down_proj"] = result.weight
     kv_heads = heads.clone() if kv == n else torch.arange(kv)
+    repaired = {name: w for name, w in repaired.items() if w is not None}
     return Kept(heads, kv_heads, channels, head_dim, repaired or None)
 
 

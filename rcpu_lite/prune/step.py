@@ -278,7 +278,6 @@ class LayerStep:
             widths,
             self.settings.obs_options(),
         )
-        kept.repaired = None  # the compensation (--compensate) repairs; OBS's own refit is lstsq's (tests/methods)
         self.run.group.broadcast(kept.tensors())  # rank 0's units, the same on every rank whatever the rounding
         kept = kept.to(self.run.device)
         watch.lap("scores")
