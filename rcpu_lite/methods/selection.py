@@ -51,10 +51,19 @@ class Kept:
         return self.heads.tolist(), self.kv_heads.tolist(), self.channels.tolist()
 
 
-# (score name, {projection: W}, {projection: stats}, shape, widths, OBS options) -> Kept
-SelectFn = Callable[
-    [str, dict[str, torch.Tensor], dict[str, InputStats], LayerShape, LayerWidths, obs.ObsOptions], Kept
-]
+@dataclass
+class SelectionInput:
+    """What a selection method reads for one layer."""
+
+    score: str  # the --score name (topk)
+    weights: dict[str, torch.Tensor]  # o_proj and down_proj weights
+    stats: dict[str, InputStats]  # their input statistics
+    shape: LayerShape
+    widths: LayerWidths  # the units to keep
+    obs: obs.ObsOptions = field(default_factory=obs.ObsOptions)
+
+
+SelectFn = Callable[[SelectionInput], Kept]
 
 
 SELECTIONS: dict[str, Entry[SelectFn]] = {}
@@ -62,20 +71,14 @@ register = registrar(SELECTIONS)
 
 
 @register("topk", "score every unit once (--score), keep the highest ones")
-def top_k(
-    score: str,
-    weights: dict[str, torch.Tensor],
-    stats: dict[str, InputStats],
-    shape: LayerShape,
-    widths: LayerWidths,
-    options: obs.ObsOptions | None = None,
-) -> Kept:
+def top_k(layer: SelectionInput) -> Kept:
+    score, weights, stats, shape = layer.score, layer.weights, layer.stats, layer.shape
     columns = scoring.column_scores(score, weights["o_proj"], stats["o_proj"])
     heads, kv_heads = scoring.kept_heads(
-        scoring.head_scores(columns, shape.head_dim, score), shape.num_key_value_heads, widths.heads
+        scoring.head_scores(columns, shape.head_dim, score), shape.num_key_value_heads, layer.widths.heads
     )
     channels = scoring.kept_channels(
-        scoring.column_scores(score, weights["down_proj"], stats["down_proj"]), widths.channels
+        scoring.column_scores(score, weights["down_proj"], stats["down_proj"]), layer.widths.channels
     )
     return Kept(heads.cpu(), kv_heads.cpu(), channels.cpu(), shape.head_dim)
 
@@ -86,15 +89,8 @@ def top_k(
     "least-squares error on the Gram (--obs-gram, damped by --obs-damp), updating the other columns after each "
     "removal (--score is not used)",
 )
-def greedy_obs(
-    score: str,
-    weights: dict[str, torch.Tensor],
-    stats: dict[str, InputStats],
-    shape: LayerShape,
-    widths: LayerWidths,
-    options: obs.ObsOptions | None = None,
-) -> Kept:
-    options = options or obs.ObsOptions()
+def greedy_obs(layer: SelectionInput) -> Kept:
+    weights, stats, shape, widths, options = layer.weights, layer.stats, layer.shape, layer.widths, layer.obs
     n, kv, head_dim = shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim
     repaired = {}
     heads = torch.arange(n)
@@ -144,4 +140,4 @@ def select(
     """The units one layer keeps, by the selection `method` (a SELECTIONS name) and the importance `score`."""
     if method not in SELECTIONS:
         raise ValueError(f"unknown selection {method!r}; choose one of {', '.join(SELECTIONS)}")
-    return SELECTIONS[method].fn(score, weights, stats, shape, widths, options)
+    return SELECTIONS[method].fn(SelectionInput(score, weights, stats, shape, widths, options or obs.ObsOptions()))
