@@ -1,8 +1,9 @@
 """Which heads and channels a layer keeps: the selection registry.
 
 A selection method takes the layer's o_proj / down_proj weights, their input statistics, the layer shape and
-the widths to keep, and returns the kept units (`Kept`). A method that repairs while it selects (a structured
-OBS) may also return the repaired weights in `Kept.repaired`; the compensation then starts from them.
+the widths to keep (`SelectionInput`), and returns the kept units (`Kept`). A method that repairs while it
+selects (structured OBS) may also return its repaired weights in `Kept.repaired` (OBS's equal the ridge
+least-squares refit); the pipeline repairs with --compensate and does not ask for them.
 """
 
 from __future__ import annotations
