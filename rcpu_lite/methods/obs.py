@@ -50,11 +50,15 @@ def inverse_hessian(gram: torch.Tensor, lam: float, retries: int = 6) -> tuple[t
     485 MB each at Llama-7B's down_proj); a failed factorisation retries with 10x lambda."""
     h = torch.empty_like(gram)
     info = torch.empty((), dtype=torch.int32, device=gram.device)
+    # H is symmetric, so h.mT holds the same matrix in column-major order, which LAPACK factors in place (a
+    # row-major h would be copied first: another d x d buffer).
+    column_major = h.mT
     for _ in range(retries + 1):
         h.copy_(gram).diagonal().add_(lam)
-        torch.linalg.cholesky_ex(h, out=(h, info))
+        torch.linalg.cholesky_ex(column_major, upper=True, out=(column_major, info))
         if int(info) == 0:
-            return torch.cholesky_inverse(h, out=h), lam
+            torch.cholesky_inverse(column_major, upper=True, out=column_major)
+            return h, lam
         lam *= 10
     raise ValueError(f"OBS: C + lambda I is not positive definite even at lambda {lam / 10:.3g}")
 
