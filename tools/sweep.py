@@ -34,14 +34,14 @@ def slug(text: str) -> str:
 
 
 # Keys of a [[sweep.method]] table that are not prune options.
-JOB_KEYS = ("name", "model", "ratios", "nsamples")
+JOB_KEYS = ("name", "model", "ratios", "nsamples", "seqlen")
 
 
 def jobs(sweep: dict) -> list[dict]:
     """A dense row per model used, then every method at each of its ratios (the sweep's unless it has its own).
 
     A method table names any prune options (score, compensate, damp_abs, allocation, target_params, ...);
-    it may also override the model, the ratios and nsamples.
+    it may also override the model, the ratios, nsamples and seqlen (of the calibration windows only).
     """
     out, models = [], []
     for method in sweep["method"]:
@@ -82,7 +82,7 @@ def commands(sweep: dict, job: dict, max_windows: int | None) -> tuple[list[str]
             "--nsamples",
             str(method.get("nsamples", sweep["nsamples"])),
             "--seqlen",
-            str(sweep["seqlen"]),
+            str(method.get("seqlen", sweep["seqlen"])),  # the calibration windows' (evaluation keeps the sweep's)
         ]
         for key, value in method.items():
             if key not in JOB_KEYS:

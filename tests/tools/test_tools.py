@@ -147,3 +147,14 @@ def test_llama_cpp_benchmark_exports_once_and_times_every_file_in_each_round(tin
     assert all(r["prompt"] > 0 and r["decode"] > 0 and r["bytes"] > 0 for r in results.values())
     table = tool.llama_cpp_table(results, "dense")
     assert table.count("\n") == 5 and "| dense | f32 |" in table
+
+
+def test_sweep_method_may_set_its_own_calibration_seqlen_while_evaluation_keeps_the_sweeps():
+    sweep = load_tool("sweep")
+    config = {"model": "m", "calib": "c", "eval": "e", "seqlen": 128, "nsamples": 8, "ratios": [0.2], "results": "r"}
+    config["method"] = [{"name": "long windows", "seqlen": 512, "nsamples": 32, "compensate": "lstsq"}]
+    job = [j for j in sweep.jobs(config) if j["method"]][0]
+    prune_cmd, eval_cmd, _ = sweep.commands(config, job, None)
+    assert prune_cmd[prune_cmd.index("--seqlen") + 1] == "512" and prune_cmd.count("--seqlen") == 1
+    assert prune_cmd[prune_cmd.index("--nsamples") + 1] == "32"
+    assert eval_cmd[eval_cmd.index("--seqlen") + 1] == "128"
