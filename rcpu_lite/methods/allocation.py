@@ -186,9 +186,10 @@ def adaptive(
 @dataclass
 class DenseScores:
     """What the scoring pass measures on the dense model, one entry per layer: the o_proj column scores and the
-    MLP channel scores (--score), and, for the `errors` allocation, the error curves: curve[k] is the relative
-    output error ||Y - Z||^2 / ||Y||^2 of o_proj (heads) or down_proj (channels) with the k lowest-scoring units
-    removed and no repair (scoring.error_curve; GQA heads go one from every group at a time)."""
+    MLP channel scores (--score), and, for the `errors` allocation, the error curves: curve[k] is the output error
+    ||Y - Z||^2 of o_proj (heads) or down_proj (channels) with the k lowest-scoring units removed and no repair,
+    relative to the energy of the residual stream entering the layer (scoring.error_curve; GQA heads go one from
+    every group at a time)."""
 
     o_columns: list[torch.Tensor]
     channels: list[torch.Tensor]

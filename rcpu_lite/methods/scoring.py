@@ -118,9 +118,17 @@ def kept_heads(scores: torch.Tensor, n_kv_heads: int, keep: int) -> tuple[torch.
     return torch.cat(kept), torch.arange(n_kv_heads)
 
 
-def error_curve(weight: torch.Tensor, gram: torch.Tensor, order: torch.Tensor, unit: int = 1, step: int = 1):
+def error_curve(
+    weight: torch.Tensor,
+    gram: torch.Tensor,
+    order: torch.Tensor,
+    unit: int = 1,
+    step: int = 1,
+    reference: float | None = None,
+) -> torch.Tensor:
     """curve[k] = ||W_R X_R||^2 / ||W X||^2 with R the first k*step units of `order` (a unit: `unit` consecutive
     input columns), in fp64: the relative output error of removing them with no repair, for k = 0 .. len/step.
+    With `reference`, the error is relative to that energy instead (e.g. the residual stream's, ||H||^2).
 
     With B = (W^T W) o C summed over unit blocks, ||W_R X_R||^2 is the sum of B over R x R, so every prefix comes
     from one pass of cumulative sums."""
@@ -132,4 +140,5 @@ def error_curve(weight: torch.Tensor, gram: torch.Tensor, order: torch.Tensor, u
     b = b[order][:, order]
     added = 2 * torch.triu(b, 1).sum(0) + b.diagonal()  # what the k-th unit adds to the prefix sum
     curve = torch.cat([torch.zeros(1, dtype=torch.float64), added.cumsum(0)])[::step]
-    return curve / total if total > 0 else curve
+    scale = reference if reference is not None else total
+    return curve / scale if scale > 0 else curve

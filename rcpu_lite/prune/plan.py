@@ -69,12 +69,15 @@ def scoring_pass(
         check_finite(f"layer {i}", stored)
         tensors = to_compute(stored, run.device, consume=True)
         reporter.phase("statistics")
+        # The errors are measured against the residual stream the layer adds to: a projection whose output is
+        # small beside it costs little to cut, however large its own relative error.
+        residual = float(torch.linalg.vector_norm(hidden).double() ** 2) if curves else None
         stats = dense_pass(cfg, i, tensors, Streams(hidden), inputs, run, keep_targets=False).stats
         for name, s in stats.items():
             weight = tensors[arch.PROJECTIONS[name] + ".weight"]
             columns = scoring.column_scores(settings.score, weight, s).cpu()
             if curves:
-                _add_curve(out, name, weight, s.gram, columns, shape, settings.score)
+                _add_curve(out, name, weight, s.gram, columns, shape, settings.score, residual)
             s.release()  # the Gram is freed before the next projection's
             (out.o_columns if name == "o_proj" else out.channels).append(columns)
             del weight  # no reference may outlive the layer (one layer's tensors alive at a time)
@@ -84,12 +87,14 @@ def scoring_pass(
     return out
 
 
-def _add_curve(out: DenseScores, name: str, weight, gram, columns, shape: arch.LayerShape, score: str) -> None:
+def _add_curve(
+    out: DenseScores, name: str, weight, gram, columns, shape: arch.LayerShape, score: str, residual: float
+) -> None:
     """The error curve of removing the lowest-scoring units in the order the selection would (GQA: the k-th
     lowest head of every group together)."""
     if name == "down_proj":
         order = torch.argsort(columns.double(), stable=True)
-        out.channel_curves.append(scoring.error_curve(weight, gram, order.to(weight.device)).cpu())
+        out.channel_curves.append(scoring.error_curve(weight, gram, order.to(weight.device), reference=residual).cpu())
         return
     heads = scoring.head_scores(columns, shape.head_dim, score).double()
     n, kv = shape.num_attention_heads, shape.num_key_value_heads
@@ -99,7 +104,8 @@ def _add_curve(out: DenseScores, name: str, weight, gram, columns, shape: arch.L
         per_group = n // kv
         ranked = torch.argsort(heads.reshape(kv, per_group), dim=1, stable=True) + torch.arange(kv)[:, None] * per_group
         order, step = ranked.T.reshape(-1), kv  # rank by rank: one head from every group
-    out.head_curves.append(scoring.error_curve(weight, gram, order.to(weight.device), shape.head_dim, step).cpu())
+    curve = scoring.error_curve(weight, gram, order.to(weight.device), shape.head_dim, step, reference=residual)
+    out.head_curves.append(curve.cpu())
 
 
 def log_plan(plan: WidthPlan, shape: arch.LayerShape, costs: arch.UnitCosts, fmt: OutputFormat) -> None:

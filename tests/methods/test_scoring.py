@@ -192,3 +192,5 @@ def test_error_curve_is_the_direct_error_of_every_prefix(unit, step):
         cols = (units[:, None] * unit + torch.arange(unit)).reshape(-1)
         direct = float((x[:, cols] @ weight[:, cols].T).square().sum()) / total
         assert float(curve[k]) == pytest.approx(direct, rel=1e-9, abs=1e-12)
+    against_residual = scoring.error_curve(weight, gram, order, unit, step, reference=2 * total)
+    torch.testing.assert_close(against_residual, curve / 2)
