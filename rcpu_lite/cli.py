@@ -15,7 +15,9 @@ from typing import Optional
 import typer
 
 from rcpu_lite.aliases import alias_list
-from rcpu_lite.settings import PruneSettings, option_help
+from rcpu_lite.settings import METHODS, PruneSettings, choices_help, option_help
+
+METHOD_HELP = {name: m.help for name, m in METHODS.items()}
 
 app = typer.Typer(
     add_completion=False,
@@ -124,6 +126,12 @@ def prune(
     model: str = typer.Argument(..., help=MODEL_HELP),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
     # here: one option per PruneSettings field (--ratio, --score, ...)
+    method: Optional[str] = typer.Option(
+        None,
+        "--method",
+        help=f"A published recipe as a preset, under --config and the flags given. {choices_help(METHOD_HELP)} "
+        "(default: none: the defaults above)",
+    ),
     config: Optional[Path] = typer.Option(
         None, "--config", help="TOML preset (see configs/); flags given here override it. (default: none)"
     ),
@@ -143,7 +151,7 @@ def prune(
 
     reporter = _reporter(quiet or int(os.environ.get("RANK", "0")) > 0)  # under torchrun, rank 0 speaks for all
     try:
-        settings = PruneSettings.merged(config, **flags)
+        settings = PruneSettings.merged(config, method, **flags)
         with reporter:  # the bar stops before an error is printed
             run_prune(model, out, settings, overwrite=overwrite, resume=resume, reporter=reporter)
     except (Exception, KeyboardInterrupt) as e:

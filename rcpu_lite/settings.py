@@ -347,9 +347,13 @@ class PruneSettings:
             raise SettingsError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
 
     @classmethod
-    def merged(cls, toml_file: str | Path | None = None, **overrides) -> "PruneSettings":
-        """Defaults, then the TOML file, then every override that is not None."""
-        values = read_toml(toml_file) if toml_file else {}
+    def merged(cls, toml_file: str | Path | None = None, method: str | None = None, **overrides) -> "PruneSettings":
+        """Defaults, then the built-in preset `method` (METHODS), then the TOML file, then every override that is
+        not None."""
+        if method is not None and method not in METHODS:
+            raise SettingsError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+        values = dict(METHODS[method].settings) if method else {}
+        values.update(read_toml(toml_file) if toml_file else {})
         values.update({k: v for k, v in overrides.items() if v is not None})
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
@@ -360,6 +364,30 @@ class PruneSettings:
             if isinstance(value, bool) or not isinstance(value, expected):
                 raise SettingsError(f"setting {name} must be a {fields[name].type}, got {value!r}")
         return cls(**values).validate()
+
+
+@dataclass(frozen=True)
+class Method:
+    """A built-in preset (--method): a published recipe as settings, for reproductions."""
+
+    help: str
+    settings: dict
+
+
+METHODS: dict[str, Method] = {
+    "rcpu": Method(
+        "the RCPU paper's method: variance-aware score, rotation, the same ratio in every layer",
+        dict(score="rcpu", select="topk", compensate="rotation", allocation="uniform", targets="local"),
+    ),
+    "flap": Method(
+        "FLAP: fluctuation score, compensating bias, global adaptive widths",
+        dict(score="flap", select="topk", compensate="bias", allocation="adaptive", targets="local"),
+    ),
+    "wanda-sp": Method(
+        "Wanda-sp (RCPU's baseline): ||W[:,j]||_1 x E|x_j| scores, no repair, the same ratio in every layer",
+        dict(score="wanda-sp", select="topk", compensate="none", allocation="uniform", targets="local"),
+    ),
+}
 
 
 def read_toml(path: str | Path) -> dict:

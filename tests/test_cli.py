@@ -65,6 +65,21 @@ def test_every_shipped_preset_is_valid():
     assert {("rcpu", "rotation"), ("rcpu", "rotation-scale"), ("rcpu", "none"), ("wanda-sp", "none")} <= methods
 
 
+def test_method_is_a_preset_under_the_config_and_the_flags(tmp_path):
+    from rcpu_lite.settings import METHODS, PruneSettings, SettingsError
+
+    rcpu = PruneSettings.merged(None, "rcpu", compensate=None)
+    assert (rcpu.score, rcpu.select, rcpu.compensate, rcpu.allocation) == ("rcpu", "topk", "rotation", "uniform")
+    assert PruneSettings.merged(None, "rcpu", compensate="lstsq").compensate == "lstsq"  # a flag wins
+    preset = tmp_path / "p.toml"
+    preset.write_text('[prune]\nallocation = "log"\n')
+    assert PruneSettings.merged(preset, "flap").allocation == "log"  # the file wins over the method
+    assert PruneSettings.merged(None, "flap").compensate == "bias"
+    assert set(METHODS) == {"rcpu", "flap", "wanda-sp"}
+    with pytest.raises(SettingsError, match="--method must be one of rcpu, flap, wanda-sp, got 'obs'"):
+        PruneSettings.merged(None, "obs")
+
+
 def test_eval_json_prints_one_object_with_ppl(tiny):
     model, calib = tiny
     result = invoke("eval", model, "--ppl", calib, "--seqlen", "16", "--max-windows", "4", "--json", "--quiet")
@@ -155,7 +170,7 @@ def test_every_setting_has_a_prune_option_that_reaches_it(tiny, tmp_path, monkey
         assert f"--{field.name.replace('_', '-')}" in help_text, field.name
 
 
-HAND_WRITTEN = {"model", "out", "config", "overwrite", "resume", "quiet", "debug", "help"}  # not settings
+HAND_WRITTEN = {"method", "model", "out", "config", "overwrite", "resume", "quiet", "debug", "help"}  # not settings
 
 
 def test_each_setting_is_exactly_one_prune_option_with_its_help_and_default():
