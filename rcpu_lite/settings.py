@@ -83,8 +83,9 @@ class PruneSettings:
     ratio: float = knob(0.2, "Fraction of attention heads and MLP channels removed in every layer, in [0, 1).")
     score: str = knob("rcpu", f"Importance score. {choices_help({n: s.help for n, s in SCORES.items()})}")
     compensate: str = knob(
-        "rotation",
-        f"Repair of o_proj/down_proj. {choices_help({n: m.help for n, m in COMPENSATIONS.items()})} Add "
+        "lstsq-rotation",
+        f"Repair of o_proj/down_proj (the default beat the rotation, --method rcpu's, in every measured case: "
+        f"docs/methods.md). {choices_help({n: m.help for n, m in COMPENSATIONS.items()})} Add "
         "+bias (e.g. rotation+bias, lstsq+bias) for FLAP's bias on top; bias alone is FLAP's. "
         f"{choices_help({n: c.help for n, c in CHOOSERS.items()})} (+bias: each candidate with the bias)",
     )
@@ -128,9 +129,9 @@ class PruneSettings:
         run=True,
     )
     damp: float = knob(
-        0.01,
-        "lstsq: ridge lambda = damp * mean(diag C_KK), as GPTQ damps; a failed Cholesky retries with 10x more "
-        "and the report gives the lambda used.",
+        0.1,
+        "lstsq and lstsq-rotation: ridge lambda = damp * mean(diag C_KK), relative as GPTQ damps; a failed Cholesky "
+        "retries with 10x more and the report gives the lambda used.",
     )
     damp_abs: float = knob(
         0.0,

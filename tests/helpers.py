@@ -117,4 +117,6 @@ def cli_args(src: Path, out: Path, calib: Path) -> list[str]:
         str(s.seed),
         "--multiple-of",
         str(s.multiple_of),
+        "--compensate",
+        s.compensate,
     ]

@@ -149,7 +149,7 @@ class CompensationOptions:
 
     decomposition: str = "eigh"  # rotation: how the polar factor is found
     decomposition_device: str = "cpu"  # rotation: where the fp64 decomposition runs ("cpu", "cuda", "cuda:1", ...)
-    damp: float = 0.01  # least squares: lambda = damp * mean(diag C_KK), as GPTQ damps
+    damp: float = 0.1  # least squares: lambda = damp * mean(diag C_KK), as GPTQ damps
     damp_abs: float = 0.0  # least squares: an absolute lambda on the summed Gram instead (0: use damp)
     max_damp_retries: int = 6  # least squares: each failed Cholesky retries with 10x the damping
 

@@ -170,7 +170,7 @@ def test_dense_target_least_squares_and_bias():
     direct = torch.linalg.solve(
         xk.T @ xk + lam * torch.eye(k.numel(), dtype=torch.float64), (w @ x.T @ xk + lam * w[:, k]).T
     ).T
-    got = comp.compensate(w, stats, k, "lstsq+bias")
+    got = comp.compensate(w, stats, k, "lstsq+bias", comp.CompensationOptions(damp=0.01))
     torch.testing.assert_close(got.weight, direct, rtol=1e-8, atol=1e-8)
     y = x @ w.T
     torch.testing.assert_close(got.bias, (y - xk @ direct.T).mean(0), rtol=1e-8, atol=1e-9)
@@ -216,3 +216,17 @@ def test_lstsq_rotation_moves_from_least_squares_to_the_rotation():
     large = comp.compensate(w, stats, k, "lstsq-rotation", comp.CompensationOptions(damp=1e9)).weight
     torch.testing.assert_close(small, lstsq, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(large, rotation, rtol=1e-6, atol=1e-6)
+
+
+def test_dense_target_lstsq_rotation_pulls_toward_the_cross_gram_rotation():
+    w, x, x_hat, stats, k = _dense_problem(seed=22)
+    xk = x_hat[:, k]
+    y, z = x @ w.T, xk @ w[:, k].T
+    u, _, vh = torch.linalg.svd(y.T @ z)
+    lam = 0.1 * float((xk.T @ xk).diagonal().mean())
+    direct = torch.linalg.solve(
+        xk.T @ xk + lam * torch.eye(k.numel(), dtype=torch.float64), (w @ x.T @ xk + lam * (u @ vh) @ w[:, k]).T
+    ).T
+    got = comp.compensate(w, stats, k, "lstsq-rotation", comp.CompensationOptions(damp=0.1))
+    torch.testing.assert_close(got.weight, direct, rtol=1e-8, atol=1e-8)
+    assert got.error_compensated == pytest.approx(_rel(y, xk @ direct.T), rel=1e-8)
