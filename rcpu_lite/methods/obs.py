@@ -103,7 +103,9 @@ def unit_costs(weight: torch.Tensor, hinv: torch.Tensor, unit: int, alive: torch
     index = alive.nonzero().squeeze(1)
     if unit == 1:
         # Over every column (removed ones are zero): no gathered d_out x |alive| copy (180 MB at Llama-7B).
-        norms = torch.linalg.vector_norm(weight, dim=0).double().square() / hinv.diagonal().double()
+        # (fp32 round-off can leave a tiny or negative diagonal: clamped, such a column is simply dear to remove)
+        diagonal = hinv.diagonal().double().clamp_min(torch.finfo(torch.float64).tiny)
+        norms = torch.linalg.vector_norm(weight, dim=0).double().square() / diagonal
         cost[index] = norms.cpu()[index]
         return cost
     for u in index.tolist():  # heads: few, each a head_dim x head_dim block
