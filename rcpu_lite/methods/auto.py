@@ -98,17 +98,17 @@ def cross_validated_damp(weight: torch.Tensor, stats, kept: torch.Tensor, option
             f"lstsq-cv: only {len(folds)} of the {len(stats.fold_grams)} folds got calibration windows (micro-batches "
             "go to the folds in turn): use fewer --cv-folds, more --nsamples or a smaller --micro-batch"
         )
-    errors = {}
-    for damp in CV_GRID:
-        err = ref = 0.0
-        for fold in folds:
-            train = SimpleNamespace(gram=stats.gram - fold, output_cross=None, target_energy=None, paired=False)
+    err, ref = dict.fromkeys(CV_GRID, 0.0), 0.0
+    for fold in folds:  # the training Gram and the fold's reference energy once per fold, not once per damping
+        train = SimpleNamespace(gram=stats.gram - fold, output_cross=None, target_energy=None, paired=False)
+        ref += float(((weight @ fold) * weight).sum(dtype=torch.float64))
+        for damp in CV_GRID:
             fit = compensate(weight, train, kept, "lstsq", replace(options, damp=damp, damp_abs=0.0))
             diff = weight.clone()
             diff[:, kept] -= fit.weight
-            err += float(((diff @ fold) * diff).sum(dtype=torch.float64))
-            ref += float(((weight @ fold) * weight).sum(dtype=torch.float64))
-        errors[damp] = err / ref if ref > 0 else 0.0
+            err[damp] += float(((diff @ fold) * diff).sum(dtype=torch.float64))
+        del train
+    errors = {damp: e / ref if ref > 0 else 0.0 for damp, e in err.items()}
     return errors
 
 
