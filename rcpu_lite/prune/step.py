@@ -305,8 +305,7 @@ class LayerStep:
         out = {}
         for name, held in dense.held_out.items():
             stats = InputStats(held.weight.shape[1], self.run.device)
-            for x_hat in held.x_hat:
-                stats.update(x_hat)
+            held.add_to(stats)
             stats.reduce(self.run.group)
             if gram == "calibration+held-out":
                 stats.gram += dense.score_stats[name].gram
