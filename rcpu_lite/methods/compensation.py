@@ -221,17 +221,18 @@ def least_squares(
         removed_energy = y_energy - 2 * _sum64(h * w_kept) + z_energy
     lam = options.damp_abs if options.damp_abs > 0 else options.damp * float(a.diagonal().mean())
     lam = max(lam, torch.finfo(a.dtype).tiny)
-    if prior is not None:
-        w_kept = prior  # what the ridge pulls toward
+    toward = w_kept if prior is None else prior  # what the ridge pulls toward
+    del w_kept
     # In place from here (Llama-7B's down_proj: each d_out x |K| copy is 150 MB, C_KK 370 MB): a holds
     # C_KK + added * I, and h becomes the right-hand side W C[:,K] + added * W_K, then the solution.
     rhs, added = h, 0.0
     del h
     for _ in range(options.max_damp_retries + 1):
         a.diagonal().add_(lam - added)
-        rhs.add_(w_kept if w_kept is not None else (weight[:, kept] if prior is None else prior), alpha=lam - added)
+        rhs.add_(toward if toward is not None else weight[:, kept], alpha=lam - added)
         added = lam
-        w_kept = None  # a retry (rare) gathers W_K again
+        if prior is None:
+            toward = None  # a retry (rare) gathers W_K again
         factor, info = torch.linalg.cholesky_ex(a)
         if int(info) == 0:
             break
@@ -250,8 +251,8 @@ def least_squares(
     # <W', R> = tr(W' A W'^T) = ||W' L||^2, so the error is ||Y||^2 - ||W' L||^2 + 2 l <W', W_K> - l ||W'||^2.
     quadratic = _sum64((new @ factor).square())
     del factor
-    toward = _sum64(new * prior) if prior is not None else _inner_kept(new, weight, kept)  # <W', prior>
-    error = y_energy - quadratic + 2 * lam * toward - lam * _sum64(new.square())
+    inner_prior = _sum64(new * prior) if prior is not None else _inner_kept(new, weight, kept)  # <W', prior>
+    error = y_energy - quadratic + 2 * lam * inner_prior - lam * _sum64(new.square())
     return Compensation(
         new, _ratio(removed_energy, y_energy), _ratio(error, y_energy), damp_used=lam, y_energy=y_energy
     )
@@ -265,7 +266,12 @@ def least_squares(
 def least_squares_toward_rotation(
     weight: torch.Tensor, stats, kept: torch.Tensor, options: CompensationOptions, release: bool = False
 ) -> Compensation:
-    m = products(weight, stats, kept).m
+    # Only M is needed here (least_squares computes the energies itself): no W_K copy, no tr(W_R C_RR W_R^T).
+    m = (
+        _columns_times_kept(stats.output_cross, weight, kept)
+        if stats.paired
+        else cross_product(weight, stats.gram, kept)
+    )
     started = time.perf_counter()
     q, _ = DECOMPOSE[options.decomposition](m, options.decomposition_device)
     seconds = time.perf_counter() - started
