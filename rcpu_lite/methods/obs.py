@@ -35,6 +35,7 @@ class ObsOptions:
 @dataclass
 class ObsResult:
     removed: torch.Tensor  # unit indices in the order they went
+    kept: torch.Tensor  # sorted unit indices left
     kept_columns: torch.Tensor  # sorted input columns left
     weight: torch.Tensor | None  # W repaired on the kept columns (d_out x |K|), unless not asked for
     damp_used: float
@@ -150,6 +151,7 @@ def prune(
     del hinv
     keep = torch.ones(weight.shape[1] // unit, dtype=torch.bool)
     keep[removed] = False
-    kept_columns = _columns(keep.nonzero().squeeze(1), unit)
+    kept = keep.nonzero().squeeze(1)
+    kept_columns = _columns(kept, unit)
     repaired = w[:, kept_columns.to(w.device)] if options.keep_repaired else None
-    return ObsResult(removed, kept_columns, repaired, lam)
+    return ObsResult(removed, kept, kept_columns, repaired, lam)

@@ -109,24 +109,18 @@ def greedy_obs(layer: SelectionInput) -> Kept:
             None if mha else torch.arange(n) // (n // kv),
             0 if mha else dropped // kv,
         )
-        heads = torch.sort(_complement(result.removed, n)).values
+        heads = result.kept
         repaired["o_proj"] = result.weight
     channels = torch.arange(shape.intermediate_size)
     if widths.channels < shape.intermediate_size:
         result = obs.prune(
             weights["down_proj"], stats["down_proj"].gram, 1, shape.intermediate_size - widths.channels, options
         )
-        channels = result.kept_columns
+        channels = result.kept
         repaired["down_proj"] = result.weight
     kv_heads = heads.clone() if kv == n else torch.arange(kv)
     repaired = {name: w for name, w in repaired.items() if w is not None}
     return Kept(heads, kv_heads, channels, head_dim, repaired or None)
-
-
-def _complement(removed: torch.Tensor, n: int) -> torch.Tensor:
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[removed] = False
-    return keep.nonzero().squeeze(1)
 
 
 def select(
