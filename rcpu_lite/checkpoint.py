@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+CHUNK_BYTES = 64 * 2**20  # the embedding and the head are read and copied in row chunks of this size
 
 
 class CheckpointError(ValueError):
@@ -45,6 +46,7 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path} has no {SINGLE_NAME} or {INDEX_NAME}")
         self.live_bytes = 0
         self.peak_live_bytes = 0
+        self.largest_bytes = 0  # the largest tensor read (tests: no whole embedding or head is ever read)
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -107,6 +109,46 @@ class CheckpointReader:
         handles = {}  # each file opened once for the call, and closed with it
         return {n: self.get(prefix + n, handles) for n in names}
 
+    def row_chunks(self, name: str, max_bytes: int | None = None) -> Iterator[torch.Tensor]:
+        """The tensor `name` in consecutive chunks of rows (dim 0), each at most `max_bytes` (default CHUNK_BYTES,
+        read when called) and one row at least.
+
+        Each chunk comes through a handle of its own: the pages read through one mapping stay resident until it
+        goes, so one handle for the whole walk would end with the whole tensor resident after all.
+        """
+        shape = self.shape(name)
+        row_bytes = self.dtype_bytes(name) * torch.Size(shape[1:]).numel()
+        step = max(1, (max_bytes or CHUNK_BYTES) // max(row_bytes, 1))
+        for start in range(0, shape[0], step):
+            try:
+                chunk = self._file(name).get_slice(name)[start : start + step]
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise CheckpointError(
+                    f"cannot read {name} from {self.path / self.weight_map[name]} ({e}); the file is truncated "
+                    f"or corrupted"
+                ) from None
+            self._track(chunk)
+            yield chunk
+            del chunk
+
+    def rows(self, name: str, indices: torch.Tensor, max_bytes: int | None = None) -> torch.Tensor:
+        """Rows `indices` (sorted, unique) of the tensor `name`, read in chunks: never the whole tensor."""
+        shape = self.shape(name)
+        if indices.numel() and (int(indices[0]) < 0 or int(indices[-1]) >= shape[0]):
+            raise CheckpointError(
+                f"row {int(indices[-1]) if int(indices[-1]) >= shape[0] else int(indices[0])} of {name} was asked "
+                f"for, but it has {shape[0]} rows: the token ids do not belong to this model's vocabulary"
+            )
+        out, start = None, 0
+        for chunk in self.row_chunks(name, max_bytes):
+            stop = start + chunk.shape[0]
+            lo, hi = torch.searchsorted(indices, torch.tensor([start, stop])).tolist()
+            if out is None:
+                out = torch.empty((indices.numel(), *chunk.shape[1:]), dtype=chunk.dtype)
+            out[lo:hi] = chunk[indices[lo:hi] - start]
+            start = stop
+        return out
+
     def layers(
         self, names: list[str], prefixes: list[str], background: bool = False
     ) -> Iterator[dict[str, torch.Tensor]]:
@@ -139,10 +181,12 @@ class CheckpointReader:
                 del current
 
     def _track(self, tensor: torch.Tensor) -> None:
-        size = tensor.untyped_storage().nbytes()
+        # the tensor's own bytes: a chunk of rows views a mapping of the whole tensor, of which it touches its part
+        size = tensor.numel() * tensor.element_size()
         with self._lock:
             self.live_bytes += size
             self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
+            self.largest_bytes = max(self.largest_bytes, size)
         weakref.finalize(tensor.untyped_storage(), self._release, size)
 
     def _release(self, size: int) -> None:

@@ -6,16 +6,15 @@ import contextlib
 import errno
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import psutil
 import torch
 
 from rcpu_lite.distributed import SINGLE, Group
 from rcpu_lite.families import arch
+from rcpu_lite.peak_memory import StageMemory
 
 
 @dataclass(frozen=True)
@@ -80,24 +79,6 @@ def to_compute(
     return copies
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far, as the operating system reports it."""
-    if sys.platform == "win32":
-        return int(psutil.Process().memory_info().peak_wset)
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
-
-
-def peak_gpu_bytes(device: torch.device) -> int | None:
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-
-
-def current_rss_bytes() -> int:
-    return int(psutil.Process().memory_info().rss)
-
-
 @contextlib.contextmanager
 def cuda_matmul_precision(precision: str):
     """fp32 matmuls on CUDA as "tf32" (tensor cores, 10-bit mantissa products) or "ieee" within the block.
@@ -141,12 +122,22 @@ class Stopwatch:
     """Seconds per stage of one layer (waiting for the GPU first, so the time lands where it is spent).
 
     `on_lap(stage)`, when given, hears of every lap as it ends: how a progress display follows the stages.
+    With `memory`, every lap also marks the end of a stage there, and `peak_rss` (`peak_gpu` on CUDA) keeps
+    this layer's peak per stage.
     """
 
-    def __init__(self, device: torch.device, on_lap: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        device: torch.device,
+        on_lap: Callable[[str], None] | None = None,
+        memory: StageMemory | None = None,
+    ):
         self.device = device
         self.seconds: dict[str, float] = {}
         self.on_lap = on_lap
+        self.memory = memory
+        self.peak_rss: dict[str, int] = {}
+        self.peak_gpu: dict[str, int] | None = {} if memory is not None and memory.gpu is not None else None
         self._last = time.perf_counter()
 
     def lap(self, stage: str) -> None:
@@ -155,6 +146,11 @@ class Stopwatch:
         now = time.perf_counter()
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._last, 4)
         self._last = now
+        if self.memory is not None:
+            rss, gpu = self.memory.mark(stage)
+            self.peak_rss[stage] = max(self.peak_rss.get(stage, 0), rss)
+            if self.peak_gpu is not None:
+                self.peak_gpu[stage] = max(self.peak_gpu.get(stage, 0), gpu)
         if self.on_lap is not None:
             self.on_lap(stage)
 

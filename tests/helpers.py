@@ -69,6 +69,9 @@ VOLATILE = {
     "rss_bytes",
     "reconstruct_seconds",
     "seconds_by_stage",
+    "peak_rss_by_stage",
+    "peak_gpu_by_stage",
+    "peak_memory_probe",
 }
 
 

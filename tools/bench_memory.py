@@ -9,7 +9,8 @@
 Writes synthetic checkpoints with tools/make_synthetic.py (once; reused afterwards), prunes each
 with `rcpu-lite prune` in a fresh process (so the peak RSS the operating system reports belongs
 to that run alone), and prints the peak, the growth from the fewest to the most layers (the
-streaming promise: <= 10 %), and the time split by stage, summed over layers. With --device cuda
+streaming promise: <= 10 %), the time split by stage, summed over layers, and the peak RSS of each stage
+(a layer stage: its highest over the layers). With --device cuda
 it also prints the peak GPU memory (torch.cuda.max_memory_allocated, from the run report), the
 GPU's name and the memory plan (micro-batch, where the calibration hidden states lived).
 """
@@ -108,6 +109,16 @@ def main() -> None:
             gpu = statistics.median(r["peak_gpu_bytes"] for r in runs)
             print(f"  peak GPU memory {gpu / 2**30:.2f} GiB, --matmul {args.matmul}, plan {runs[0]['memory_plan']}")
         print("  time by stage (s, summed over layers): " + ", ".join(f"{s} {v:.1f}" for s, v in split.items()))
+        by_stage = {
+            s: statistics.median(r["peak_rss_by_stage"].get(s, 0) for r in runs) for s in runs[0]["peak_rss_by_stage"]
+        }
+        print(
+            f"  peak RSS by stage (GiB; {runs[0]['peak_memory_probe']}): "
+            + ", ".join(f"{s} {v / 2**30:.2f}" for s, v in by_stage.items())
+        )
+        if runs[0].get("peak_gpu_by_stage"):
+            gpu = {s: statistics.median(r["peak_gpu_by_stage"][s] for r in runs) for s in runs[0]["peak_gpu_by_stage"]}
+            print("  peak GPU memory by stage (GiB): " + ", ".join(f"{s} {v / 2**30:.2f}" for s, v in gpu.items()))
     lo, hi = min(args.layers), max(args.layers)
     if lo == hi:
         return

@@ -34,6 +34,7 @@ from typing import Any
 REPORT = "rcpu_report.json"
 # Report values that measure the machine or name a path, not what was computed: set to null.
 VOLATILE = {
+    "peak_memory_probe",
     "seconds",
     "rss_bytes",
     "wall_seconds",
@@ -145,13 +146,16 @@ def build_tiny(out: Path, cls_name: str, shape: dict[str, Any], tokenizer_dir: P
     tmp.rename(out)
 
 
+BY_STAGE = {"seconds_by_stage", "peak_rss_by_stage", "peak_gpu_by_stage"}  # the stage names stay, not the values
+
+
 def normalise(value: Any) -> Any:
     """The report without timings, memory and paths: those values become null; keys and their order stay."""
     if isinstance(value, dict):
         return {
             k: (
                 {s: None for s in v}
-                if k == "seconds_by_stage" and isinstance(v, dict)
+                if k in BY_STAGE and isinstance(v, dict)
                 else None
                 if k in VOLATILE
                 else normalise(v)

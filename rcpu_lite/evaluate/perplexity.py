@@ -19,7 +19,8 @@ from rcpu_lite.display import PlainReporter, Reporter
 from rcpu_lite.families import arch
 from rcpu_lite.models import load_tokenizer, resolve_model
 from rcpu_lite.output import remote
-from rcpu_lite.runtime import peak_rss_bytes, pick_device, run_layer_batched, to_compute
+from rcpu_lite.peak_memory import peak_rss_bytes
+from rcpu_lite.runtime import pick_device, run_layer_batched, to_compute
 
 
 @torch.inference_mode()

@@ -60,6 +60,9 @@ class LayerResult:
     seconds: float = 0.0
     seconds_by_stage: dict[str, float] = field(default_factory=dict)
     rss_bytes: int = 0
+    # the peak RSS (and CUDA memory) of each stage of this layer, the write included (peak_memory.py)
+    peak_rss_by_stage: dict[str, int] = field(default_factory=dict)
+    peak_gpu_by_stage: dict[str, int] | None = None
 
     @property
     def widths(self) -> LayerWidths:
@@ -76,6 +79,7 @@ class LayerResult:
             out.update({f"{name}_{f}": getattr(p, f) for f in ProjectionResult.FIELDS})
         out.update({f: getattr(self, f) for f in BLOCK_FIELDS})
         out.update(seconds=self.seconds, seconds_by_stage=self.seconds_by_stage, rss_bytes=self.rss_bytes)
+        out.update(peak_rss_by_stage=self.peak_rss_by_stage, peak_gpu_by_stage=self.peak_gpu_by_stage)
         return out
 
     @classmethod
@@ -95,6 +99,8 @@ class LayerResult:
             seconds=data.get("seconds", 0.0),
             seconds_by_stage=data.get("seconds_by_stage", {}),
             rss_bytes=data.get("rss_bytes", 0),
+            peak_rss_by_stage=data.get("peak_rss_by_stage", {}),
+            peak_gpu_by_stage=data.get("peak_gpu_by_stage"),
         )
 
 

@@ -14,9 +14,11 @@ from safetensors.torch import save_file
 
 from rcpu_lite.checkpoint import DTYPE_BYTES, INDEX_NAME, SINGLE_NAME
 from rcpu_lite.output.checks import DiskFull, human_bytes
+from rcpu_lite.output.chunked import ChunkedTensor, as_chunked, write_chunked
 from rcpu_lite.output.fsutil import atomic_write, write_json
 from rcpu_lite.output.manifest import Manifest
 from rcpu_lite.output.report import LayerResult
+from rcpu_lite.peak_memory import StageMemory
 from rcpu_lite.runtime import fault_hook
 
 # Weights are rewritten; everything else a checkpoint directory holds (tokenizer, generation
@@ -47,6 +49,7 @@ class ShardWriter:
     ):
         self.out_dir, self.n_shards, self.manifest, self.main = out_dir, n_shards, manifest, main
         self.shard_bytes = shard_bytes or []
+        self.memory: StageMemory | None = None  # set by a prune run: a layer's record gets its write's peak
 
     def path(self, index: int) -> Path:
         return self.out_dir / shard_name(index, self.n_shards)
@@ -54,7 +57,9 @@ class ShardWriter:
     def done(self, index: int) -> bool:
         return self.manifest is not None and self.manifest.done(index)
 
-    def write(self, index: int, tensors: dict[str, torch.Tensor], record: LayerResult | None = None) -> int:
+    def write(
+        self, index: int, tensors: dict[str, torch.Tensor | ChunkedTensor], record: LayerResult | None = None
+    ) -> int:
         """Write shard `index` (recording it, and the time it took into `record`); return its size in bytes."""
         if not self.main:
             return 0
@@ -75,6 +80,11 @@ class ShardWriter:
             seconds = time.perf_counter() - started
             record.seconds_by_stage["write"] = round(seconds, 4)
             record.seconds = round(record.seconds + seconds, 3)
+            if self.memory is not None:
+                rss, gpu = self.memory.mark("write")
+                record.peak_rss_by_stage["write"] = rss
+                if gpu is not None:
+                    record.peak_gpu_by_stage = {**(record.peak_gpu_by_stage or {}), "write": gpu}
         if self.manifest is not None:
             self.manifest.record(index, size, record.to_json() if record is not None else None)
         return size
@@ -82,15 +92,22 @@ class ShardWriter:
     @staticmethod
     def save(
         path: Path,
-        tensors: dict[str, torch.Tensor],
+        tensors: dict[str, torch.Tensor | ChunkedTensor],
         metadata: dict[str, str] | None = None,
         fault_point: int | None = None,
     ) -> int:
-        """One safetensors file, atomically (also the side files of cross-block reconstruction)."""
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        """One safetensors file, atomically (also the side files of cross-block reconstruction). A ChunkedTensor
+        among `tensors` (the embedding, the head) is written a chunk at a time, to the same bytes."""
+        metadata = {"format": "pt", **(metadata or {})}
+        if any(isinstance(v, ChunkedTensor) for v in tensors.values()):
+            chunked = {k: v if isinstance(v, ChunkedTensor) else as_chunked(v) for k, v in tensors.items()}
+            write = lambda tmp: write_chunked(tmp, chunked, metadata)  # noqa: E731
+        else:
+            cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+            write = lambda tmp: save_file(cpu, str(tmp), metadata=metadata)  # noqa: E731
         if fault_point is not None:
             fault_hook("before_shard", fault_point)
-        return atomic_write(path, lambda tmp: save_file(cpu, str(tmp), metadata={"format": "pt", **(metadata or {})}))
+        return atomic_write(path, write)
 
     def read(self, index: int) -> dict[str, torch.Tensor]:
         """A finished shard's tensors (used to replay finished layers on resume)."""

@@ -14,11 +14,12 @@ from rcpu_lite.methods.allocation import WidthPlan
 from rcpu_lite.output.formats import OutputFormat
 from rcpu_lite.output.report import LayerResult, layer_line
 from rcpu_lite.output.writer import ShardWriter
+from rcpu_lite.peak_memory import StageMemory, current_rss_bytes
 from rcpu_lite.prune.source import Source, check_finite
 from rcpu_lite.prune.step import propagate
 from rcpu_lite.prune.strategies import Finished, Plain
 from rcpu_lite.prune.streams import Streams
-from rcpu_lite.runtime import Stopwatch, current_rss_bytes, fault_hook, to_compute
+from rcpu_lite.runtime import Stopwatch, fault_hook, to_compute
 
 log = logging.getLogger("rcpu_lite")
 STAGES_BEFORE = ("read", "statistics", "scores", "compensation")  # the laps of every strategy, then its own
@@ -65,9 +66,10 @@ class LayerLoop:
         plan: WidthPlan,
         fmt: OutputFormat,
         reporter: Reporter,
+        memory: StageMemory | None = None,
     ):
         self.source, self.strategy, self.writer, self.plan, self.fmt = source, strategy, writer, plan, fmt
-        self.reporter = reporter
+        self.reporter, self.memory = reporter, memory
         self.run = strategy.layer_step.run
 
     def layers(self, start: int) -> None:
@@ -79,7 +81,7 @@ class LayerLoop:
                 t0 = time.perf_counter()
                 self.reporter.position(f"layer {i + 1}/{n_layers}")
                 stages.begin()
-                watch = Stopwatch(device, on_lap=stages)
+                watch = Stopwatch(device, on_lap=stages, memory=self.memory)
                 # next() rather than zip/enumerate: those keep the previous item alive while the next is read
                 stored = next(reads)
                 check_finite(f"layer {i}", stored)
@@ -89,6 +91,7 @@ class LayerLoop:
                 record.seconds = round(time.perf_counter() - t0, 3)
                 record.seconds_by_stage = watch.seconds  # the write adds "write"
                 record.rss_bytes = current_rss_bytes()
+                record.peak_rss_by_stage, record.peak_gpu_by_stage = watch.peak_rss, watch.peak_gpu
                 self.write(finished)
                 del finished, record  # a finished layer's tensors are not kept through the next one
                 if self.run.group.any(stop.signal is not None):  # every rank stops after the same layer

@@ -39,7 +39,7 @@ def width_plan(
     scores = None
     if allocation.needs_scores:
         # The embeddings are read again for the prune: only one layer's tensors are alive during the pass.
-        hidden = place(arch.embed(source.cfg, source.embeddings(), windows))
+        hidden = place(source.embedder(windows)(windows))
         scores = scoring_pass(settings, source, hidden, inputs, run, reporter, curves=allocation.needs_curves)
         del hidden
     plan = allocation.plan(source.shape, source.n_layers, settings, arch.unit_costs(source.cfg), scores)

@@ -7,7 +7,6 @@ layers (cross-block reconstruction: one more compact layer, the stream entering 
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -38,14 +37,15 @@ from rcpu_lite.output.manifest import MANIFEST_NAME, Manifest, differences, fing
 from rcpu_lite.output.report import REPORT_NAME, LayerResult, shape_after, summary
 from rcpu_lite.output.runtimes import quantisation_warning
 from rcpu_lite.output.writer import ShardWriter
+from rcpu_lite.peak_memory import StageMemory, peak_rss_bytes
 from rcpu_lite.prune.loop import Interrupted, LayerLoop, replay
 from rcpu_lite.prune.plan import log_plan, width_plan
-from rcpu_lite.prune.source import Source, check_finite
+from rcpu_lite.prune.source import Source
 from rcpu_lite.prune.step import LayerStep
 from rcpu_lite.prune.strategies import STRATEGIES
 from rcpu_lite.prune.streams import Streams
 from rcpu_lite.prune.windows import calibration_sets
-from rcpu_lite.runtime import Placement, decomposition_device, peak_gpu_bytes, peak_rss_bytes, pick_device
+from rcpu_lite.runtime import Placement, decomposition_device, pick_device
 from rcpu_lite.settings import PruneSettings
 
 __all__ = ["prune", "Interrupted", "OutputError", "DiskFull", "working_dir", "REPORT_NAME"]
@@ -89,6 +89,7 @@ class _Run:
     memory: MemoryPlan | None
     group: distributed.Group
     reporter: Reporter
+    stages: StageMemory  # peak memory by stage
     manifest: Manifest | None = None
     fingerprint: dict | None = None
     calibration_tokens: int = 0
@@ -118,8 +119,19 @@ def _prune(
     device = distributed.local_device(pick_device(settings.device))
     run, memory = _placement(settings, source.shape, device, group)  # a budget too small is refused before any work
     _check_split(settings, group)
-    r = _Run(source, settings, work, run, memory, group, reporter)
+    r = _Run(source, settings, work, run, memory, group, reporter, StageMemory(device))
+    try:
+        return _prune_stages(r, model, out, resume, started)
+    finally:
+        r.stages.close()
+
+
+def _prune_stages(r: _Run, model, out: Path, resume: bool, started: float) -> dict:
+    """The stages of a run, each marked in r.stages (peak memory by stage)."""
+    source, settings, run, group, reporter = r.source, r.settings, r.run, r.group, r.reporter
+    device = run.device
     streams_windows, n_real, holdout = _windows(r, resume)
+    r.stages.mark("windows")
     inputs = arch.layer_inputs(source.cfg, settings.seqlen, device, torch.float32)
     plan = (
         WidthPlan.from_json(r.manifest.plan)
@@ -130,10 +142,10 @@ def _prune(
     fmt = choose_format(source.cfg, plan, biases)  # refuses early what could not be loaded
     log_plan(plan, source.shape, arch.unit_costs(source.cfg), fmt)
     writer = _open_output(r, plan)
+    r.stages.mark("plan")
     params_before = source.params()
-    embed = source.embeddings()
     streams = Streams.start(
-        functools.partial(arch.embed, source.cfg, embed),
+        source.embedder(streams_windows, holdout),
         streams_windows,
         holdout,
         settings.targets == "dense",
@@ -141,17 +153,18 @@ def _prune(
         r.place,
     )
     if not writer.done(0):
-        writer.write(0, {arch.EMBED: embed})
-    del embed
+        writer.write(0, {arch.EMBED: source.chunked(arch.EMBED)})
+    r.stages.mark("embeddings")
+    writer.memory = r.stages  # from here each layer's record gets its write's peak
     strategy_class = STRATEGIES[settings.reconstruct]
     step = LayerStep(source.cfg, streams, inputs, settings, run, biases, keep_targets=strategy_class.trains)
-    strategy = strategy_class(step, work)
+    strategy = strategy_class(step, r.work)
     first_todo, start = _resume_layers(r, strategy, writer, streams, inputs)
-    LayerLoop(source, strategy, writer, plan, fmt, reporter).layers(start)
+    LayerLoop(source, strategy, writer, plan, fmt, reporter, r.stages).layers(start)
     if not group.is_main:  # rank 0 writes the rest; the others return its report once it is published
         return group.from_main(lambda: None)  # (sent, not read back: OUT may be on rank 0's machine only)
     report = _finish(r, writer, plan, fmt, biases, params_before, first_todo if resume else None, model, started)
-    publish(work, out.resolve(), remove_last=MANIFEST_NAME)
+    publish(r.work, out.resolve(), remove_last=MANIFEST_NAME)
     group.from_main(lambda: report)
     warning = quantisation_warning(plan.layers, dense_widths(source.shape), source.shape.head_dim)
     reporter.finish(([warning] if warning else []) + summary(report, out))  # the summary ends the run
@@ -205,6 +218,8 @@ def _resume_layers(
         replay(r.source, writer, results, streams, inputs, r.run, n_dense=first_todo + pending)
         if pending:
             strategy.resume(first_todo)
+        if first_todo:
+            r.stages.mark("replay")
     return first_todo, first_todo + pending
 
 
@@ -223,10 +238,8 @@ def _finish(
     source = r.source
     r.reporter.phase("write")
     if not writer.done(source.n_layers + 1):
-        final = {n: source.reader.get(n) for n in source.final_names}
-        check_finite("final norm / lm_head", final)
-        writer.write(source.n_layers + 1, final)
-        del final
+        writer.write(source.n_layers + 1, {n: source.chunked(n) for n in source.final_names})
+    r.stages.mark("head")
     params_after = writer.finish()
     source.reader.close()
     results = [LayerResult.from_json(d) for d in r.manifest.layers]
@@ -235,6 +248,7 @@ def _finish(
     writer.copy_side_files(source.model_dir)
     if fmt.remote:
         remote.install_code(r.work)
+    r.stages.mark("finish")
     report = _report(r, plan, fmt, biases, params_before, params_after, new_config, resumed_at, model, started)
     writer.write_json(REPORT_NAME, report)
     return report
@@ -264,7 +278,7 @@ def _report(
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "decomposition_device": str(run.decomposition),  # auto resolved
         "memory_plan": r.memory.as_dict() if r.memory else None,
-        "peak_gpu_bytes": peak_gpu_bytes(device),
+        "peak_gpu_bytes": r.stages.peak_gpu_bytes(),
         "calibration_tokens": r.calibration_tokens,
         "processes": r.group.world,
         "params_before": params_before,
@@ -283,6 +297,10 @@ def _report(
         "peak_rss_bytes": peak_rss_bytes(),
         # Most bytes of checkpoint tensors alive at once (tracked by the reader), independent of depth.
         "peak_weight_bytes": source.reader.peak_live_bytes,
+        # The peak of each stage (a layer stage: its highest over the layers), and how it was measured.
+        "peak_rss_by_stage": r.stages.rss,
+        "peak_gpu_by_stage": r.stages.gpu,
+        "peak_memory_probe": r.stages.probe,
         "layers": r.manifest.layers,
     }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from transformers import AutoConfig, PretrainedConfig
 from rcpu_lite.checkpoint import CheckpointReader
 from rcpu_lite.families import arch
 from rcpu_lite.models import resolve_model
+from rcpu_lite.output.chunked import ChunkedTensor
 
 
 @dataclass
@@ -53,10 +55,23 @@ class Source:
         """What the output stores too (a tied lm_head some checkpoints also store counts on neither side)."""
         return sum(torch.Size(self.reader.shape(n)).numel() for n in self.needed)
 
-    def embeddings(self) -> torch.Tensor:
-        embed = self.reader.get(arch.EMBED)
-        check_finite("embeddings", {arch.EMBED: embed})
-        return embed
+    def embedder(self, *token_ids: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """arch.embed for these token ids (and only these), from just the embedding rows they use: the embedding
+        is never read whole (a 128k-token vocabulary in fp32 is 2 GB at 4096 wide)."""
+        used = torch.unique(torch.cat([t.flatten() for t in token_ids if t is not None and t.numel()]))
+        table = self.reader.rows(arch.EMBED, used)
+        check_finite("embeddings", {arch.EMBED: table})
+        return lambda ids: arch.embed(self.cfg, table, torch.searchsorted(used, ids))
+
+    def chunked(self, name: str) -> ChunkedTensor:
+        """The stored tensor `name` to copy to the output in row chunks, each checked for NaN/Inf as it passes."""
+
+        def chunks():
+            for chunk in self.reader.row_chunks(name):
+                check_finite(name, {name: chunk})
+                yield chunk
+
+        return ChunkedTensor(self.reader.dtype_name(name), tuple(self.reader.shape(name)), chunks)
 
     def layers(self, indices: list[int], background: bool = False):
         """Each layer's stored tensors in turn (take them with next(); see CheckpointReader.layers)."""
