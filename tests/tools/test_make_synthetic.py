@@ -67,3 +67,13 @@ def test_real_shapes_are_the_published_ones(tool):
         32,
         8,
     )
+
+
+def test_a_qwen2_fp32_shape_is_written_as_qwen2_with_biases_in_fp32(tool, tmp_path, monkeypatch):
+    shape = dict(tool.SHAPES["qwen2-1.5b-fp32"], hidden_size=64, intermediate_size=96, vocab_size=1000)
+    monkeypatch.setitem(tool.SHAPES, "tiny-qwen2", dict(shape, num_attention_heads=4, num_key_value_heads=2))
+    out = tool.make_synthetic("tiny-qwen2", 2, tmp_path / "qwen2", tokenizer=resolve_model("smollm2-135m"))
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model.dtype == torch.float32
+    assert model.model.layers[0].self_attn.k_proj.bias.abs().sum() > 0
