@@ -14,6 +14,7 @@ Resetting the high-water mark also resets what getrusage reports, so the whole-r
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import threading
@@ -32,13 +33,20 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
+    """Peak resident set size of this process so far.
+
+    On Linux this is the address space's own high-water mark, not getrusage's ru_maxrss: that one survives
+    fork and exec, so a run started by a process that once held more (a benchmark that has just written a
+    synthetic checkpoint) would report its parent's peak.
+    """
     if sys.platform == "win32":
         return max(int(psutil.Process().memory_info().peak_wset), _highest_marked)
+    with contextlib.suppress(OSError):
+        return max(_HighWaterMark.read(), _highest_marked)
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max(int(peak if sys.platform == "darwin" else peak * 1024), _highest_marked)  # KiB on Linux
+    return max(int(peak if sys.platform == "darwin" else peak * 1024), _highest_marked)  # bytes on macOS
 
 
 def peak_gpu_bytes(device: torch.device) -> int | None:
@@ -46,15 +54,11 @@ def peak_gpu_bytes(device: torch.device) -> int | None:
 
 
 class _HighWaterMark:
-    """The kernel's peak RSS since the last reset (Linux 4.0 and later)."""
+    """The kernel's peak RSS since the last reset (Linux 4.0 and later); OSError where the reset is refused."""
 
-    @staticmethod
-    def usable() -> bool:
-        try:
-            _HighWaterMark.reset()
-            return _HighWaterMark.read() > 0
-        except (OSError, AttributeError):
-            return False
+    def __init__(self):
+        self._carried = self.read()  # the peak so far, which the first reset (the test that it works) forgets
+        self.reset()
 
     @staticmethod
     def reset() -> None:
@@ -62,15 +66,25 @@ class _HighWaterMark:
 
     @staticmethod
     def read() -> int:
-        return int(re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text()).group(1)) * 1024
+        match = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text())
+        if match is None:
+            raise OSError("no VmHWM line in /proc/self/status")
+        return int(match.group(1)) * 1024
 
     def take(self) -> int:
-        peak = self.read()
+        peak, self._carried = max(self.read(), self._carried), 0
         self.reset()
         return peak
 
     def close(self) -> None:
         pass
+
+
+def _probe() -> "_HighWaterMark | _Sampler":
+    try:
+        return _HighWaterMark()
+    except OSError:
+        return _Sampler()
 
 
 class _Sampler:
@@ -111,9 +125,10 @@ class StageMemory:
         self.device = device
         self.rss: dict[str, int] = {}
         self.gpu: dict[str, int] | None = {} if device.type == "cuda" else None
-        self._probe = _HighWaterMark() if _HighWaterMark.usable() else _Sampler()
+        self._probe = _probe()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        self.mark("start")  # what came before the run's first stage (the process's start: imports, opening)
 
     @property
     def probe(self) -> str:
@@ -132,6 +147,10 @@ class StageMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.gpu[stage] = max(self.gpu.get(stage, 0), gpu)
         return rss, gpu
+
+    def peak_rss_bytes(self) -> int:
+        """The run's peak RSS: the highest of its stages'."""
+        return max(self.rss.values())
 
     def peak_gpu_bytes(self) -> int | None:
         """The whole run's peak CUDA memory (the counter is reset at every mark)."""

@@ -37,7 +37,7 @@ from rcpu_lite.output.manifest import MANIFEST_NAME, Manifest, differences, fing
 from rcpu_lite.output.report import REPORT_NAME, LayerResult, shape_after, summary
 from rcpu_lite.output.runtimes import quantisation_warning
 from rcpu_lite.output.writer import ShardWriter
-from rcpu_lite.peak_memory import StageMemory, peak_rss_bytes
+from rcpu_lite.peak_memory import StageMemory
 from rcpu_lite.prune.loop import Interrupted, LayerLoop, replay
 from rcpu_lite.prune.plan import log_plan, width_plan
 from rcpu_lite.prune.source import Source
@@ -294,7 +294,7 @@ def _report(
         "model_type_after": new_config["model_type"],
         "resumed_at_layer": resumed_at,
         "wall_seconds": round(time.perf_counter() - started, 3),
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": r.stages.peak_rss_bytes(),  # the run's own (getrusage's would include a parent's)
         # Most bytes of checkpoint tensors alive at once (tracked by the reader), independent of depth.
         "peak_weight_bytes": source.reader.peak_live_bytes,
         # The peak of each stage (a layer stage: its highest over the layers), and how it was measured.

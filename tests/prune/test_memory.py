@@ -9,7 +9,7 @@ from rcpu_lite.checkpoint import CheckpointReader
 from rcpu_lite.prune.run import prune
 
 LAYER_STAGES = {"read", "statistics", "scores", "compensation", "propagate", "write"}
-RUN_STAGES = {"windows", "plan", "embeddings", "head", "finish"} | LAYER_STAGES
+RUN_STAGES = {"start", "windows", "plan", "embeddings", "head", "finish"} | LAYER_STAGES
 
 
 def test_the_report_gives_the_peak_memory_of_every_stage(tiny_checkpoint, calib_file, tmp_path):
