@@ -157,7 +157,7 @@ def _prune_stages(r: _Run, model, out: Path, resume: bool, started: float) -> di
     r.stages.mark("embeddings")
     writer.memory = r.stages  # from here each layer's record gets its write's peak
     strategy_class = STRATEGIES[settings.reconstruct]
-    step = LayerStep(source.cfg, streams, inputs, settings, run, biases, keep_targets=strategy_class.trains)
+    step = LayerStep(source.cfg, streams, inputs, settings, run, biases, trains=strategy_class.trains)
     strategy = strategy_class(step, r.work)
     first_todo, start = _resume_layers(r, strategy, writer, streams, inputs)
     LayerLoop(source, strategy, writer, plan, fmt, reporter, r.stages).layers(start)

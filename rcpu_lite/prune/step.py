@@ -92,7 +92,8 @@ class DensePass:
 
 @dataclass
 class PrunedLayer:
-    """A layer after selection and repair, before it moves the streams: fp32 on the compute device."""
+    """A layer after selection and repair, before it moves the streams, on the compute device: fp32 where the
+    strategy trains it; otherwise only the repaired projections are fp32, the rest is in its stored dtype."""
 
     index: int
     config: PretrainedConfig  # the config of its own widths
@@ -232,12 +233,14 @@ class LayerStep:
         settings: PruneSettings,
         run: Placement,
         biases: frozenset[str] = frozenset(),
-        keep_targets: bool = False,
+        trains: bool = False,
     ):
+        """`trains`: the strategy trains the compact layer, so it needs local targets and fp32 tensors."""
         self.cfg, self.streams, self.inputs, self.settings, self.run = cfg, streams, inputs, settings, run
         self.shape = arch.layer_shape(cfg)
         self.biases = biases  # the projections that get a bias in every layer
-        self.keep_targets = keep_targets or streams.holdout is not None  # block errors need targets
+        self.trains = trains
+        self.keep_targets = trains or streams.holdout is not None  # block errors need targets
         self.options = settings.compensation_options(str(run.decomposition))
 
     def prune(
@@ -280,6 +283,7 @@ class LayerStep:
         )
         self.run.group.broadcast(kept.tensors())  # rank 0's units, the same on every rank whatever the rounding
         kept = kept.to(self.run.device)
+        dense.score_stats = {}  # with generated windows, a second set of Grams, not needed past the selection
         watch.lap("scores")
 
         compact, own_biases = units.slice_kept(tensors, self.shape, kept)
@@ -291,6 +295,9 @@ class LayerStep:
             record.block_error_pruned, record.held_out_block_error_pruned = self._block_errors(
                 compact, weights, kept, own_biases, layer_cfg, index, targets, held_targets
             )
+        if not self.trains:  # the cut tensors are written as they are: in their stored dtype already (half the bytes)
+            for name in list(compact):
+                compact[name] = compact[name].to(dtypes.get(name, torch.float32))
         self._repair(compact, weights, own_biases, kept, dense, record, watch)
         return PrunedLayer(index, layer_cfg, compact, record, dtypes, targets, held_targets)
 
@@ -322,14 +329,15 @@ class LayerStep:
         record: LayerResult,
         watch: Stopwatch,
     ) -> None:
-        """Compensate down_proj (its Gram is the largest and goes first), then o_proj, into `compact`."""
+        """Compensate o_proj, then down_proj, into `compact`. Each projection's statistics, held-out inputs and
+        dense weight go as soon as it is repaired: o_proj's are gone before down_proj's larger temporaries."""
         projections, decomposition_seconds = {}, 0.0
-        for name in ("down_proj", "o_proj"):
-            module, columns, held = arch.PROJECTIONS[name], kept.columns(name), dense.held_out[name]
+        for name in ("o_proj", "down_proj"):
+            module, columns, held = arch.PROJECTIONS[name], kept.columns(name), dense.held_out.pop(name)
             method = self.settings.compensate if name in self.settings.compensated_projections else "none"
             w, own_bias = weights.pop(name), own_biases.pop(name)
             held_pruned = held.error(columns, w[:, columns]) if held.x else None
-            repaired = compensation.repair(w, dense.stats[name], columns, method, self.options, held)
+            repaired = compensation.repair(w, dense.stats.pop(name), columns, method, self.options, held)
             result = repaired.result
             compact[module + ".weight"] = result.weight
             if name in self.biases or own_bias is not None:
@@ -345,8 +353,7 @@ class LayerStep:
                 repaired.held_out_error,
             )
             decomposition_seconds += result.decomposition_seconds
-            del w, result, repaired
-        del dense.held_out, dense.stats
+            del w, result, repaired, held
         record.projections = {name: projections[name] for name in ("o_proj", "down_proj")}
         watch.lap("compensation")
         watch.move("compensation", "decomposition", decomposition_seconds)
