@@ -291,14 +291,18 @@ class LayerStep:
         targets = self.streams.dense if self.streams.dense_targets else dense.targets
         held_targets = self.streams.holdout_dense if self.streams.dense_targets else dense.held_out_targets
         record = LayerResult(index, *kept.as_lists(), {})
-        if self.keep_targets:  # before the compensations, so that their temporaries and W_K copies never meet
+        if not self.trains:
+            # Written as they are, so held in their stored dtype: exactly, since they are cuts of the stored tensors.
+            for name in list(compact):
+                compact[name] = compact[name].to(dtypes.get(name, torch.float32))
+        decomposition_seconds = self._repair(compact, weights, own_biases, kept, dense, record)
+        if self.keep_targets:  # after the repairs: their Grams are gone before the W_K copies and the forward come
             record.block_error_pruned, record.held_out_block_error_pruned = self._block_errors(
                 compact, weights, kept, own_biases, layer_cfg, index, targets, held_targets
             )
-        if not self.trains:  # the cut tensors are written as they are: in their stored dtype already (half the bytes)
-            for name in list(compact):
-                compact[name] = compact[name].to(dtypes.get(name, torch.float32))
-        self._repair(compact, weights, own_biases, kept, dense, record, watch)
+        del weights, own_biases
+        watch.lap("compensation")
+        watch.move("compensation", "decomposition", decomposition_seconds)
         return PrunedLayer(index, layer_cfg, compact, record, dtypes, targets, held_targets)
 
     def _selection_stats(self, dense: DensePass) -> dict[str, InputStats]:
@@ -327,15 +331,15 @@ class LayerStep:
         kept: selection.Kept,
         dense: DensePass,
         record: LayerResult,
-        watch: Stopwatch,
-    ) -> None:
-        """Compensate o_proj, then down_proj, into `compact`. Each projection's statistics, held-out inputs and
-        dense weight go as soon as it is repaired: o_proj's are gone before down_proj's larger temporaries."""
+    ) -> float:
+        """Compensate o_proj, then down_proj, into `compact`; return the seconds spent in decompositions. Each
+        projection's statistics and held-out inputs go as soon as it is repaired: o_proj's are gone before
+        down_proj's larger temporaries. The dense weights stay, for the block errors."""
         projections, decomposition_seconds = {}, 0.0
         for name in ("o_proj", "down_proj"):
             module, columns, held = arch.PROJECTIONS[name], kept.columns(name), dense.held_out.pop(name)
             method = self.settings.compensate if name in self.settings.compensated_projections else "none"
-            w, own_bias = weights.pop(name), own_biases.pop(name)
+            w, own_bias = weights[name], own_biases[name]
             held_pruned = held.error(columns, w[:, columns]) if held.x else None
             repaired = compensation.repair(w, dense.stats.pop(name), columns, method, self.options, held)
             result = repaired.result
@@ -355,15 +359,14 @@ class LayerStep:
             decomposition_seconds += result.decomposition_seconds
             del w, result, repaired, held
         record.projections = {name: projections[name] for name in ("o_proj", "down_proj")}
-        watch.lap("compensation")
-        watch.move("compensation", "decomposition", decomposition_seconds)
+        return decomposition_seconds
 
     def _block_errors(
         self, compact, weights, kept: selection.Kept, own_biases, layer_cfg, index: int, targets, held_targets
     ) -> tuple[float | None, float | None]:
         """The block's errors on calibration and held-out windows before compensation: the compact layer with
-        W_K (and only the biases it had)."""
-        pruned = dict(compact)
+        W_K (and only the biases it had), in fp32."""
+        pruned = {name: t.to(torch.float32) for name, t in compact.items()}  # exact: stored-dtype cuts, upcast
         for name, w in weights.items():
             module = arch.PROJECTIONS[name]
             pruned[module + ".weight"] = w[:, kept.columns(name)]
