@@ -8,6 +8,10 @@ probes give it:
 - Elsewhere (or where /proc refuses the reset): a daemon thread samples psutil's RSS every 5 ms. It can miss
   a spike shorter than that, which a multi-gigabyte allocation, touched page by page, is not.
 
+Every mark also hands the heap's freed pages back to the operating system (glibc's malloc_trim), so that the
+next stage starts from what is in use: tokenising the calibration text alone leaves about 130 MB of freed but
+resident heap behind otherwise.
+
 Resetting the high-water mark also resets what getrusage reports, so the whole-run peak is kept here
 (`peak_rss_bytes`) as the highest mark seen as well.
 """
@@ -15,9 +19,11 @@ Resetting the high-water mark also resets what getrusage reports, so the whole-r
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import re
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -26,6 +32,25 @@ import torch
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 _highest_marked = 0  # the highest stage peak of this process: a reset high-water mark forgets it
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (macOS, musl, Windows)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def trim_heap() -> None:
+    """Return the heap's free pages to the operating system, where the C library can (a no-op elsewhere)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def current_rss_bytes() -> int:
@@ -138,6 +163,7 @@ class StageMemory:
     def mark(self, stage: str) -> tuple[int, int | None]:
         """The peaks since the previous mark, booked under `stage`; the next interval starts now."""
         global _highest_marked
+        trim_heap()  # before the reset: the next stage starts from the trimmed level
         rss = self._probe.take()
         _highest_marked = max(_highest_marked, rss)
         self.rss[stage] = max(self.rss.get(stage, 0), rss)

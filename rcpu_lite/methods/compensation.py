@@ -189,12 +189,13 @@ def least_squares(
     kept: torch.Tensor,
     options: CompensationOptions,
     release: bool = False,
-    prior: torch.Tensor | None = None,
+    rotation: torch.Tensor | None = None,
 ) -> Compensation:
     """Ridge least squares by a Cholesky factorisation of C_KK + lambda I (never an explicit inverse).
 
-    The ridge pulls W' toward `prior` (d_out x |K|; default W_K): min ||Y - W' X_K||^2 + lambda ||W' - prior||^2,
-    so W' (C_KK + lambda I) = W C[:, K] + lambda prior.
+    The ridge pulls W' toward the prior Q W_K (Q = `rotation`, d_out x d_out; default the identity):
+    min ||Y - W' X_K||^2 + lambda ||W' - prior||^2, so W' (C_KK + lambda I) = W C[:, K] + lambda prior. The prior is
+    formed once the Gram is released, so that the two are never held together.
 
     If the factorisation fails, lambda grows tenfold (up to max_damp_retries times); the lambda used
     is reported. Errors: ||Y - W' X_K||^2 = ||Y||^2 - 2 <W', H> + tr(W' C_KK W'^T) with H = W C[:, K].
@@ -221,8 +222,9 @@ def least_squares(
         removed_energy = y_energy - 2 * _sum64(h * w_kept) + z_energy
     lam = options.damp_abs if options.damp_abs > 0 else options.damp * float(a.diagonal().mean())
     lam = max(lam, torch.finfo(a.dtype).tiny)
+    prior = rotation @ w_kept if rotation is not None else None
     toward = w_kept if prior is None else prior  # what the ridge pulls toward
-    del w_kept
+    del w_kept, rotation
     # In place from here (Llama-7B's down_proj: each d_out x |K| copy is 150 MB, C_KK 370 MB): a holds
     # C_KK + added * I, and h becomes the right-hand side W C[:,K] + added * W_K, then the solution.
     rhs, added = h, 0.0
@@ -276,7 +278,7 @@ def least_squares_toward_rotation(
     q, _ = DECOMPOSE[options.decomposition](m, options.decomposition_device)
     seconds = time.perf_counter() - started
     del m
-    result = least_squares(weight, stats, kept, options, release, prior=q @ weight[:, kept])
+    result = least_squares(weight, stats, kept, options, release, rotation=q)
     result.decomposition_seconds = seconds
     return result
 
