@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-CHUNK_BYTES = 64 * 2**20  # the embedding and the head are read and copied in row chunks of this size
+CHUNK_BYTES = 16 * 2**20  # the embedding and the head are read and copied in row chunks of this size
 
 
 class CheckpointError(ValueError):

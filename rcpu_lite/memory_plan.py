@@ -245,7 +245,7 @@ def _gpus(ranks: int) -> str:
 
 
 def _memory_row(
-    name: str, nsamples: int, seqlen: int, p: ClusterPlan, gpu_bytes: int, embedding: int, on_gpu: MemoryPlan | None
+    name: str, nsamples: int, seqlen: int, p: ClusterPlan, gpu_bytes: int, on_gpu: MemoryPlan | None
 ) -> list[str]:
     m = p.memory
     cells = [
@@ -259,7 +259,6 @@ def _memory_row(
         "—" if m is None else str(m.micro_batch),
         "—" if m is None else _gib(m.peak_bytes),
         "—" if m is None else _gib(0 if m.hidden_on_device else p.stream_bytes),
-        _gib(embedding),
         "yes" if p.fits else "**no**",
         "**no**" if on_gpu is None else f"yes, micro-batch {on_gpu.micro_batch}",
     ]
@@ -283,7 +282,6 @@ def render_tables(
         "micro-batch",
         "GPU peak / rank",
         "host RAM for streams / rank",
-        "embedding (host, at start)",
         "fits",
         "fits with --decomposition-device cuda",
     ]
@@ -303,7 +301,6 @@ def render_tables(
     memory, work = [header], [work_header]
     for name in models:
         shape, config = named_layer_shape(name), NAMED_SHAPES[name]
-        embedding = config["vocab_size"] * config["hidden_size"] * STORED
         for nsamples, seqlen in calibrations:
             for ranks, gpu_bytes in setups:
                 p = cluster_plan(shape, nsamples, seqlen, ranks, gpu_bytes)
@@ -311,7 +308,7 @@ def render_tables(
                     on_gpu = plan(shape, p.windows_per_rank, seqlen, p.budget_bytes, 16, decomposition_on_gpu=True)
                 except MemoryBudgetError:
                     on_gpu = None
-                memory.append(_memory_row(name, nsamples, seqlen, p, gpu_bytes, embedding, on_gpu))
+                memory.append(_memory_row(name, nsamples, seqlen, p, gpu_bytes, on_gpu))
             by_ranks = {r: cluster_plan(shape, nsamples, seqlen, r, setups[-1][1]) for r in rank_counts}
             w = by_ranks[rank_counts[0]].work
             work.append(

@@ -70,6 +70,7 @@ class Source:
             for chunk in self.reader.row_chunks(name):
                 check_finite(name, {name: chunk})
                 yield chunk
+                del chunk  # not held while the next one is read
 
         return ChunkedTensor(self.reader.dtype_name(name), tuple(self.reader.shape(name)), chunks)
 
