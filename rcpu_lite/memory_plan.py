@@ -24,7 +24,6 @@ from rcpu_lite.families.arch import NAMED_SHAPES, LayerShape, named_layer_shape
 from rcpu_lite.methods.allocation import uniform
 
 FP32, FP64 = 4, 8
-STORED = 2  # bytes per weight in the checkpoints planned for (bf16 / fp16)
 GIB = 2**30
 DEFAULT_BUDGET_FRACTION = 0.9  # without --max-gpu-memory a run plans for 90 % of the free GPU memory
 
