@@ -6,7 +6,7 @@ import json
 import os
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,7 +46,6 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path} has no {SINGLE_NAME} or {INDEX_NAME}")
         self.live_bytes = 0
         self.peak_live_bytes = 0
-        self.largest_bytes = 0  # the largest tensor read (tests: no whole embedding or head is ever read)
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -96,8 +95,12 @@ class CheckpointReader:
         return DTYPE_BYTES[self._file(name).get_slice(name).get_dtype()]
 
     def get(self, name: str, handles: dict | None = None) -> torch.Tensor:
+        return self._read(name, lambda f: f.get_tensor(name), handles)
+
+    def _read(self, name: str, take: Callable, handles: dict | None = None) -> torch.Tensor:
+        """take(handle of name's file), a damaged file reported as such; the tensor is tracked."""
         try:
-            tensor = self._file(name, handles).get_tensor(name)
+            tensor = take(self._file(name, handles))
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(
                 f"cannot read {name} from {self.path / self.weight_map[name]} ({e}); the file is truncated or corrupted"
@@ -120,14 +123,7 @@ class CheckpointReader:
         row_bytes = self.dtype_bytes(name) * torch.Size(shape[1:]).numel()
         step = max(1, (max_bytes or CHUNK_BYTES) // max(row_bytes, 1))
         for start in range(0, shape[0], step):
-            try:
-                chunk = self._file(name).get_slice(name)[start : start + step]
-            except (SafetensorError, OSError, RuntimeError) as e:
-                raise CheckpointError(
-                    f"cannot read {name} from {self.path / self.weight_map[name]} ({e}); the file is truncated "
-                    f"or corrupted"
-                ) from None
-            self._track(chunk)
+            chunk = self._read(name, lambda f: f.get_slice(name)[start : start + step])  # called at once
             yield chunk
             del chunk
 
@@ -186,7 +182,6 @@ class CheckpointReader:
         with self._lock:
             self.live_bytes += size
             self.peak_live_bytes = max(self.peak_live_bytes, self.live_bytes)
-            self.largest_bytes = max(self.largest_bytes, size)
         weakref.finalize(tensor.untyped_storage(), self._release, size)
 
     def _release(self, size: int) -> None:
