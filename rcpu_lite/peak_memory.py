@@ -24,6 +24,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -117,7 +118,7 @@ class _Sampler:
 
     def __init__(self, period: float = 0.005):
         self._process, self._period = psutil.Process(), period
-        self._peak = current_rss_bytes()
+        self._peak = int(self._process.memory_info().rss)
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._thread = threading.Thread(target=self._run, name="rcpu-rss-sampler", daemon=True)
         self._thread.start()
@@ -129,7 +130,7 @@ class _Sampler:
                 self._peak = max(self._peak, rss)
 
     def take(self) -> int:
-        now = current_rss_bytes()
+        now = int(self._process.memory_info().rss)
         with self._lock:
             peak, self._peak = max(self._peak, now), now
         return peak
@@ -139,17 +140,30 @@ class _Sampler:
         self._thread.join()
 
 
+@dataclass
+class StagePeaks:
+    """Per stage name, the highest peak of every interval booked under it (a stage repeats: once per layer, or
+    twice in one layer); `gpu` is None off CUDA."""
+
+    rss: dict[str, int] = field(default_factory=dict)
+    gpu: dict[str, int] | None = None
+
+    def add(self, stage: str, rss: int, gpu: int | None) -> None:
+        self.rss[stage] = max(self.rss.get(stage, 0), rss)
+        if self.gpu is not None and gpu is not None:
+            self.gpu[stage] = max(self.gpu.get(stage, 0), gpu)
+
+
 class StageMemory:
     """Peak RSS (and peak CUDA memory) per stage of a run; `mark(stage)` ends a stage.
 
-    `rss` and `gpu` keep, per stage name, the highest peak of every interval marked with it (the layer stages
-    repeat once per layer); `mark` returns the interval's own peaks for a per-layer record.
+    `peaks` holds the run's; `mark` also books the interval into another StagePeaks when given one (a layer's
+    record), and returns the interval's own peaks.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.rss: dict[str, int] = {}
-        self.gpu: dict[str, int] | None = {} if device.type == "cuda" else None
+        self.peaks = StagePeaks(gpu={} if device.type == "cuda" else None)
         self._probe = _probe()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -160,30 +174,31 @@ class StageMemory:
         """How the peaks are measured: "high-water mark" or "sampler" (see the module's docstring)."""
         return "high-water mark" if isinstance(self._probe, _HighWaterMark) else "sampler"
 
-    def mark(self, stage: str) -> tuple[int, int | None]:
-        """The peaks since the previous mark, booked under `stage`; the next interval starts now."""
+    def mark(self, stage: str, also: StagePeaks | None = None) -> tuple[int, int | None]:
+        """The peaks since the previous mark, booked under `stage` (in `also` too); the next interval starts now."""
         global _highest_marked
         trim_heap()  # before the reset: the next stage starts from the trimmed level
         rss = self._probe.take()
         _highest_marked = max(_highest_marked, rss)
-        self.rss[stage] = max(self.rss.get(stage, 0), rss)
         gpu = None
-        if self.gpu is not None:
+        if self.peaks.gpu is not None:
             gpu = int(torch.cuda.max_memory_allocated(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.gpu[stage] = max(self.gpu.get(stage, 0), gpu)
+        for peaks in (self.peaks, also) if also is not None else (self.peaks,):
+            peaks.add(stage, rss, gpu)
         return rss, gpu
 
     def peak_rss_bytes(self) -> int:
         """The run's peak RSS: the highest of its stages'."""
-        return max(self.rss.values())
+        return max(self.peaks.rss.values())
 
     def peak_gpu_bytes(self) -> int | None:
         """The whole run's peak CUDA memory (the counter is reset at every mark)."""
-        return max([*self.gpu.values(), peak_gpu_bytes(self.device)]) if self.gpu is not None else None
+        gpu = self.peaks.gpu
+        return max([*gpu.values(), peak_gpu_bytes(self.device)]) if gpu is not None else None
 
     def close(self) -> None:
         self._probe.close()
 
 
-__all__ = ["StageMemory", "current_rss_bytes", "peak_gpu_bytes", "peak_rss_bytes"]
+__all__ = ["StageMemory", "StagePeaks", "current_rss_bytes", "peak_gpu_bytes", "peak_rss_bytes"]

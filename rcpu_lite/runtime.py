@@ -14,7 +14,7 @@ import torch
 
 from rcpu_lite.distributed import SINGLE, Group
 from rcpu_lite.families import arch
-from rcpu_lite.peak_memory import StageMemory
+from rcpu_lite.peak_memory import StageMemory, StagePeaks
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,7 @@ class Stopwatch:
     """Seconds per stage of one layer (waiting for the GPU first, so the time lands where it is spent).
 
     `on_lap(stage)`, when given, hears of every lap as it ends: how a progress display follows the stages.
-    With `memory`, every lap also marks the end of a stage there, and `peak_rss` (`peak_gpu` on CUDA) keeps
-    this layer's peak per stage.
+    With `memory`, every lap also marks the end of a stage there, and `peaks` keeps this layer's peak per stage.
     """
 
     def __init__(
@@ -136,8 +135,7 @@ class Stopwatch:
         self.seconds: dict[str, float] = {}
         self.on_lap = on_lap
         self.memory = memory
-        self.peak_rss: dict[str, int] = {}
-        self.peak_gpu: dict[str, int] | None = {} if memory is not None and memory.gpu is not None else None
+        self.peaks = StagePeaks(gpu={} if memory is not None and memory.peaks.gpu is not None else None)
         self._last = time.perf_counter()
 
     def lap(self, stage: str) -> None:
@@ -147,10 +145,7 @@ class Stopwatch:
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._last, 4)
         self._last = now
         if self.memory is not None:
-            rss, gpu = self.memory.mark(stage)
-            self.peak_rss[stage] = max(self.peak_rss.get(stage, 0), rss)
-            if self.peak_gpu is not None:
-                self.peak_gpu[stage] = max(self.peak_gpu.get(stage, 0), gpu)
+            self.memory.mark(stage, also=self.peaks)
         if self.on_lap is not None:
             self.on_lap(stage)
 

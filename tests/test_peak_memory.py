@@ -38,7 +38,7 @@ def test_a_stage_holds_the_peak_of_what_it_allocated_and_freed(monkeypatch, prob
         stages.close()
     assert big_rss >= base + 250 * MB
     assert small_rss < base + 64 * MB
-    assert stages.rss["big"] == big_rss and stages.gpu is None
+    assert stages.peaks.rss["big"] == big_rss and stages.peaks.gpu is None
     assert peak_rss_bytes() >= big_rss  # the whole-run peak survives the resets
 
 
@@ -48,4 +48,4 @@ def test_the_first_mark_keeps_the_peak_from_before_the_run():
     del held
     stages = StageMemory(torch.device("cpu"))
     stages.close()
-    assert stages.rss["start"] >= level - 8 * MB  # the kernel counts resident pages per thread, a few behind
+    assert stages.peaks.rss["start"] >= level - 8 * MB  # the kernel counts resident pages per thread, a few behind

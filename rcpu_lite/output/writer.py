@@ -18,7 +18,7 @@ from rcpu_lite.output.chunked import ChunkedTensor, as_chunked, write_chunked
 from rcpu_lite.output.fsutil import atomic_write, write_json
 from rcpu_lite.output.manifest import Manifest
 from rcpu_lite.output.report import LayerResult
-from rcpu_lite.peak_memory import StageMemory
+from rcpu_lite.peak_memory import StageMemory, StagePeaks
 from rcpu_lite.runtime import fault_hook
 
 # Weights are rewritten; everything else a checkpoint directory holds (tokenizer, generation
@@ -80,11 +80,8 @@ class ShardWriter:
             seconds = time.perf_counter() - started
             record.seconds_by_stage["write"] = round(seconds, 4)
             record.seconds = round(record.seconds + seconds, 3)
-            if self.memory is not None:
-                rss, gpu = self.memory.mark("write")
-                record.peak_rss_by_stage["write"] = rss
-                if gpu is not None:
-                    record.peak_gpu_by_stage = {**(record.peak_gpu_by_stage or {}), "write": gpu}
+            if self.memory is not None:  # booked into the record's own dicts
+                self.memory.mark("write", also=StagePeaks(record.peak_rss_by_stage, record.peak_gpu_by_stage))
         if self.manifest is not None:
             self.manifest.record(index, size, record.to_json() if record is not None else None)
         return size

@@ -91,7 +91,7 @@ class LayerLoop:
                 record.seconds = round(time.perf_counter() - t0, 3)
                 record.seconds_by_stage = watch.seconds  # the write adds "write"
                 record.rss_bytes = current_rss_bytes()
-                record.peak_rss_by_stage, record.peak_gpu_by_stage = watch.peak_rss, watch.peak_gpu
+                record.peak_rss_by_stage, record.peak_gpu_by_stage = watch.peaks.rss, watch.peaks.gpu
                 self.write(finished)
                 del finished, record  # a finished layer's tensors are not kept through the next one
                 if self.run.group.any(stop.signal is not None):  # every rank stops after the same layer

@@ -298,8 +298,8 @@ def _report(
         # Most bytes of checkpoint tensors alive at once (tracked by the reader), independent of depth.
         "peak_weight_bytes": source.reader.peak_live_bytes,
         # The peak of each stage (a layer stage: its highest over the layers), and how it was measured.
-        "peak_rss_by_stage": r.stages.rss,
-        "peak_gpu_by_stage": r.stages.gpu,
+        "peak_rss_by_stage": r.stages.peaks.rss,
+        "peak_gpu_by_stage": r.stages.peaks.gpu,
         "peak_memory_probe": r.stages.probe,
         "layers": r.manifest.layers,
     }
