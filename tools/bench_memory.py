@@ -66,6 +66,12 @@ def prune_once(model: Path, out: Path, args) -> dict:
     return report
 
 
+def by_stage(runs: list[dict], key: str) -> str:
+    """The median over runs of each stage's peak in report[key], in GiB."""
+    medians = {s: statistics.median(r[key].get(s, 0) for r in runs) for s in runs[0][key]}
+    return ", ".join(f"{s} {v / 2**30:.2f}" for s, v in medians.items())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-7b")
@@ -109,16 +115,9 @@ def main() -> None:
             gpu = statistics.median(r["peak_gpu_bytes"] for r in runs)
             print(f"  peak GPU memory {gpu / 2**30:.2f} GiB, --matmul {args.matmul}, plan {runs[0]['memory_plan']}")
         print("  time by stage (s, summed over layers): " + ", ".join(f"{s} {v:.1f}" for s, v in split.items()))
-        by_stage = {
-            s: statistics.median(r["peak_rss_by_stage"].get(s, 0) for r in runs) for s in runs[0]["peak_rss_by_stage"]
-        }
-        print(
-            f"  peak RSS by stage (GiB; {runs[0]['peak_memory_probe']}): "
-            + ", ".join(f"{s} {v / 2**30:.2f}" for s, v in by_stage.items())
-        )
+        print(f"  peak RSS by stage (GiB; {runs[0]['peak_memory_probe']}): {by_stage(runs, 'peak_rss_by_stage')}")
         if runs[0].get("peak_gpu_by_stage"):
-            gpu = {s: statistics.median(r["peak_gpu_by_stage"][s] for r in runs) for s in runs[0]["peak_gpu_by_stage"]}
-            print("  peak GPU memory by stage (GiB): " + ", ".join(f"{s} {v / 2**30:.2f}" for s, v in gpu.items()))
+            print(f"  peak GPU memory by stage (GiB): {by_stage(runs, 'peak_gpu_by_stage')}")
     lo, hi = min(args.layers), max(args.layers)
     if lo == hi:
         return
