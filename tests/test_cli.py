@@ -231,3 +231,19 @@ def test_a_new_setting_becomes_an_option_without_other_edits():
     assert settings.wobble == 5 and settings.ratio == 0.3 and settings.score == "rcpu"
     help_text = CliRunner().invoke(demo, ["--help"], terminal_width=200).output
     assert "--wobble" in help_text and "How far to wobble. (default: 3)" in help_text
+
+
+def test_the_best_quality_preset_is_the_study_row_it_quotes():
+    """configs/best-quality.toml quotes issue 24's 66.71 row; changing either without the other breaks the claim."""
+    from pathlib import Path
+
+    from rcpu_lite.settings import PruneSettings, tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    sweep = tomllib.loads((root / "configs" / "quality-smollm2.toml").read_text())["sweep"]
+    name = "least squares toward the rotation (damp 0.1), log allocation spread 0.8, 384x128 windows"
+    (row,) = [m for m in sweep["method"] if m["name"] == name]
+    flags = {k: v for k, v in row.items() if k not in ("name", "ratios")}
+    study = PruneSettings.merged(None, ratio=row["ratios"][0], calib=sweep["calib"], seqlen=sweep["seqlen"], **flags)
+    preset = PruneSettings.merged(root / "configs" / "best-quality.toml", calib="wikitext2", target_params=0.176)
+    assert preset == study
