@@ -184,8 +184,9 @@ class StageMemory:
         if self.peaks.gpu is not None:
             gpu = int(torch.cuda.max_memory_allocated(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
-        for peaks in (self.peaks, also) if also is not None else (self.peaks,):
-            peaks.add(stage, rss, gpu)
+        self.peaks.add(stage, rss, gpu)
+        if also is not None:
+            also.add(stage, rss, gpu)
         return rss, gpu
 
     def peak_rss_bytes(self) -> int:
